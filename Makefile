@@ -1,0 +1,39 @@
+# minibert: `make repro` runs the pipeline, `make test` runs the tests. Both create .venv once.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := 1
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: install repro test test-fast bench ui clean
+
+install: $(STAMP)
+
+# torch 2.13.0 first: it is the CPU wheel on the project machines; the project's own
+# requirement (<2.14) is then already satisfied and pip pulls no CUDA build.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+repro: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+
+test: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -ra
+
+test-fast: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -ra -m "not slow"
+
+bench: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m bench.data
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m bench.train --reference
+
+ui: install
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf data models checkpoints metrics plots probes mlflow.db mlartifacts .dvc/cache .dvc/tmp

@@ -1,0 +1,327 @@
+"""Typed configuration: one frozen dataclass per `params.yaml` section.
+
+`load_config(path)` is the only way in. Unknown keys, wrong types and out-of-range values
+raise `ConfigError` naming the file, the dotted key, the bad value and what is allowed, so a
+stage can print one line and exit. Components receive only their own section
+(`build_model(cfg.model, ...)`), never the root.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from minibert.errors import MinibertError
+
+
+class ConfigError(MinibertError):
+    """A bad `params.yaml`: the message is one line naming the key and what is allowed."""
+
+
+class _Invalid(Exception):
+    """Raised inside `__post_init__`; the loader turns it into a `ConfigError` with the path."""
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        super().__init__(key, value, allowed)
+        self.key, self.value, self.allowed = key, value, allowed
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise _Invalid(key, value, allowed)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    zip_url: str = "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip"
+    """The archive the d2l book downloads; tried first."""
+    parquet_urls: dict[str, str] = field(default_factory=dict)
+    """Hugging Face parquet copy, one URL per split (`train`, `valid`, `test`); tried second."""
+    timeout_s: float = 30.0
+    """Seconds before an HTTP connection or read gives up."""
+    retries: int = 2
+    """Extra attempts per URL after the first fails."""
+
+    def __post_init__(self):
+        _require(not self.parquet_urls or set(self.parquet_urls) == {"train", "valid", "test"},
+                 "parquet_urls", sorted(self.parquet_urls), "exactly the keys train, valid, test")
+        _require(self.timeout_s > 0, "timeout_s", self.timeout_s, "a number > 0")
+        _require(0 <= self.retries <= 10, "retries", self.retries, "an integer in [0, 10]")
+
+
+@dataclass(frozen=True)
+class VocabConfig:
+    min_freq: int = 5
+    """Keep train tokens seen at least this often (the book: 5 → 20256 entries)."""
+
+    def __post_init__(self):
+        _require(self.min_freq >= 1, "min_freq", self.min_freq, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class PairsConfig:
+    max_len: int = 64
+    """Longest `<cls> a <sep> b <sep>` sequence; longer pairs are dropped."""
+    mask_rate: float = 0.15
+    """Share of a sequence's tokens chosen for MLM prediction (at least one)."""
+    seed: int = 0
+    """Seeds the train split's paragraph shuffle, NSP choices and masks."""
+    heldout_seed: int = 12345
+    """Seeds valid/test pairs, kept apart from `seed` so held-out figures compare across runs."""
+
+    def __post_init__(self):
+        _require(self.max_len >= 5, "max_len", self.max_len, "an integer >= 5 (<cls> a <sep> b <sep>)")
+        _require(0.0 < self.mask_rate < 1.0, "mask_rate", self.mask_rate, "a number in (0, 1)")
+        _require(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        _require(self.heldout_seed >= 0, "heldout_seed", self.heldout_seed, "an integer >= 0")
+
+    @property
+    def max_preds(self) -> int:
+        """Width of the prediction-slot arrays: round(mask_rate * max_len)."""
+        return max(1, round(self.mask_rate * self.max_len))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    num_layers: int = 2
+    """Encoder blocks."""
+    hidden: int = 128
+    """Width of embeddings and every block."""
+    heads: int = 2
+    """Attention heads; must divide `hidden`."""
+    ffn_hidden: int = 256
+    """Inner width of the position-wise feed-forward net."""
+    dropout: float = 0.2
+    """Dropout on attention weights and each residual branch."""
+    max_len: int = 64
+    """Rows of the learned positional embedding; must be >= pairs.max_len."""
+    norm: Literal["post", "pre"] = "post"
+    """`post`: the book's Add & Norm after each sublayer; `pre`: LayerNorm before (faster recipe)."""
+
+    def __post_init__(self):
+        _require(self.num_layers >= 1, "num_layers", self.num_layers, "an integer >= 1")
+        _require(self.hidden >= 1, "hidden", self.hidden, "an integer >= 1")
+        _require(self.heads >= 1 and self.hidden % self.heads == 0, "heads", self.heads,
+                 f"a positive divisor of hidden ({self.hidden})")
+        _require(self.ffn_hidden >= 1, "ffn_hidden", self.ffn_hidden, "an integer >= 1")
+        _require(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "a number in [0, 1)")
+        _require(self.max_len >= 5, "max_len", self.max_len, "an integer >= 5")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 1e-3
+    """Adam learning rate (the book: 1e-3, constant)."""
+    batch_size: int = 512
+    """Global batch: split across all ranks under DDP."""
+    max_steps: int = 50
+    """Optimizer steps (the book: 50)."""
+    seed: int = 0
+    """Seeds initialisation, dropout and the shuffled order."""
+    device: str = "auto"
+    """`auto` (cuda when available, else cpu), `cpu`, `cuda` or `cuda:N`."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
+    """Autocast dtype; losses stay fp32. `auto`: bf16 where the hardware runs it fast."""
+    log_every: int = 1
+    """Steps between loss syncs to the host (and MLflow points)."""
+    checkpoint_every: int = 25
+    """Steps between resumable checkpoints (0: only on SIGTERM/SIGINT)."""
+    devices: int | Literal["auto"] = 1
+    """Processes per node: a number, or `auto` (one per visible GPU, else 1)."""
+    nodes: int = 1
+    """Machines taking part; > 1 needs a rendezvous endpoint every node can reach."""
+    rdzv_endpoint: str = "localhost:29500"
+    """host:port of the c10d rendezvous used when the stage launches itself."""
+    rdzv_id: str = "minibert"
+    """Job id shared by every node of one run."""
+    threads: int = 0
+    """torch intra-op threads (0: torch's default)."""
+    compile: bool = False
+    """Wrap the model in torch.compile (pays off on long runs only)."""
+
+    def __post_init__(self):
+        _require(self.lr > 0, "lr", self.lr, "a number > 0")
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        _require(self.max_steps >= 1, "max_steps", self.max_steps, "an integer >= 1")
+        _require(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+                 "device", self.device, "auto, cpu, cuda or cuda:N")
+        _require(self.log_every >= 1, "log_every", self.log_every, "an integer >= 1")
+        _require(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "an integer >= 0")
+        _require(self.devices == "auto" or self.devices >= 1, "devices", self.devices, "auto or an integer >= 1")
+        _require(self.nodes >= 1, "nodes", self.nodes, "an integer >= 1")
+        _require(":" in self.rdzv_endpoint, "rdzv_endpoint", self.rdzv_endpoint, "host:port")
+        _require(self.threads >= 0, "threads", self.threads, "an integer >= 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = 1024
+    """Pairs per forward pass when scoring the valid split."""
+
+    def __post_init__(self):
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    name: str
+    """Row label in the probe table."""
+    a: str
+    """First sentence (whitespace-tokenised, lower-cased)."""
+    b: str | None = None
+    """Optional second sentence: the input becomes a pair."""
+    word: str | None = None
+    """A word whose contextual vector is reported (its first position)."""
+
+    def __post_init__(self):
+        _require(bool(self.name.strip()), "name", self.name, "a non-empty string")
+        _require(bool(self.a.split()), "a", self.a, "a sentence with at least one word")
+        words = self.a.lower().split() + (self.b.lower().split() if self.b else [])
+        _require(self.word is None or self.word.lower() in words, "word", self.word,
+                 f"one of the probe's words {words}")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    sentences: tuple[ProbeSpec, ...] = ()
+    """Inputs encoded after pretraining (the book's: `a crane is flying`; `a crane driver came` / `he just left`)."""
+
+    def __post_init__(self):
+        _require(len(self.sentences) >= 1, "sentences", len(self.sentences), "at least one probe")
+        names = [p.name for p in self.sentences]
+        _require(len(set(names)) == len(names), "sentences", names, "unique probe names")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    experiment: str = "minibert"
+    """MLflow experiment holding the runs."""
+    enabled: bool = True
+    """False: a do-nothing tracker (no MLflow at all)."""
+
+    def __post_init__(self):
+        _require(bool(self.experiment.strip()), "experiment", self.experiment, "a non-empty string")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    vocab: VocabConfig = field(default_factory=VocabConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    probe: ProbeConfig = field(default_factory=lambda: ProbeConfig(sentences=(
+        ProbeSpec("crane_flying", "a crane is flying", word="crane"),
+        ProbeSpec("crane_driver", "a crane driver came", "he just left", word="crane"))))
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self):
+        _require(self.model.max_len >= self.pairs.max_len, "model.max_len", self.model.max_len,
+                 f"an integer >= pairs.max_len ({self.pairs.max_len})")
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false",
+            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (list → tuple, dict → dataclass)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        _require(value in args, key, value, f"one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                return _coerce(value, arg, key)
+            except _Invalid:
+                continue
+        raise _Invalid(key, value, _type_name(tp))
+    if dataclasses.is_dataclass(tp):
+        _require(isinstance(value, dict), key, value, f"a mapping of {tp.__name__} fields")
+        return _build(tp, value, key)
+    if origin is tuple:
+        _require(isinstance(value, list), key, value, "a list")
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        _require(isinstance(value, dict), key, value, "a mapping")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is float:
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "a number")
+        return float(value)
+    if tp is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), key, value, "an integer")
+        return value
+    if tp is type(None):
+        _require(value is None, key, value, "null")
+        return None
+    _require(isinstance(value, tp), key, value, _type_name(tp))
+    return value
+
+
+def _build(cls: type, raw: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for k in raw:
+        _require(k in known, f"{prefix}.{k}".lstrip("."), raw[k],
+                 f"a known key ({prefix or 'the top level'} takes {', '.join(sorted(known))})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}".lstrip(".")) for k, v in raw.items()}
+    try:
+        return cls(**kwargs)
+    except _Invalid as e:
+        key = e.key if "." in e.key and not prefix else f"{prefix}.{e.key}".lstrip(".")
+        raise _Invalid(key, e.value, e.allowed) from None
+    except TypeError as e:  # a required field is missing
+        raise _Invalid(prefix or cls.__name__, raw, str(e)) from None
+
+
+def config_from_dict(raw: dict, source: str = "params") -> Config:
+    """Build and validate a `Config` from parsed YAML; `source` names the file in errors."""
+    try:
+        _require(isinstance(raw, dict), "(top level)", type(raw).__name__, "a mapping of sections")
+        return _build(Config, raw, "")
+    except _Invalid as e:
+        raise ConfigError(f"{source}: {e.key} = {e.value!r} is invalid: expected {e.allowed}") from None
+
+
+def load_config(path: str | Path = "params.yaml") -> Config:
+    """Read `params.yaml`; missing sections take their defaults, anything unknown is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such params file; pass --params PATH to an existing params.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix the file's syntax") from None
+    return config_from_dict(raw, str(path))
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """`{'model.num_layers': 2, ...}`: every leaf of a config, for MLflow params."""
+    out: dict[str, Any] = {}
+    items = dataclasses.asdict(cfg).items() if dataclasses.is_dataclass(cfg) else cfg.items()
+    for k, v in items:
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, (list, tuple)):
+            for i, item in enumerate(v):
+                out.update(flatten(item, f"{key}.{i}.") if isinstance(item, dict) else {f"{key}.{i}": item})
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,113 @@
+"""NSP sentence pairs and static MLM masks, built with whole-array numpy (no per-example objects).
+
+Output per split (fixed-shape arrays; N pairs, T = max_len, P = round(mask_rate * max_len)):
+  token_ids (N, T) int32   `<cls> a <sep> b <sep>` then `<pad>`
+  segments (N, T) int32    0 for `<cls> a <sep>`, 1 for `b <sep>`, 0 on padding
+  valid_lens (N,) int32    real length len(a) + len(b) + 3
+  pred_positions (N, P)    positions chosen for MLM, ascending; 0 on unused slots
+  mlm_weights (N, P) f32   1 for a real slot, 0 for an unused one
+  mlm_labels (N, P)        original token id at each real slot; 0 (`<pad>`) on unused ones
+  nsp_labels (N,) int32    1: b really follows a; 0: b is a random sentence
+
+Every random choice comes from the one passed-in `numpy.random.Generator`, drawn in a fixed order
+(paragraph shuffle, NSP coin, random sentence, mask choice, replacement), so the same seed gives
+the same bytes on every machine.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from minibert.config import PairsConfig
+from minibert.vocab import CLS, MASK, PAD, SEP, SPECIALS
+
+FIELDS = ("token_ids", "segments", "valid_lens", "pred_positions", "mlm_weights", "mlm_labels", "nsp_labels")
+
+
+def candidate_pairs(paragraph_offsets: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Index of sentence `a` for every adjacent (a, a+1) pair, paragraphs taken in `order`."""
+    starts = paragraph_offsets[order]
+    counts = np.maximum(paragraph_offsets[order + 1] - starts - 1, 0)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(starts, counts) + np.arange(counts.sum()) - first
+
+
+def choose_next(a_idx: np.ndarray, paragraph_offsets: np.ndarray, rng: np.random.Generator):
+    """The book's NSP rule: keep the true next sentence with probability 0.5, else a random
+    sentence of a random paragraph (which may, rarely, be the true one: the label stays 0 as in d2l)."""
+    n, n_para = len(a_idx), len(paragraph_offsets) - 1
+    is_next = rng.random(n) < 0.5
+    para = rng.integers(0, n_para, n)
+    n_sent = paragraph_offsets[para + 1] - paragraph_offsets[para]
+    rand_sent = paragraph_offsets[para] + rng.integers(0, n_sent)
+    return np.where(is_next, a_idx + 1, rand_sent), is_next.astype(np.int32)
+
+
+def assemble(ids, sentence_offsets, a_idx, b_idx, max_len: int):
+    """Lay out `<cls> a <sep> b <sep> <pad>...` for every pair at once."""
+    la = (sentence_offsets[a_idx + 1] - sentence_offsets[a_idx])[:, None]  # (N, 1)
+    lb = (sentence_offsets[b_idx + 1] - sentence_offsets[b_idx])[:, None]  # (N, 1)
+    col = np.arange(max_len)[None, :]                                       # (1, T)
+    in_a = (col >= 1) & (col <= la)
+    in_b = (col >= la + 2) & (col <= la + lb + 1)
+    src = np.where(in_a, sentence_offsets[a_idx][:, None] + col - 1,
+                   sentence_offsets[b_idx][:, None] + col - la - 2)         # (N, T) index into ids
+    src = np.where(in_a | in_b, src, 0)
+    tokens = np.where(in_a | in_b, ids[src], PAD)
+    tokens[:, 0] = CLS
+    tokens[(col == la + 1) | (col == la + lb + 2)] = SEP
+    segments = ((col >= la + 2) & (col <= la + lb + 2)).astype(np.int32)
+    valid_lens = (la + lb + 3)[:, 0]
+    return tokens.astype(np.int32), segments, valid_lens.astype(np.int32), in_a | in_b
+
+
+def mask_tokens(tokens, valid_lens, candidates, cfg: PairsConfig, vocab_size: int, rng: np.random.Generator):
+    """Choose max(1, round(mask_rate * len)) positions among real tokens (never `<cls>`/`<sep>`) and
+    corrupt them by BERT's 80/10/10 rule. Only 80 % become `<mask>` because `<mask>` never occurs at
+    fine-tuning time; 10 % stay unchanged so the model must keep a good representation of the
+    observed token too; 10 % become a random token so it cannot trust any input word blindly.
+    Random tokens are drawn from the ordinary words only: a stray `<cls>`/`<sep>`/`<pad>` in the
+    input would corrupt the sentence structure rather than a word."""
+    n, t = tokens.shape
+    p = cfg.max_preds
+    num_preds = np.maximum(1, np.rint(valid_lens * cfg.mask_rate)).astype(np.int64)  # (N,), round-half-even like Python
+    keys = rng.random((n, t))
+    keys[~candidates] = 2.0                                           # never pick a non-candidate
+    chosen = np.argsort(keys, axis=1, kind="stable")[:, :p]           # (N, P) random candidates
+    used = np.arange(p)[None, :] < num_preds[:, None]                 # (N, P) real slots
+    positions = np.sort(np.where(used, chosen, t), axis=1)            # real slots first, ascending
+    positions = np.where(used, positions, 0)
+    rows = np.arange(n)[:, None]
+    labels = np.where(used, tokens[rows, positions], PAD)
+    u = rng.random((n, p))
+    random_tok = rng.integers(len(SPECIALS), vocab_size, (n, p))
+    replaced = np.where(u < 0.8, MASK, np.where(u < 0.9, labels, random_tok))
+    corrupted = tokens.copy()
+    corrupted[rows, positions] = np.where(used, replaced, tokens[rows, positions])
+    return corrupted, positions.astype(np.int32), used.astype(np.float32), labels.astype(np.int32)
+
+
+def make_pairs(split: dict[str, np.ndarray], cfg: PairsConfig, vocab_size: int,
+               rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """NSP pairs with static MLM masks for one encoded split (see `minibert.vocab.encode_paragraphs`)."""
+    ids, sent_off, para_off = split["ids"], split["sentence_offsets"], split["paragraph_offsets"]
+    order = rng.permutation(len(para_off) - 1)                        # the book shuffles paragraphs
+    a_idx = candidate_pairs(para_off, order)
+    b_idx, nsp = choose_next(a_idx, para_off, rng)
+    lengths = np.diff(sent_off)
+    keep = lengths[a_idx] + lengths[b_idx] + 3 <= cfg.max_len        # the book drops over-long pairs
+    a_idx, b_idx, nsp = a_idx[keep], b_idx[keep], nsp[keep]
+    tokens, segments, valid_lens, candidates = assemble(ids, sent_off, a_idx, b_idx, cfg.max_len)
+    tokens, positions, weights, labels = mask_tokens(tokens, valid_lens, candidates, cfg, vocab_size, rng)
+    return {"token_ids": tokens, "segments": segments, "valid_lens": valid_lens, "pred_positions": positions,
+            "mlm_weights": weights, "mlm_labels": labels, "nsp_labels": nsp}
+
+
+def pair_stats(pairs: dict[str, np.ndarray]) -> dict[str, float]:
+    """Count, NSP positive rate, mean length and mean number of predictions of one split."""
+    n = len(pairs["nsp_labels"])
+    return {
+        "pairs": n,
+        "nsp_positive_rate": round(float(pairs["nsp_labels"].mean()), 6) if n else 0.0,
+        "mean_len": round(float(pairs["valid_lens"].mean()), 4) if n else 0.0,
+        "mean_preds": round(float(pairs["mlm_weights"].sum(1).mean()), 4) if n else 0.0,
+    }

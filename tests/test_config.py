@@ -1,0 +1,73 @@
+"""params.yaml → typed config: defaults, and one clear error for every kind of bad value."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from minibert.config import Config, ConfigError, config_from_dict, flatten, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_project_params_load_and_match_the_book():
+    cfg = load_config(ROOT / "params.yaml")
+    assert (cfg.model.num_layers, cfg.model.hidden, cfg.model.heads, cfg.model.ffn_hidden) == (2, 128, 2, 256)
+    assert (cfg.model.dropout, cfg.pairs.max_len, cfg.train.batch_size, cfg.train.lr) == (0.2, 64, 512, 1e-3)
+    assert cfg.vocab.min_freq == 5 and cfg.pairs.max_preds == 10
+    assert [p.name for p in cfg.probe.sentences] == ["crane_flying", "crane_driver"]
+
+
+def test_missing_sections_take_defaults():
+    assert config_from_dict({}) == Config()
+
+
+@pytest.mark.parametrize("raw, key, fragment", [
+    ({"pairs": {"max_len": "abc"}}, "pairs.max_len", "an integer"),
+    ({"pairs": {"mask_rate": 1.5}}, "pairs.mask_rate", "(0, 1)"),
+    ({"pairs": {"max_len": 3}}, "pairs.max_len", ">= 5"),
+    ({"pairs": {"maxlen": 64}}, "pairs.maxlen", "known key"),
+    ({"trian": {}}, "trian", "known key"),
+    ({"model": {"heads": 3}}, "model.heads", "divisor of hidden"),
+    ({"model": {"dropout": True}}, "model.dropout", "a number"),
+    ({"model": {"max_len": 32}}, "model.max_len", "pairs.max_len"),
+    ({"train": {"precision": "fp8"}}, "train.precision", "'bf16'"),
+    ({"train": {"devices": 0}}, "train.devices", "auto or an integer"),
+    ({"probe": {"sentences": [{"name": "x", "a": "a crane", "word": "bird"}]}}, "probe.sentences[0].word", "bird"),
+    ({"probe": {"sentences": [{"name": "x"}]}}, "probe.sentences[0]", "missing"),
+    ({"data": {"parquet_urls": {"train": "u"}}}, "data.parquet_urls", "train, valid, test"),
+])
+def test_bad_values_name_the_key(raw, key, fragment):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw, "params.yaml")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"params.yaml: {key} ") and fragment in msg
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such params file"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pairs: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_flatten_gives_dotted_leaves():
+    flat = flatten(Config())
+    assert flat["model.num_layers"] == 2 and flat["probe.sentences.1.b"] == "he just left"
+    assert all(not isinstance(v, (dict, list, tuple)) for v in flat.values())
+
+
+def test_a_stage_prints_one_line_and_exits_nonzero(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"pairs": {"max_len": "abc"}}))
+    out = tmp_path / "pairs"
+    proc = subprocess.run([sys.executable, "-m", "stages.pairs", "--params", str(params), "--out", str(out),
+                           "--tokens", str(tmp_path / "tokens"), "--metrics", str(tmp_path / "metrics")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pairs.max_len = 'abc'" in lines[0]
+    assert not out.exists() and not (tmp_path / "metrics").exists()

@@ -1,0 +1,213 @@
+"""minibert.model: shapes, same math as a plain padded BERT, padding invariance, loss, persistence."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minibert.config import ModelConfig
+from minibert.errors import MinibertError
+from minibert.model import (BERT, achieved_drop_prob, build_model, dropout, keep_mask, load_pretrained,
+                            pretrain_loss, save_pretrained)
+
+V, H, HEADS, FFN, T, B, P = 99, 12, 3, 37, 13, 7, 5
+CFG = ModelConfig(num_layers=2, hidden=H, heads=HEADS, ffn_hidden=FFN, dropout=0.2, max_len=T + 4)
+
+
+def make_batch(seed: int = 0, b: int = B, t: int = T):
+    g = torch.Generator().manual_seed(seed)
+    valid = torch.randint(3, t + 1, (b,), generator=g)
+    valid[0] = t  # at least one full-length row
+    tokens = torch.randint(0, V, (b, t), generator=g)
+    segments = torch.randint(0, 2, (b, t), generator=g)
+    n_real = torch.randint(1, P + 1, (b,), generator=g)
+    weights = (torch.arange(P)[None, :] < n_real[:, None]).float()  # (b, P) real slots first
+    positions = torch.stack([torch.randint(0, int(v), (P,), generator=g) for v in valid])  # (b, P)
+    positions = torch.where(weights > 0, positions, 0)
+    labels = torch.randint(0, V, (b, P), generator=g)
+    nsp = torch.randint(0, 2, (b,), generator=g)
+    return tokens, segments, valid, positions, weights, labels, nsp
+
+
+def reference_encode(m: BERT, tokens, segments, valid_lens):
+    """The book's padded computation (d2l masked_softmax with -1e6), reusing the model's weights."""
+    b, t = tokens.shape
+    x = m.token_embedding(tokens) + m.segment_embedding(segments) + m.pos_embedding[:, :t]  # (b, t, H)
+    h = m.cfg.heads
+    for blk in m.blocks:
+        def attend(y):
+            q, k, v = blk.qkv(y).view(b, t, 3, h, -1).permute(2, 0, 3, 1, 4)  # 3 x (b, h, t, dh)
+            s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (b, h, t, t)
+            keep = torch.arange(t)[None, None, None, :] < valid_lens[:, None, None, None]
+            s = torch.where(keep, s, torch.tensor(-1e6))
+            ctx = (torch.softmax(s, -1) @ v).transpose(1, 2).reshape(b, t, -1)  # (b, t, H)
+            return blk.out(ctx)
+        ffn = lambda y: blk.ffn2(torch.relu(blk.ffn1(y)))  # noqa: E731
+        if m.cfg.norm == "pre":
+            x = x + attend(blk.norm1(x))
+            x = x + ffn(blk.norm2(x))
+        else:
+            x = blk.norm1(attend(x) + x)
+            x = blk.norm2(ffn(x) + x)
+    return m.final_norm(x)
+
+
+def test_shapes_batch_and_single_sentence():
+    m = build_model(CFG, V, seed=1).eval()
+    tokens, segments, valid, positions, weights, *_ = make_batch()
+    assert m.encode(tokens, segments, valid).shape == (B, T, H)
+    mlm, nsp = m(tokens, segments, valid, positions, weights)
+    assert mlm.shape == (int((weights > 0).sum()), V) and nsp.shape == (B, 2)
+    one = m.encode(tokens[:1, :6], segments[:1, :6], torch.tensor([6]))
+    assert one.shape == (1, 6, H)
+
+
+def test_book_probe_shapes():
+    m = build_model(ModelConfig(), 20256, seed=0).eval()
+    for t in (6, 10):
+        z = torch.zeros(1, t, dtype=torch.long)
+        assert m.encode(z, z, torch.tensor([t])).shape == (1, t, 128)
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_unpadded_equals_padded_reference(norm):
+    m = build_model(ModelConfig(**{**CFG.__dict__, "norm": norm}), V, seed=2).eval()
+    tokens, segments, valid, *_ = make_batch(3)
+    with torch.no_grad():
+        got, ref = m.encode(tokens, segments, valid), reference_encode(m, tokens, segments, valid)
+    for i, n in enumerate(valid.tolist()):
+        torch.testing.assert_close(got[i, :n], ref[i, :n], atol=1e-5, rtol=1e-5)
+        assert torch.all(got[i, n:] == 0)
+
+
+def test_padding_invariance():
+    m = build_model(CFG, V, seed=3).eval()
+    tokens, segments, valid, *_ = make_batch(4)
+    longer = torch.randint(0, V, (B, T + 4))  # other pad tokens, more padding
+    longer[:, :T] = tokens
+    pad_mask = torch.arange(T)[None] >= valid[:, None]
+    longer[:, :T][pad_mask] = 0
+    seg_longer = torch.ones(B, T + 4, dtype=torch.long)
+    seg_longer[:, :T] = segments
+    with torch.no_grad():
+        a = m.encode(tokens, segments, valid)
+        b = m.encode(longer, seg_longer, valid)
+    for i, n in enumerate(valid.tolist()):
+        torch.testing.assert_close(a[i, :n], b[i, :n], atol=1e-6, rtol=1e-6)
+
+
+def test_padded_prediction_slots_do_not_change_loss():
+    m = build_model(CFG, V, seed=4).eval()
+    tokens, segments, valid, positions, weights, labels, nsp = make_batch(5)
+    g = torch.Generator().manual_seed(9)
+    pad = weights == 0
+    positions2 = torch.where(pad, torch.randint(0, T, positions.shape, generator=g), positions)
+    labels2 = torch.where(pad, torch.randint(0, V, labels.shape, generator=g), labels)
+    with torch.no_grad():
+        mlm1, nsp1 = m(tokens, segments, valid, positions, weights)
+        mlm2, nsp2 = m(tokens, segments, valid, positions2, weights)
+        l1 = pretrain_loss(mlm1, labels, weights, nsp1, nsp)
+        l2 = pretrain_loss(mlm2, labels2, weights, nsp2, nsp)
+    assert pad.any()
+    for x, y in zip(l1, l2):
+        assert torch.equal(x, y)
+    # ...and the MLM loss is the mean over real slots only (not the book's mean over all slots)
+    real = weights > 0
+    expected = torch.stack([F.cross_entropy(mlm1[j:j + 1], labels[real][j:j + 1]) for j in range(len(mlm1))]).mean()
+    torch.testing.assert_close(l1[1], expected)
+    torch.testing.assert_close(l1[0], l1[1] + l1[2])
+
+
+def test_prediction_at_padding_is_an_error():
+    m = build_model(CFG, V, seed=4).eval()
+    tokens, segments, valid, positions, weights, *_ = make_batch(5)
+    short = int(valid.argmin())
+    positions[short, 0], weights[short, 0] = int(valid[short]), 1.0
+    with pytest.raises(MinibertError, match="valid length"):
+        m(tokens, segments, valid, positions, weights)
+
+
+def test_loss_falls_with_adam():
+    torch.manual_seed(0)
+    m = build_model(CFG, V, seed=5)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    tokens, segments, valid, positions, weights, labels, nsp = make_batch(6)
+    losses = []
+    for _ in range(20):
+        mlm, nsp_logits = m(tokens, segments, valid, positions, weights)
+        total, _, _ = pretrain_loss(mlm, labels, weights, nsp_logits, nsp)
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        losses.append(total.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_same_seed_same_init_and_global_rng_untouched():
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    a, b, c = build_model(CFG, V, 7), build_model(CFG, V, 7), build_model(CFG, V, 8)
+    assert torch.equal(before, torch.random.get_rng_state())
+    for (k, x), y, z in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+        assert torch.equal(x, y), k
+    assert any(not torch.equal(x, z) for x, z in zip(a.parameters(), c.parameters()))
+
+
+def test_training_is_reproducible_from_the_global_seed():
+    m = build_model(CFG, V, seed=9).train()
+    batch = make_batch(7)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(42)
+        outs.append(m(*batch[:5])[0])
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(m(*batch[:5])[0], outs[0])  # dropout really is drawn
+
+
+def test_save_load_round_trip(tmp_path):
+    m = build_model(CFG, V, seed=10).eval()
+    save_pretrained(m, tmp_path, {"vocab_sha256": "abc"})
+    meta = json.loads((tmp_path / "bert.json").read_text())
+    assert meta["vocab_size"] == V and meta["model"]["hidden"] == H and meta["vocab_sha256"] == "abc"
+    loaded, meta2 = load_pretrained(tmp_path)
+    assert meta2 == meta and not loaded.training
+    batch = make_batch(8)
+    with torch.no_grad():
+        for x, y in zip(m(*batch[:5]), loaded(*batch[:5])):
+            assert torch.equal(x, y)
+
+
+def test_load_missing_or_corrupt_is_one_line_error(tmp_path):
+    with pytest.raises(MinibertError, match="bert.json: missing"):
+        load_pretrained(tmp_path)
+    save_pretrained(build_model(CFG, V, seed=0), tmp_path, {})
+    (tmp_path / "bert.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(MinibertError, match="bert.safetensors") as e:
+        load_pretrained(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_dropout_keep_rate_and_scale():
+    p = 0.2
+    torch.manual_seed(0)
+    n = 2_000_000
+    keep = keep_mask(torch.Size([n]), p, torch.device("cpu"))
+    rate = keep.float().mean().item()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(achieved_drop_prob(p) - p) < 1e-4
+    assert abs(rate - (1 - achieved_drop_prob(p))) < 5 * sigma
+    y = dropout(torch.ones(1000), p, training=True)
+    assert set(y.unique().tolist()) <= {0.0, 1 / (1 - p)}
+    assert torch.equal(dropout(torch.ones(10), p, training=False), torch.ones(10))
+
+
+def test_pre_ln_variant_trains():
+    m = build_model(ModelConfig(**{**CFG.__dict__, "norm": "pre"}), V, seed=11)
+    tokens, segments, valid, positions, weights, labels, nsp = make_batch(9)
+    mlm, nsp_logits = m(tokens, segments, valid, positions, weights)
+    total, _, _ = pretrain_loss(mlm, labels, weights, nsp_logits, nsp)
+    total.backward()
+    assert torch.isfinite(total) and m.final_norm.weight.grad is not None

@@ -1,12 +1,66 @@
-"""WikiText-2 on disk: the book's paragraph rule.
+"""WikiText-2 on disk: fetching it safely, and the book's paragraph rule.
 
-(The download half — mirrors, checksums, safe extraction — is being added beside this.)
+`fetch_wikitext(cfg, dest, local)` fills `dest` with exactly `wiki.{train,valid,test}.tokens`.
+Sources, in order: `local` alone when given (a zip, a folder holding the three `.tokens` files,
+or a folder holding the three Hugging Face parquet files) — no network at all; otherwise the
+official archive `cfg.zip_url`, then the Hugging Face parquet copy `cfg.parquet_urls`.
+
+Verification is by content, not by archive, so any mirror that holds the same text passes:
+
+* exact: the sha256 of each file's bytes must equal `SHA256[split]` (the official files).
+  The zip and `.tokens` folders must match exactly.
+* parquet: each row of the `text` column is one original line (Hugging Face keeps a line
+  like `" = A = \\n"` as is and stores the blank line `" \\n"` as ""). Every line of the official files
+  is in one canonical form — `" " + " ".join(tokens) + " \\n"`, a blank line `" \\n"` — so
+  each row is rewritten in that form from its tokens (split on ASCII whitespace, Python
+  `bytes.split()`); an empty or null row becomes `" \\n"`. For the Hugging Face layout, or
+  any mirror that only re-spaced lines, this gives the official bytes and the exact hash
+  passes. If it still differs (a mirror that dropped blank lines), `TOKENS_SHA256[split]`
+  is checked instead: the sha256 of, for every line holding at least one token, its tokens
+  joined by one space plus `"\\n"`, blank lines skipped. That pins every token and line
+  (paragraph) boundary; as the lines are canonical, `read_paragraphs` returns the same
+  result. The source description then says "token-level match".
+
+Archives are extracted member by member after refusing the whole archive if any member has
+an absolute path, a `..` part, is a symlink, is over `MAX_MEMBER_BYTES` or inflates more than
+`MAX_RATIO` times. Everything is built in a temp folder and renamed into place only after it
+verifies (`atomic_dir`): a failure leaves no output folder behind.
 """
 from __future__ import annotations
 
-from pathlib import Path
+import hashlib
+import shutil
+import stat
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+import zlib
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterator
+
+from minibert.artifacts import atomic_dir, sha256_file
+from minibert.config import DataConfig
+from minibert.errors import DataError
 
 SPLITS = ("train", "valid", "test")
+
+SHA256 = {  # the official wikitext-2-v1 files
+    "train": "9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f",
+    "valid": "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
+    "test": "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0",
+}
+TOKENS_SHA256 = {  # `tokens_sha256` of the same files (see the module docstring)
+    "train": "eb185bf3702ea74fe96ce9d478b382253bd911f4a4c55d5a547acf311e7aece9",
+    "valid": "6494b600c71f9fb83b4eb389b661035f7ff67d1c628bfb17119300576cfcaa67",
+    "test": "9c068e2fd7937b38b734ed5fe0439c5265f39091bce7c214f8a76e08026051ae",
+}
+MAX_MEMBER_BYTES = 1 << 30  # the real files are 1-11 MB; anything near 1 GiB is not WikiText-2
+MAX_RATIO = 100  # text deflates ~4x; a zip bomb inflates thousands of times
+HINT = "set MINIBERT_DATA to a local wikitext-2-v1.zip or a folder holding wiki.{train,valid,test}.tokens"
 
 
 def split_file(raw_dir: str | Path, split: str) -> Path:
@@ -25,3 +79,251 @@ def read_paragraphs(path: str | Path) -> list[list[list[str]]]:
         lines = f.readlines()
     return [[s.split() for s in line.strip().lower().split(" . ")]
             for line in lines if len(line.split(" . ")) >= 2]
+
+
+# ---------------------------------------------------------------------------- verification
+
+
+def tokens_sha256(path: str | Path) -> str:
+    """sha256 of the whitespace-normalised lines (module docstring): blind to spacing only."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for line in f:
+            if toks := line.split():
+                h.update(b" ".join(toks) + b"\n")
+    return h.hexdigest()
+
+
+def verify_files(folder: str | Path, token_level_ok: bool = False, origin: str | None = None) -> bool:
+    """Check the three files by content; True if every file is byte-exact.
+
+    With `token_level_ok`, a file whose bytes differ may still pass on `TOKENS_SHA256`.
+    `origin` names the source in errors (the folder may be a temp one).
+    """
+    origin, exact = origin or str(folder), True
+    for path in (split_file(folder, split) for split in SPLITS):  # all present before any hashing
+        if not path.is_file():
+            raise DataError(f"{origin}: {path.name} is missing; the source must hold wiki.{{train,valid,test}}.tokens")
+        if path.stat().st_size == 0:
+            raise DataError(f"{origin}: {path.name} is empty; use an intact copy of WikiText-2")
+    for split in SPLITS:
+        path = split_file(folder, split)
+        got = sha256_file(path)
+        if got == SHA256[split]:
+            continue
+        if token_level_ok and tokens_sha256(path) == TOKENS_SHA256[split]:
+            exact = False
+            continue
+        raise DataError(f"{origin}: {path.name} has sha256 {got}, expected {SHA256[split]}; "
+                        "the file is corrupt or not WikiText-2 v1 (tokenized)")
+    return exact
+
+
+# ---------------------------------------------------------------------------- zip
+
+
+def _unsafe_reason(info: zipfile.ZipInfo) -> str | None:
+    name = info.filename.replace("\\", "/")
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return "an absolute path"
+    if ".." in PurePosixPath(name).parts:
+        return "a '..' path"
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return "a symlink"
+    if info.file_size > MAX_MEMBER_BYTES:
+        return f"{info.file_size} bytes uncompressed (limit {MAX_MEMBER_BYTES})"
+    if info.file_size > MAX_RATIO * max(info.compress_size, 1) and info.file_size > (1 << 20):
+        return f"a compression ratio over {MAX_RATIO} (zip bomb?)"
+    return None
+
+
+def safe_extract(zip_path: str | Path, dest: str | Path, origin: str | None = None) -> None:
+    """Extract `*/wiki.<split>.tokens` from the zip flat into `dest`, refusing unsafe archives."""
+    zip_path, dest = Path(zip_path), Path(dest)
+    origin = origin or str(zip_path)
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            infos = zf.infolist()
+            for info in infos:
+                if reason := _unsafe_reason(info):
+                    raise DataError(f"{origin}: member {info.filename!r} is {reason}; refusing the archive, "
+                                    "use an intact wikitext-2-v1.zip")
+            members = {}
+            for want in (split_file("", split).name for split in SPLITS):
+                found = [i for i in infos if not i.is_dir() and PurePosixPath(i.filename).name == want]
+                if len(found) != 1:
+                    raise DataError(f"{origin}: holds {len(found)} members named {want} (need exactly 1); "
+                                    "use an intact wikitext-2-v1.zip")
+                members[want] = found[0]
+            for want, info in members.items():
+                _copy_member(zf, info, dest / want)
+    except zipfile.BadZipFile as e:
+        raise DataError(f"{origin}: not a valid zip archive ({e}); use an intact wikitext-2-v1.zip") from None
+    except (EOFError, zlib.error) as e:
+        raise DataError(f"{origin}: truncated or corrupt zip archive ({e}); use an intact wikitext-2-v1.zip") from None
+
+
+def _copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, out: Path) -> None:
+    # Count real bytes: the header's file_size is the archive's claim, not a promise.
+    written = 0
+    with zf.open(info) as src, open(out, "wb") as dst:
+        while block := src.read(1 << 20):
+            written += len(block)
+            if written > MAX_MEMBER_BYTES:
+                raise DataError(f"member {info.filename!r} inflates past {MAX_MEMBER_BYTES} bytes; refusing it")
+            dst.write(block)
+
+
+# ---------------------------------------------------------------------------- parquet
+
+
+def rebuild_from_parquet(parquet: dict[str, Path], dest: str | Path, origin: str | None = None) -> None:
+    """Write `wiki.<split>.tokens` from each split's parquet `text` rows (one row per line)."""
+    import pyarrow.parquet as pq  # only this source needs it
+
+    for split in SPLITS:
+        path = Path(parquet[split])
+        where = f"{origin or path.parent}: {path.name}"
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow raises several unrelated types for a bad file
+            raise DataError(f"{where}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+        if "text" not in table.column_names:
+            raise DataError(f"{where}: no 'text' column (has {table.column_names}); "
+                            "expected the Hugging Face wikitext layout")
+        with open(split_file(dest, split), "wb") as f:
+            for row in table.column("text").to_pylist():
+                toks = row.encode("utf-8").split() if row else []
+                f.write(b" " + b" ".join(toks) + b" \n" if toks else b" \n")
+
+
+def _parquet_in(folder: Path) -> dict[str, Path] | None:
+    names = {"train": ("train",), "valid": ("valid", "validation"), "test": ("test",)}
+    found = {}
+    for split, prefixes in names.items():
+        hits = sorted({p for pre in prefixes for p in folder.glob(f"{pre}*.parquet")})
+        if len(hits) != 1:
+            return None
+        found[split] = hits[0]
+    return found
+
+
+# ---------------------------------------------------------------------------- http
+
+
+@contextmanager
+def _progress(url: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    """Yield a callback taking bytes-so-far: a rich bar on a terminal, a line every ~10% otherwise."""
+    if sys.stderr.isatty():
+        from rich.progress import Progress
+
+        with Progress(transient=True) as bar:  # stops (restores the cursor) even on errors
+            task = bar.add_task(f"download {url.rsplit('/', 1)[-1]}", total=total)
+            yield lambda done: bar.update(task, completed=done)
+        return
+    last = [-1.0, time.monotonic()]
+
+    def plain(done: int) -> None:
+        frac, now = done / total if total else 0.0, time.monotonic()
+        if (total and frac - last[0] >= 0.1) or now - last[1] >= 5 or (total and done >= total):
+            last[0], last[1] = frac, now
+            size = f"{done / 2**20:.1f}/{total / 2**20:.1f} MiB" if total else f"{done / 2**20:.1f} MiB"
+            print(f"download: {url}: {size}", file=sys.stderr, flush=True)
+    yield plain
+
+
+def download(url: str, path: str | Path, timeout: float, retries: int,
+             max_bytes: int = MAX_MEMBER_BYTES) -> None:
+    """Stream `url` to `path`; retry network errors and 5xx `retries` times; DataError at the end."""
+    path = Path(path)
+    error = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(min(0.5 * 2 ** (attempt - 1), 5.0))
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp, open(path, "wb") as out:
+                length = resp.headers.get("Content-Length")
+                total = int(length) if length and length.isdigit() else None
+                done = 0
+                with _progress(url, total) as report:
+                    while block := resp.read(1 << 20):
+                        done += len(block)
+                        if done > max_bytes:
+                            raise DataError(f"{url}: larger than {max_bytes} bytes; not WikiText-2")
+                        out.write(block)
+                        report(done)
+                if total is not None and done != total:
+                    raise ConnectionError(f"got {done} of {total} bytes")
+            return
+        except urllib.error.HTTPError as e:
+            error = f"HTTP {e.code} {e.reason}"
+            if e.code < 500 and e.code != 429:  # a missing file stays missing
+                break
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            error = str(getattr(e, "reason", None) or e) or type(e).__name__
+    tries = f"{attempt + 1} attempt{'s' if attempt else ''}"
+    raise DataError(f"{url}: {' '.join(error.split())} ({tries})")
+
+
+# ---------------------------------------------------------------------------- sources
+
+
+def _from_local(local: Path, out: Path) -> str:
+    origin = f"MINIBERT_DATA={local}"
+    if not local.exists():
+        raise DataError(f"{origin}: no such file or folder; {HINT}")
+    if local.is_file():
+        if not zipfile.is_zipfile(local):
+            raise DataError(f"{origin}: not a zip archive; {HINT}")
+        safe_extract(local, out, origin)
+        verify_files(out, origin=origin)
+        return f"local zip {local}"
+    if not split_file(local, "train").exists() and (parquet := _parquet_in(local)):
+        rebuild_from_parquet(parquet, out, origin)
+        exact = verify_files(out, token_level_ok=True, origin=origin)
+        return f"local parquet {local}" + ("" if exact else " (token-level match)")
+    for split in SPLITS:
+        if split_file(local, split).is_file():
+            shutil.copyfile(split_file(local, split), split_file(out, split))
+    verify_files(out, origin=origin)
+    return f"local folder {local}"
+
+
+def _from_zip_url(cfg: DataConfig, work: Path, out: Path) -> str:
+    archive = work / "wikitext-2-v1.zip"
+    download(cfg.zip_url, archive, cfg.timeout_s, cfg.retries)
+    safe_extract(archive, out, cfg.zip_url)
+    verify_files(out, origin=cfg.zip_url)
+    return cfg.zip_url
+
+
+def _from_parquet_urls(cfg: DataConfig, work: Path, out: Path) -> str:
+    parquet = {split: work / url.rsplit("/", 1)[-1] for split, url in cfg.parquet_urls.items()}
+    for split in SPLITS:
+        download(cfg.parquet_urls[split], parquet[split], cfg.timeout_s, cfg.retries)
+    where = cfg.parquet_urls["train"].rsplit("/", 1)[0] + "/"
+    rebuild_from_parquet(parquet, out, f"parquet {where}")
+    exact = verify_files(out, token_level_ok=True, origin=f"parquet {where}")
+    return f"parquet {where}" + ("" if exact else " (token-level match)")
+
+
+def fetch_wikitext(cfg: DataConfig, dest: str | Path, local: str | Path | None = None) -> str:
+    """Fill `dest` with exactly the three verified files; return a one-line note of the source."""
+    dest = Path(dest)
+    with atomic_dir(dest) as out:
+        if local is not None:
+            return _from_local(Path(local), out)
+        sources = [("zip_url", _from_zip_url)] if cfg.zip_url else []
+        if cfg.parquet_urls:
+            sources.append(("parquet_urls", _from_parquet_urls))
+        failures = []
+        for name, fetch in sources:
+            for stale in out.iterdir():  # a failed source's half-written files
+                stale.unlink()
+            with tempfile.TemporaryDirectory(prefix=f".{dest.name}.dl.", dir=dest.parent) as work:
+                try:
+                    return fetch(cfg, Path(work), out)
+                except DataError as e:
+                    failures.append(f"{name}: {e}")
+        tried = "; ".join(failures) or "none configured (data.zip_url and data.parquet_urls are empty)"
+        raise DataError(f"every source failed: {tried}; {HINT}")

@@ -117,6 +117,10 @@ class ModelConfig:
 class TrainConfig:
     lr: float = 1e-3
     """Adam learning rate (the book: 1e-3, constant)."""
+    schedule: Literal["constant", "linear"] = "constant"
+    """`constant` (the book) or linear warmup then linear decay to 0 at `max_steps`."""
+    warmup_steps: int = 0
+    """Warmup steps of the `linear` schedule."""
     batch_size: int = 512
     """Global batch: split across all ranks under DDP."""
     max_steps: int = 50
@@ -146,6 +150,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _require(self.lr > 0, "lr", self.lr, "a number > 0")
+        _require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         _require(self.max_steps >= 1, "max_steps", self.max_steps, "an integer >= 1")
         _require(self.seed >= 0, "seed", self.seed, "an integer >= 0")

@@ -1,0 +1,93 @@
+"""Data parallelism through torch's own launcher and DistributedDataParallel.
+
+With one process the pretrain stage trains in-process. With more (`train.devices` > 1 or
+`train.nodes` > 1) the stage re-executes itself under `python -m torch.distributed.run`, so
+`dvc repro` stays one command; started by `torchrun` (or SLURM's `srun torchrun ...`) directly,
+the environment already names the rank and the stage just joins the group.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from minibert.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def int_env(name: str, default: int = 0) -> int:
+    return int(os.environ.get(name, default))
+
+
+def under_launcher() -> bool:
+    """True inside a process started by torchrun / torch.distributed.run."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def procs_per_node(cfg: TrainConfig) -> int:
+    if cfg.devices == "auto":
+        return max(1, torch.cuda.device_count()) if cfg.device in ("auto", "cuda") else 1
+    return cfg.devices
+
+
+def launch_command(cfg: TrainConfig, argv: list[str], module: str = "stages.pretrain") -> list[str] | None:
+    """The torch.distributed.run command that re-runs this stage on every process, or None for one."""
+    nproc = procs_per_node(cfg)
+    if under_launcher() or (nproc == 1 and cfg.nodes == 1):
+        return None
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={cfg.nodes}", f"--nproc-per-node={nproc}",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint={cfg.rdzv_endpoint}", f"--rdzv-id={cfg.rdzv_id}",
+            "-m", module, *argv]
+
+
+def relaunch(cmd: list[str]) -> int:
+    """Run the launcher in the foreground; its exit code is the stage's."""
+    return subprocess.run(cmd, check=False).returncode
+
+
+def init(device: torch.device) -> Dist:
+    """Join the process group when under the launcher: NCCL on CUDA, gloo on CPU."""
+    if not under_launcher():
+        return Dist()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]))
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Sum a small tensor over ranks (identity with one process)."""
+    if d.enabled:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def any_rank(flag: bool, d: Dist, device: torch.device) -> bool:
+    """True if `flag` is set on any rank: all ranks stop at the same step."""
+    if not d.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    return bool(all_sum(t, d).item() > 0)

@@ -1,0 +1,249 @@
+"""The pretraining loop: seeded order, mixed precision, DDP, checkpoints and resume.
+
+Reproducibility is by construction, not by luck: the batch of step s is a pure function of
+(seed, s) and the dropout generator is reseeded from (seed, rank, s) before every step, so a run
+resumed from a checkpoint continues exactly as the uninterrupted one (bit for bit on CPU). Losses
+stay on the device and reach the host once per `log_every` steps.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from minibert import distributed
+from minibert.config import TrainConfig
+from minibert.errors import MinibertError
+from minibert.model import pretrain_loss
+from minibert.pairs import FIELDS
+
+
+def get_lr(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for 0-based `step`: the book's constant rate, or linear warmup then linear decay."""
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.lr * max(0.0, 1.0 - (step - cfg.warmup_steps) / span)
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
+    """Global batch of `step`: epoch e is a fresh permutation from (seed, e); the last batch of an
+    epoch may be short, as with the book's DataLoader(shuffle=True)."""
+    per_epoch = math.ceil(n / batch_size)
+    epoch, i = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return order[i * batch_size:(i + 1) * batch_size]
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """Dropout seed of one rank at one step (disjoint streams across ranks and steps)."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MinibertError(f"train.device = {name!r} but no CUDA device is visible; set train.device: cpu or auto")
+    return torch.device(name)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16: the CPU multiplies bf16 natively."""
+    cpu = getattr(torch._C, "_cpu", None)
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return bool(cpu) and any(getattr(cpu, c, lambda: False)() for c in checks)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype, or None for plain fp32."""
+    if precision == "auto":
+        fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()
+        precision = "bf16" if fast else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def to_tensors(pairs: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """Pre-stacked tensors, converted once: indices as int64, weights as float32."""
+    out = {k: torch.from_numpy(np.asarray(pairs[k], dtype=np.float32 if k == "mlm_weights" else np.int64))
+           for k in FIELDS}
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in out.items()}
+    return out
+
+
+def take(data: dict[str, torch.Tensor], idx: np.ndarray) -> dict[str, torch.Tensor]:
+    """One batch, trimmed to its longest sequence (pad columns beyond it change nothing)."""
+    i = torch.from_numpy(idx).to(data["valid_lens"].device)
+    batch = {k: v.index_select(0, i) for k, v in data.items()}
+    t = int(batch["valid_lens"].max())
+    batch["token_ids"] = batch["token_ids"][:, :t]  # (b, t)
+    batch["segments"] = batch["segments"][:, :t]    # (b, t)
+    return batch
+
+
+@dataclass
+class Interval:
+    """Per-step loss tensors kept on the device between host syncs."""
+    steps: list[int] = field(default_factory=list)
+    losses: list[torch.Tensor] = field(default_factory=list)      # each (2,): this rank's mlm, nsp means
+    counts: list[tuple[float, float]] = field(default_factory=list)  # this rank's (MLM slots, pairs)
+    totals: list[tuple[float, float]] = field(default_factory=list)  # the global batch's (MLM slots, pairs)
+    t0: float = field(default_factory=time.perf_counter)
+
+    def add(self, step: int, mlm: torch.Tensor, nsp: torch.Tensor, counts, totals) -> None:
+        self.steps.append(step)
+        self.losses.append(torch.stack([mlm.detach().float(), nsp.detach().float()]))
+        self.counts.append(counts)
+        self.totals.append(totals)
+
+    def global_losses(self, d: distributed.Dist) -> list[tuple[float, float]]:
+        """Per-step global-batch mean losses: each rank's mean times its count, summed over ranks."""
+        local = torch.stack(self.losses)                                   # (S, 2)
+        counts = torch.tensor(self.counts, dtype=torch.float32, device=local.device)
+        sums = distributed.all_sum(local * counts, d).cpu()               # (S, 2)
+        return [(float(m), float(n)) for m, n in (sums / torch.tensor(self.totals)).tolist()]
+
+
+class StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the current step."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    @contextmanager
+    def installed(self) -> Iterator["StopFlag"]:
+        old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            for s in old:
+                signal.signal(s, self._set)
+        except ValueError:  # not the main thread: leave handlers alone
+            old = {}
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def _set(self, signum, frame) -> None:
+        self.signum = signum
+
+
+def make_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    # fused Adam: one kernel for all parameters on CUDA; foreach on CPU (measured in bench/)
+    if device.type == "cuda":
+        return torch.optim.Adam(params, lr=cfg.lr, fused=True)
+    return torch.optim.Adam(params, lr=cfg.lr, foreach=True)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def train_step(model, opt, scaler, batch: dict[str, torch.Tensor], scale_mlm: float, scale_nsp: float,
+               amp_dtype: torch.dtype | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step; returns the (mlm, nsp) losses of this rank's shard as device tensors.
+
+    `scale_*` turn this rank's means into its share of the global-batch mean, so DDP's gradient
+    averaging over ranks yields exactly the single-process gradient."""
+    opt.zero_grad(set_to_none=True)
+    with autocast(device, amp_dtype):
+        mlm_logits, nsp_logits = model(batch["token_ids"], batch["segments"], batch["valid_lens"],
+                                       batch["pred_positions"], batch["mlm_weights"])
+    _, mlm, nsp = pretrain_loss(mlm_logits, batch["mlm_labels"], batch["mlm_weights"], nsp_logits,
+                                batch["nsp_labels"])
+    loss = mlm * scale_mlm + nsp * scale_nsp
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
+    return mlm, nsp
+
+
+def check_finite(step: int, mlm: float, nsp: float, last_ckpt: Any) -> None:
+    for name, value in (("MLM", mlm), ("NSP", nsp)):
+        if not math.isfinite(value):
+            raise MinibertError(f"{name} loss is {value} at step {step}; stopped (last good checkpoint: "
+                                f"{last_ckpt or 'none'}); lower train.lr or use train.precision: fp32")
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]]      # one row per step: step, mlm_loss, nsp_loss, pairs_per_sec
+    train_s: float                        # seconds spent in steps run by this process
+    pairs: int                            # global pairs processed by this process's steps
+    tokens: int                           # global real tokens in those pairs
+
+
+def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, data: dict[str, torch.Tensor],
+        device: torch.device, d: distributed.Dist, *, start_step: int = 0, history: list | None = None,
+        on_log=None, on_checkpoint=None) -> FitResult:
+    """Train from `start_step` to `cfg.max_steps`.
+
+    `on_log(rows)` receives new history rows after every host sync (rank 0 logs them);
+    `on_checkpoint(step, history)` is called every `checkpoint_every` steps and on SIGTERM/SIGINT
+    (then `fit` raises). Both run on every rank; the callee decides what rank 0 alone does."""
+    amp_dtype = resolve_precision(cfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    n = len(data["nsp_labels"])
+    weights_all, lens_all = data["mlm_weights"].sum(1).cpu().numpy(), data["valid_lens"].cpu().numpy()
+    history = list(history or [])
+    interval, last_ckpt = Interval(), None
+    train_s, pairs, tokens = 0.0, 0, 0
+    model.train()
+    with StopFlag().installed() as stop:
+        for step in range(start_step, cfg.max_steps):
+            for group in opt.param_groups:
+                group["lr"] = get_lr(step, cfg)
+            global_idx = batch_indices(step, n, cfg.batch_size, cfg.seed)
+            idx = global_idx[d.rank::d.world]  # this rank's disjoint shard of the one global order
+            if len(idx) == 0:
+                raise MinibertError(f"train.batch_size = {cfg.batch_size} leaves rank {d.rank} of {d.world} "
+                                    "without pairs; use a batch of at least one pair per process")
+            slots_total, slots = float(weights_all[global_idx].sum()), float(weights_all[idx].sum())
+            batch = take(data, idx)
+            torch.manual_seed(step_seed(cfg.seed, d.rank, step))
+            t = time.perf_counter()
+            mlm, nsp = train_step(model, opt, scaler, batch, slots / slots_total * d.world,
+                                  len(idx) / len(global_idx) * d.world, amp_dtype, device)
+            interval.add(step, mlm, nsp, (slots, float(len(idx))), (slots_total, float(len(global_idx))))
+            pairs += len(global_idx)
+            tokens += int(lens_all[global_idx].sum())
+            last = step + 1 == cfg.max_steps
+            ckpt_due = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
+            stopping = distributed.any_rank(stop.signum is not None, d, device)
+            if (step + 1) % cfg.log_every == 0 or last or ckpt_due or stopping:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                elapsed = time.perf_counter() - interval.t0
+                train_s += elapsed
+                losses = interval.global_losses(d)
+                rate = sum(p for _, p in interval.totals) / elapsed
+                rows = [{"step": s + 1, "mlm_loss": m, "nsp_loss": ns, "pairs_per_sec": rate}
+                        for s, (m, ns) in zip(interval.steps, losses)]
+                for r in rows:
+                    check_finite(r["step"], r["mlm_loss"], r["nsp_loss"], last_ckpt)
+                history += rows
+                if on_log:
+                    on_log(rows)
+                interval = Interval()
+                if (ckpt_due or stopping) and not last and on_checkpoint:
+                    last_ckpt = on_checkpoint(step + 1, history)
+                if stopping:
+                    raise MinibertError(f"stopped by signal at step {step + 1} of {cfg.max_steps}; checkpoint "
+                                        f"saved ({last_ckpt}); rerun the stage to resume")
+                interval.t0 = time.perf_counter()
+    return FitResult(history=history, train_s=train_s, pairs=pairs, tokens=tokens)

@@ -1,0 +1,44 @@
+"""pretrain: train the BERT on the train pairs; write models/, metrics/train.json, plots/train_loss.*.
+
+One process trains in-process. With `train.devices` > 1 or `train.nodes` > 1 the stage re-runs
+itself under `python -m torch.distributed.run` (torch's own launcher); started by `torchrun`
+directly, it joins the process group from the environment.
+"""
+import sys
+from pathlib import Path
+
+import typer
+
+from minibert import distributed
+from minibert.config import flatten, load_config
+from minibert.errors import stage_errors
+from minibert.pretrain import Paths, run_pretrain
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(params: Path = typer.Option("params.yaml", help="params file"),
+         pairs: Path = typer.Option("data/pairs/train.safetensors", help="train pairs"),
+         vocab: Path = typer.Option("data/tokens/vocab.txt", help="vocabulary"),
+         models: Path = typer.Option("models", help="output folder for bert.safetensors/bert.json"),
+         metrics: Path = typer.Option("metrics", help="metrics folder"),
+         plots: Path = typer.Option("plots", help="plots folder"),
+         checkpoints: Path = typer.Option("checkpoints", help="resumable state (kept until a run completes)")) -> None:
+    with stage_errors("pretrain"):
+        cfg = load_config(params)
+        cmd = distributed.launch_command(cfg.train, sys.argv[1:])
+        if cmd:
+            print("pretrain: launching " + " ".join(cmd[1:]), flush=True)
+            raise SystemExit(distributed.relaunch(cmd))
+        paths = Paths(Path("."), pairs, vocab, models, metrics / "train.json", plots / "train_loss.csv",
+                      plots / "train_loss.png", checkpoints, params)
+        m = run_pretrain(cfg.model, cfg.train, cfg.tracking, flatten(cfg), paths)
+        if m:
+            print(f"pretrain: {m['steps']} steps on {m['device']} ({m['precision']}): MLM loss {m['mlm_loss_avg']:.3f}, "
+                  f"NSP loss {m['nsp_loss_avg']:.3f} (mean over steps), {m['pairs_per_sec']:.1f} sentence pairs/sec; "
+                  f"MLflow run {m['mlflow_run_id'] or '-'}")
+
+
+if __name__ == "__main__":
+    app()

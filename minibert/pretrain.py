@@ -100,6 +100,9 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
                                        {"history": history, "mlflow_run_id": tracker.run_id})
             return None
 
+        if d.is_main:
+            print(f"pretrain: training steps {resumed.get('step', 0) + 1}..{cfg.max_steps} on {device} "
+                  f"x{d.world}", flush=True)
         try:
             result = fit(net, opt, cfg, to_tensors(pairs, device), device, d,
                          start_step=resumed.get("step", 0), history=resumed.get("history"),

@@ -1,0 +1,64 @@
+"""A tiny but real minibert workspace for stage-level tests: synthetic pairs, a small vocab, params."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from minibert.artifacts import save_arrays
+from minibert.config import PairsConfig
+from minibert.pairs import make_pairs
+from minibert.vocab import SPECIALS, Vocab
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = {"num_layers": 1, "hidden": 12, "heads": 3, "ffn_hidden": 37, "dropout": 0.1, "max_len": 29}
+
+
+def synthetic_split(rng, n_para=99, vocab_size=99, max_sent=13):
+    n_sent = rng.integers(2, 8, n_para)
+    lens = rng.integers(1, max_sent + 1, n_sent.sum())
+    return {"ids": rng.integers(len(SPECIALS), vocab_size, lens.sum()).astype(np.int32),
+            "sentence_offsets": np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+            "paragraph_offsets": np.concatenate([[0], np.cumsum(n_sent)]).astype(np.int64)}
+
+
+def make_workspace(root: Path, train: dict | None = None, model: dict | None = None, seed: int = 7,
+                   tracking: bool = False, n_para: int = 99) -> Path:
+    """Write data/tokens/vocab.txt, data/pairs/{train,valid}.safetensors and params.yaml under `root`."""
+    vocab = Vocab(SPECIALS + tuple(f"w{i}" for i in range(99 - len(SPECIALS))))
+    (root / "data/tokens").mkdir(parents=True, exist_ok=True)
+    vocab.save(root / "data/tokens/vocab.txt")
+    cfg = PairsConfig(max_len=29)
+    for split, s in (("train", seed), ("valid", seed + 1)):
+        pairs = make_pairs(synthetic_split(np.random.default_rng(s), n_para), cfg, len(vocab),
+                           np.random.default_rng(s))
+        save_arrays(root / f"data/pairs/{split}.safetensors", pairs, {"vocab_sha256": vocab.sha256, "max_len": "29"})
+    params = {"pairs": {"max_len": 29},
+              "model": {**TINY_MODEL, **(model or {})},
+              "train": {"batch_size": 16, "max_steps": 12, "log_every": 1, "checkpoint_every": 4,
+                        "device": "cpu", "threads": 1, **(train or {})},
+              "tracking": {"enabled": tracking, "experiment": "tiny"}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
+def stage(root: Path, name: str, *args: str, check: bool = True, **popen) -> subprocess.CompletedProcess:
+    """Run `python -m stages.<name>` in `root` with the project importable."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([sys.executable, "-m", f"stages.{name}", "--params", "params.yaml", *args],
+                          cwd=root, env=env, capture_output=True, text=True, **popen)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"stages.{name} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def popen_stage(root: Path, name: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen([sys.executable, "-m", f"stages.{name}", "--params", "params.yaml"], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

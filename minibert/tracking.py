@@ -1,0 +1,372 @@
+"""Experiment tracking: the only module that imports mlflow.
+
+`start_run(cfg, root)` gives a `Tracker`: an `MlflowTracker` on a real run, or a `NullTracker`
+when tracking is off. Tracking must never stop training: an unreachable server fails fast at
+the start (one line naming the URI), but once a run is open, failed metric points are kept in
+memory (bounded) and sent, with their original steps and timestamps, when the server answers
+again or at `close()`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from pathlib import Path
+from typing import Any, Protocol
+
+from minibert.config import TrackingConfig
+from minibert.errors import MinibertError
+
+log = logging.getLogger(__name__)
+
+_MAX_BUFFERED = 100_000  # metric points kept while the server is down (~10 MB); oldest dropped first
+_PROBE_EVERY_S = 10.0  # while buffering, ask the server at most this often so steps are not stalled
+_PROBE_TIMEOUT_S = 3.0
+# MLflow error codes that retrying cannot fix (bad values, missing runs): drop, warn, go on.
+_PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
+              "INVALID_STATE", "BAD_REQUEST", "PERMISSION_DENIED", "UNAUTHENTICATED"}
+
+
+def _mlflow():
+    """Import mlflow on first use, with telemetry off and HTTP retries short.
+
+    MLflow's client retries a dead server for minutes by default; our own buffering is the
+    retry, so one quick retry per call is enough. `setdefault` lets a user override both.
+    """
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    import mlflow
+
+    return mlflow
+
+
+def tracking_uri(root: Path) -> str:
+    """`MLFLOW_TRACKING_URI` when set, else an sqlite file at the project root (absolute)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve()}/mlflow.db"
+
+
+def _is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def _reachable(uri: str, timeout: float = _PROBE_TIMEOUT_S) -> str | None:
+    """None when an HTTP server answers at `uri` (any status), else the reason it does not."""
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None  # it answered: auth or routing problems surface from MLflow itself
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        return None if isinstance(reason, ssl.SSLError) else str(reason)  # TLS answered: MLflow decides
+
+
+def git_tags(root: Path) -> dict[str, str]:
+    """The commit and whether tracked files differ from it; the DVC experiment name when set."""
+    tags: dict[str, str] = {}
+    try:
+        git = ["git", "-C", str(root)]
+        sha = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if sha.returncode == 0:
+            tags["mlflow.source.git.commit"] = sha.stdout.strip()
+            st = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10)
+            tags["git_dirty"] = str(bool(st.stdout.strip())).lower()
+    except (OSError, subprocess.TimeoutExpired):
+        pass  # no git: the run is still worth recording
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    return tags
+
+
+class Tracker(Protocol):
+    run_id: str | None
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def log_model(self, model: Any, example: dict[str, Any] | None = None,
+                  pip_requirements: list[str] | None = None) -> None: ...
+    def last_step(self, key: str) -> int | None: ...
+    def close(self, status: str = "FINISHED") -> None: ...
+
+
+class _ContextMixin:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        status = "FINISHED" if exc_type is None else "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+        self.close(status)
+
+
+class NullTracker(_ContextMixin):
+    """Tracking switched off: every call does nothing."""
+
+    run_id: str | None = None
+
+    def log_params(self, params): pass
+    def log_metrics(self, metrics, step=None): pass
+    def set_tags(self, tags): pass
+    def log_artifact(self, path, artifact_path=None): pass
+    def log_model(self, model, example=None, pip_requirements=None): pass
+    def last_step(self, key): return None
+    def close(self, status="FINISHED"): pass
+
+
+class MlflowTracker(_ContextMixin):
+    """One MLflow run; logging calls never raise once the run is open."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+        self._client = _mlflow().MlflowClient(uri)
+        self._metrics: deque = deque(maxlen=_MAX_BUFFERED)  # mlflow Metric entities not yet sent
+        self._params: dict[str, str] = {}
+        self._tags: dict[str, str] = {}
+        self._artifacts: list[tuple[str, str | None]] = []
+        self._down_since: float | None = None  # set while the backend is failing
+        self._last_try = 0.0
+        self._warned_down = self._warned_full = False
+        self._closed = False
+
+    # ------------------------------------------------------------------ public API
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._params.update({k: str(v) for k, v in params.items()})
+        self._flush()
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._tags.update({k: str(v) for k, v in tags.items()})
+        self._flush()
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        Metric = _mlflow().entities.Metric
+        now = int(time.time() * 1000)  # stamped now so a late flush keeps the real time
+        if len(self._metrics) + len(metrics) > _MAX_BUFFERED and not self._warned_full:
+            log.warning("MLflow buffer full (%d points): dropping the oldest unsent metrics", _MAX_BUFFERED)
+            self._warned_full = True
+        self._metrics.extend(Metric(k, float(v), now, step or 0) for k, v in metrics.items())
+        self._flush()
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if not Path(path).exists():
+            log.warning("MLflow: artifact %s does not exist; not logged to run %s", path, self.run_id)
+            return
+        self._artifacts.append((str(path), artifact_path))
+        self._flush()
+
+    def log_model(self, model, example: dict[str, Any] | None = None,
+                  pip_requirements: list[str] | None = None) -> None:
+        """Log `model` as the run's `model`, with a signature from `example` and no requirement inference.
+
+        With an example the model is saved as a `torch.export` graph (pt2: loads without
+        unpickling; `example`'s keys in the order of `forward`'s arguments); without one MLflow
+        has to pickle the module.
+        """
+        mlflow = _mlflow()
+        import mlflow.pytorch
+        import torch
+
+        reqs = pip_requirements or [f"torch=={torch.__version__.split('+')[0]}"]
+        was_training = model.training
+        model.eval()  # export and signature must see inference behaviour (no dropout)
+        try:
+            if example is not None:
+                kwargs = dict(signature=_signature(model, example), input_example=tuple(example.values()),
+                              serialization_format="pt2")
+            else:
+                kwargs = dict(serialization_format="pickle")
+            mlflow.set_tracking_uri(self.uri)
+            # log_model only logs into the fluent active run: resume ours for the call, then
+            # put its status back (leaving the context marks it finished).
+            with mlflow.start_run(run_id=self.run_id):
+                mlflow.pytorch.log_model(model, name="model", pip_requirements=reqs, **kwargs)
+            self._client.update_run(self.run_id, status="RUNNING")
+        except Exception as e:  # the model file is in DVC anyway: losing the copy must not fail the stage
+            log.warning("MLflow: could not log the model to run %s at %s: %s", self.run_id, self.uri,
+                        _one_line(e)[:300])
+        finally:
+            model.train(was_training)
+
+    def last_step(self, key: str) -> int | None:
+        """Largest step already logged (or buffered) for `key`; None when there is none."""
+        steps = [m.step for m in self._metrics if m.key == key]
+        if steps and self._down_since is not None:
+            return max(steps)  # buffered points are newer than anything stored
+        try:
+            steps += [m.step for m in self._client.get_metric_history(self.run_id, key)]
+        except Exception as e:
+            log.warning("MLflow: could not read metric %r of run %s: %s", key, self.run_id, _one_line(e))
+        return max(steps, default=None)
+
+    def close(self, status: str = "FINISHED") -> None:
+        """Send what is buffered and end the run; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._flush(force=True)
+        lost = len(self._metrics) + len(self._params) + len(self._tags) + len(self._artifacts)
+        if lost:
+            log.warning("MLflow at %s still unreachable: %d unsent items of run %s are lost",
+                        self.uri, lost, self.run_id)
+        try:
+            self._client.set_terminated(self.run_id, status)
+        except Exception as e:
+            log.warning("MLflow: could not mark run %s %s: %s", self.run_id, status, _one_line(e))
+
+    # ------------------------------------------------------------------ sending
+
+    def _flush(self, force: bool = False) -> None:
+        """Send everything pending; on a connection failure keep it and warn once."""
+        if self._down_since is not None and not force:
+            if time.monotonic() - self._last_try < _PROBE_EVERY_S:
+                return  # still down a moment ago: don't stall this training step
+            if _is_http(self.uri) and _reachable(self.uri, timeout=1.0) is not None:
+                self._last_try = time.monotonic()
+                return
+        try:
+            self._send()
+        except Exception as e:
+            self._last_try = time.monotonic()
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+                if not self._warned_down:
+                    why = (_reachable(self.uri, timeout=1.0) if _is_http(self.uri) else None) or _one_line(e)[:200]
+                    log.warning("MLflow at %s is not answering (%s); buffering metrics in memory "
+                                "and retrying, training goes on", self.uri, why)
+                    self._warned_down = True
+            return
+        if self._down_since is not None:
+            log.warning("MLflow at %s is back after %.0f s; buffered metrics sent", self.uri,
+                        time.monotonic() - self._down_since)
+            self._down_since = None
+
+    def _send(self) -> None:
+        """log_batch in MLflow's size limits; each chunk leaves the queue once stored (or rejected)."""
+        entities = _mlflow().entities
+        while self._params or self._tags:
+            params, tags = list(self._params.items())[:100], list(self._tags.items())[:100]
+            self._attempt(lambda: self._client.log_batch(
+                self.run_id, params=[entities.Param(k, v) for k, v in params],
+                tags=[entities.RunTag(k, v) for k, v in tags], synchronous=True))
+            for k, _ in params:
+                del self._params[k]
+            for k, _ in tags:
+                del self._tags[k]
+        while self._metrics:
+            chunk = [self._metrics[i] for i in range(min(1000, len(self._metrics)))]
+            self._attempt(lambda: self._client.log_batch(self.run_id, metrics=chunk, synchronous=True))
+            for _ in chunk:
+                self._metrics.popleft()
+        while self._artifacts:
+            path, dest = self._artifacts[0]
+            log_fn = self._client.log_artifacts if Path(path).is_dir() else self._client.log_artifact
+            self._attempt(lambda: log_fn(self.run_id, path, dest))
+            self._artifacts.pop(0)
+
+    def _attempt(self, call) -> None:
+        """Run one MLflow call; a rejection retrying cannot fix is warned about and skipped."""
+        try:
+            call()
+        except Exception as e:
+            if getattr(e, "error_code", None) not in _PERMANENT:
+                raise  # connection trouble: the caller keeps the data queued
+            log.warning("MLflow rejected data for run %s: %s", self.run_id, _one_line(e)[:300])
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _signature(model, example: dict[str, Any]):
+    """Inputs from `example`, outputs from running the model on it (caller set eval mode)."""
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    with torch.no_grad():
+        out = model(*(torch.as_tensor(v) for v in example.values()))
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    arrays = {f"output_{i}": o.cpu().numpy() for i, o in enumerate(outs) if isinstance(o, torch.Tensor)}
+    return infer_signature({k: np.asarray(v) for k, v in example.items()}, arrays)
+
+
+def _connect(uri: str):
+    """A client for `uri`, failing in seconds with one line when the server is not there."""
+    if _is_http(uri) and (why := _reachable(uri)) is not None:
+        raise MinibertError(f"MLflow server {uri} is unreachable ({why}); start it, fix "
+                            "MLFLOW_TRACKING_URI, or set tracking.enabled: false in params.yaml")
+    return _mlflow().MlflowClient(uri)
+
+
+def _experiment_id(client, name: str, uri: str, root: Path) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        # Local stores keep artifacts beside the database, not in ./mlruns of whatever cwd is.
+        location = (Path(root).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except Exception:  # created meanwhile by another process
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        raise MinibertError(f"MLflow experiment {name!r} at {uri} is deleted; restore it "
+                            "(mlflow experiments restore) or set tracking.experiment to another name")
+    return exp.experiment_id
+
+
+def start_run(cfg: TrackingConfig, root: Path, run_id: str | None = None,
+              run_name: str | None = None) -> Tracker:
+    """Open a run: resume `run_id` when given, else a new run in `cfg.experiment` tagged with git state."""
+    if not cfg.enabled:
+        return NullTracker()
+    uri = tracking_uri(root)
+    client = _connect(uri)
+    try:
+        if run_id is not None:
+            run = client.get_run(run_id)
+            if run.info.lifecycle_stage == "deleted":
+                raise MinibertError(f"MLflow run {run_id} at {uri} is deleted; restore it or rerun pretrain")
+            client.update_run(run_id, status="RUNNING")
+        else:
+            exp_id = _experiment_id(client, cfg.experiment, uri, root)
+            run_id = client.create_run(exp_id, run_name=run_name, tags=git_tags(root)).info.run_id
+    except MinibertError:
+        raise
+    except Exception as e:
+        what = f"run {run_id}" if run_id else f"a run in experiment {cfg.experiment!r}"
+        raise MinibertError(f"MLflow at {uri}: could not open {what}: {_one_line(e)[:300]}") from None
+    return MlflowTracker(uri, run_id)
+
+
+def list_runs(cfg: TrackingConfig, root: Path, max_results: int = 100):
+    """Runs of `cfg.experiment`, newest first: ids, status, times, then metrics./params./tags. columns."""
+    import pandas as pd
+
+    uri = tracking_uri(root)
+    client = _connect(uri)
+    exp = client.get_experiment_by_name(cfg.experiment)
+    base = ["run_id", "run_name", "status", "start_time", "end_time"]
+    if exp is None:
+        return pd.DataFrame(columns=base)
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"],
+                              max_results=max_results)
+    rows = []
+    for r in runs:
+        row = {"run_id": r.info.run_id, "run_name": r.info.run_name, "status": r.info.status,
+               "start_time": pd.to_datetime(r.info.start_time, unit="ms", utc=True),
+               "end_time": pd.to_datetime(r.info.end_time, unit="ms", utc=True) if r.info.end_time else pd.NaT}
+        row.update({f"metrics.{k}": v for k, v in r.data.metrics.items()})
+        row.update({f"params.{k}": v for k, v in r.data.params.items()})
+        row.update({f"tags.{k}": v for k, v in r.data.tags.items()})
+        rows.append(row)
+    return pd.DataFrame(rows, columns=None if rows else base)

@@ -67,7 +67,12 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def save_arrays(path: str | Path, arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    """safetensors: no pickle, loads in milliseconds, same bytes for the same arrays."""
+    """safetensors: no pickle, loads in milliseconds, same bytes for the same arrays.
+
+    At most one metadata entry: safetensors writes metadata from a hash map, so the header's key
+    order (and the file's bytes) would vary from run to run with two or more."""
+    if metadata and len(metadata) > 1:
+        raise ValueError("save_arrays takes at most one metadata entry (more would make the bytes vary)")
     with atomic_path(path) as tmp:
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata=metadata)
 

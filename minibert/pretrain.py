@@ -18,7 +18,7 @@ from minibert import checkpoint, distributed, plots
 from minibert.artifacts import atomic_path, load_arrays, sha256_file, write_json
 from minibert.config import ModelConfig, TrackingConfig, TrainConfig
 from minibert.errors import DataError, MinibertError
-from minibert.model import build_model, save_pretrained
+from minibert.model import build_model, save_pretrained, tune_cpu_malloc
 from minibert.tracking import NullTracker, git_tags, start_run
 from minibert.train import fit, make_optimizer, resolve_device, resolve_precision, to_tensors
 from minibert.vocab import Vocab
@@ -59,6 +59,8 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device, distributed.int_env("LOCAL_RANK"))
+    if device.type == "cpu":
+        tune_cpu_malloc()  # reuse the big per-step buffers instead of page-faulting them in every step
     d = distributed.init(device)
     try:
         pairs, vocab = load_pairs(paths.pairs), Vocab.load(paths.vocab)

@@ -34,8 +34,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file"),
                     raise DataError(f"{path}: token ids not found; run `dvc repro tokenize` first")
                 rng = np.random.default_rng(cfg.seed if split == "train" else cfg.heldout_seed)
                 pairs = make_pairs(load_arrays(path), cfg, len(vocab), rng)
-                save_arrays(tmp / f"{split}.safetensors", pairs,
-                            {"vocab_sha256": vocab.sha256, "max_len": str(cfg.max_len)})
+                save_arrays(tmp / f"{split}.safetensors", pairs, {"vocab_sha256": vocab.sha256})
                 stats.update({f"{split}_{k}": v for k, v in pair_stats(pairs).items()})
         write_json(metrics / "pairs.json", stats)
         print("pairs: " + ", ".join(f"{s} {stats[f'{s}_pairs']}" for s in SPLITS))

@@ -36,7 +36,7 @@ def make_workspace(root: Path, train: dict | None = None, model: dict | None = N
     for split, s in (("train", seed), ("valid", seed + 1)):
         pairs = make_pairs(synthetic_split(np.random.default_rng(s), n_para), cfg, len(vocab),
                            np.random.default_rng(s))
-        save_arrays(root / f"data/pairs/{split}.safetensors", pairs, {"vocab_sha256": vocab.sha256, "max_len": "29"})
+        save_arrays(root / f"data/pairs/{split}.safetensors", pairs, {"vocab_sha256": vocab.sha256})
     params = {"pairs": {"max_len": 29},
               "model": {**TINY_MODEL, **(model or {})},
               "train": {"batch_size": 16, "max_steps": 12, "log_every": 1, "checkpoint_every": 4,

@@ -1,0 +1,136 @@
+"""Integration: the real DVC pipeline on real WikiText-2 (MINIBERT_DATA) in a temp git repo."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def sh(cwd: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def project_copy(dest: Path) -> Path:
+    """The project's files as git sees them (tracked + untracked, not ignored), in a fresh git repo."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dest / f)
+    sh(dest, "git", "init", "-q")
+    sh(dest, "git", "add", "-A")
+    sh(dest, "git", "commit", "-qm", "copy")
+    return dest
+
+
+def digest(root: Path, *parts: str) -> dict[str, str]:
+    out = {}
+    for part in parts:
+        for f in sorted((root / part).rglob("*")) if (root / part).is_dir() else [root / part]:
+            if f.is_file():
+                out[str(f.relative_to(root))] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_env():
+    if not os.environ.get("MINIBERT_DATA"):
+        pytest.skip("MINIBERT_DATA unset")
+
+
+DATA_OUTS = ("data/raw", "data/tokens", "data/pairs", "metrics/corpus.json", "metrics/corpus_stats.csv",
+             "metrics/pairs.json")
+
+
+def test_data_stages_are_reproducible_and_scoped(data_env, tmp_path):
+    a, b = project_copy(tmp_path / "a"), project_copy(tmp_path / "b")
+    sh(a, "dvc", "repro", "pairs")
+    sh(b, "dvc", "repro", "pairs")
+    corpus = json.loads((a / "metrics/corpus.json").read_text())
+    pairs = json.loads((a / "metrics/pairs.json").read_text())
+    assert corpus["vocab_size"] == 20256 and len((a / "data/tokens/vocab.txt").read_text().splitlines()) == 20256
+    assert pairs["train_pairs"] > 40_000 and abs(pairs["train_nsp_positive_rate"] - 0.5) < 0.02
+    da, db = digest(a, *DATA_OUTS), digest(b, *DATA_OUTS)
+    assert len(da) >= 13 and da == db  # byte-identical outputs from two independent runs
+    assert "up to date" in sh(a, "dvc", "status", "pairs").stdout
+    params = yaml.safe_load((a / "params.yaml").read_text())
+    params["pairs"]["seed"] = 1
+    (a / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh(a, "dvc", "repro", "pairs").stdout
+    assert "Running stage 'pairs'" in out and "Running stage 'tokenize'" not in out
+    changed = digest(a, *DATA_OUTS)
+    assert changed["data/pairs/train.safetensors"] != da["data/pairs/train.safetensors"]
+    assert changed["data/pairs/valid.safetensors"] == da["data/pairs/valid.safetensors"]  # held-out seed is separate
+    assert changed["data/tokens/vocab.txt"] == da["data/tokens/vocab.txt"]
+
+
+@pytest.fixture(scope="module")
+def full_run(data_env, tmp_path_factory):
+    root = project_copy(tmp_path_factory.mktemp("full"))
+    out = sh(root, "dvc", "repro")
+    return root, out
+
+
+def test_full_pipeline_outputs(full_run):
+    root, out = full_run
+    for stage in ("download", "tokenize", "pairs", "pretrain", "evaluate", "probe"):
+        assert f"Running stage '{stage}'" in out.stdout
+    train = json.loads((root / "metrics/train.json").read_text())
+    ev = json.loads((root / "metrics/eval.json").read_text())
+    probe = json.loads((root / "metrics/probe.json").read_text())
+    assert train["steps"] == 50 and train["pairs_per_sec"] > 0 and train["mlflow_run_id"]
+    assert 5.0 < train["mlm_loss"] < 8.5 and 0.6 < train["nsp_loss"] < 0.8
+    assert ev["examples"] > 4000 and 0 <= ev["mlm_accuracy"] <= 1 and ev["mlm_perplexity"] > 1
+    assert json.dumps(probe).count("128") >= 2
+    for f in ("models/bert.safetensors", "models/bert.json", "plots/train_loss.csv", "plots/train_loss.png",
+              "probes/probe_table.parquet", "probes/probe_table.csv", "plots/probe_similarity.png"):
+        assert (root / f).is_file(), f
+    assert "up to date" in sh(root, "dvc", "status").stdout
+    second = sh(root, "dvc", "repro")
+    assert "Running stage" not in second.stdout  # a second repro does nothing
+
+
+def test_full_pipeline_mlflow_run(full_run):
+    import mlflow
+    root, _ = full_run
+    train = json.loads((root / "metrics/train.json").read_text())
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    run = client.get_run(train["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.num_layers"] == "2" and run.data.params["train.batch_size"] == "512"
+    assert len(client.get_metric_history(run.info.run_id, "mlm_loss")) == train["steps"]
+    assert len(client.get_metric_history(run.info.run_id, "pairs_per_sec")) == train["steps"]
+    assert "valid_mlm_loss" in run.data.metrics
+    assert run.data.tags.get("mlflow.source.git.commit") and run.data.tags.get("train_pairs_sha256")
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"train_loss.csv", "train_loss.png", "params.yaml"} <= artifacts
+
+
+def test_dvc_exp_run_shows_metrics_and_run_id(full_run):
+    root, _ = full_run
+    sh(root, "dvc", "exp", "run", "-S", "train.max_steps=20", "-n", "short")
+    shown = json.loads(sh(root, "dvc", "exp", "show", "--json").stdout)
+    text = json.dumps(shown)
+    assert "short" in text and "mlflow_run_id" in text
+    train = json.loads((root / "metrics/train.json").read_text())
+    assert train["steps"] == 20
+    import mlflow
+    run = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_run(train["mlflow_run_id"])
+    assert run.data.tags.get("dvc_exp_name") == "short"

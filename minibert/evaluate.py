@@ -1,0 +1,112 @@
+"""Held-out metrics: the pretrained model scored on the fixed valid pairs.
+
+Losses are sums over every real MLM slot (or every pair) divided by the count, accumulated in
+float64, so the figures do not depend on `eval.batch_size` (a mean of batch means would weight a
+short last batch like a full one). Accuracy is top-1 over the real masked slots only.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from minibert.errors import DataError, MinibertError
+from minibert.pairs import FIELDS
+
+
+def load_pairs(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The pair arrays of one split and their safetensors metadata (`vocab_sha256`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: pairs file not found; run `dvc repro pairs` first")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = dict(f.metadata() or {})
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise DataError(f"{path}: unreadable pairs file ({type(e).__name__}); re-run `dvc repro pairs`") from None
+    missing = [k for k in FIELDS if k not in arrays]
+    if missing:
+        raise DataError(f"{path}: missing arrays {missing}; re-run `dvc repro pairs`")
+    return arrays, meta
+
+
+def check_vocab(model_meta: dict, pairs_meta: dict[str, str], pairs_path: str | Path) -> None:
+    """Fail when the model was trained on another vocabulary than the pairs were encoded with."""
+    want, got = model_meta.get("vocab_sha256"), pairs_meta.get("vocab_sha256")
+    if not want or not got:
+        which = "model metadata (bert.json)" if not want else f"{pairs_path} metadata"
+        raise DataError(f"{which} has no vocab_sha256; re-run the pairs and pretrain stages")
+    if want != got:
+        raise DataError(f"{pairs_path}: vocabulary {got[:12]}… differs from the model's {want[:12]}…; "
+                        "re-run `dvc repro` so pairs and model share one vocabulary")
+
+
+def _batch(pairs: dict[str, np.ndarray], lo: int, hi: int, device) -> dict[str, torch.Tensor]:
+    """Rows lo:hi as tensors, trimmed to their longest sequence (pad columns change nothing)."""
+    T = int(pairs["valid_lens"][lo:hi].max())
+    out = {}
+    for k in FIELDS:
+        a = pairs[k][lo:hi]
+        if a.ndim == 2 and k in ("token_ids", "segments"):
+            a = a[:, :T]  # (b, T)
+        dtype = np.float32 if k == "mlm_weights" else np.int64
+        out[k] = torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)).to(device)
+    return out
+
+
+def evaluate(model: torch.nn.Module, pairs: dict[str, np.ndarray], batch_size: int,
+             device: str | torch.device = "cpu") -> dict:
+    """MLM loss/perplexity/accuracy over real slots and NSP loss/accuracy over pairs, in eval mode."""
+    if batch_size < 1:
+        raise MinibertError(f"evaluate: batch_size = {batch_size}; use an integer >= 1")
+    n = len(pairs["nsp_labels"])
+    if n == 0:
+        raise DataError("evaluate: the pairs file holds no pairs; check the valid split and pairs.max_len")
+    was_training = model.training
+    model.eval()  # no dropout: the figures must be deterministic
+    mlm_sum = nsp_sum = 0.0
+    mlm_hits = nsp_hits = slots = 0
+    try:
+        with torch.inference_mode():
+            for lo in range(0, n, batch_size):
+                b = _batch(pairs, lo, min(lo + batch_size, n), device)
+                mlm_logits, nsp_logits = model(b["token_ids"], b["segments"], b["valid_lens"],
+                                               b["pred_positions"], b["mlm_weights"])  # (M, V), (b, 2)
+                labels = b["mlm_labels"][b["mlm_weights"] > 0]  # (M,), forward's slot order
+                mlm = F.cross_entropy(mlm_logits.float(), labels, reduction="none")  # (M,)
+                nsp = F.cross_entropy(nsp_logits.float(), b["nsp_labels"], reduction="none")  # (b,)
+                # float64 sums: per-example values are summed in a batch-size independent precision
+                mlm_sum += float(mlm.double().sum())
+                nsp_sum += float(nsp.double().sum())
+                mlm_hits += int((mlm_logits.argmax(-1) == labels).sum())
+                nsp_hits += int((nsp_logits.argmax(-1) == b["nsp_labels"]).sum())
+                slots += int(labels.numel())
+    finally:
+        model.train(was_training)
+    mlm_loss = mlm_sum / slots
+    return {
+        "mlm_loss": mlm_loss,
+        "mlm_perplexity": math.exp(mlm_loss),
+        "mlm_accuracy": mlm_hits / slots,
+        "nsp_loss": nsp_sum / n,
+        "nsp_accuracy": nsp_hits / n,
+        "examples": n,
+        "mlm_slots": slots,
+    }
+
+
+def pretrain_run_id(train_metrics: str | Path) -> str | None:
+    """The MLflow run the pretrain stage opened (`mlflow_run_id` in metrics/train.json), if any."""
+    path = Path(train_metrics)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("mlflow_run_id") or None
+    except (json.JSONDecodeError, AttributeError):
+        raise DataError(f"{path}: not a JSON object; re-run the pretrain stage") from None

@@ -1,0 +1,47 @@
+"""evaluate: score the pretrained model on the fixed valid pairs; write metrics/eval.json.
+
+The figures also go into the pretrain stage's MLflow run (its id is in metrics/train.json),
+prefixed `valid_`, so one run holds training and held-out numbers side by side.
+"""
+from pathlib import Path
+
+import torch
+import typer
+
+from minibert.artifacts import write_json
+from minibert.config import load_config
+from minibert.errors import stage_errors
+from minibert.evaluate import check_vocab, evaluate, load_pairs, pretrain_run_id
+from minibert.model import load_pretrained
+from minibert.tracking import start_run
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(params: Path = typer.Option("params.yaml", help="params file"),
+         models: Path = typer.Option("models", help="folder with bert.safetensors and bert.json"),
+         pairs: Path = typer.Option("data/pairs/valid.safetensors", help="held-out pairs"),
+         train_metrics: Path = typer.Option("metrics/train.json", help="pretrain metrics (MLflow run id)"),
+         out: Path = typer.Option("metrics/eval.json", help="output metrics file")) -> None:
+    with stage_errors("evaluate"):
+        cfg = load_config(params)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, meta = load_pretrained(models, device)
+        arrays, pairs_meta = load_pairs(pairs)
+        check_vocab(meta, pairs_meta, pairs)
+        m = evaluate(model, arrays, cfg.eval.batch_size, device)
+        m = {k: round(v, 6) if isinstance(v, float) else v for k, v in m.items()}
+        write_json(out, m)
+        run_id = pretrain_run_id(train_metrics)
+        if run_id and cfg.tracking.enabled:
+            with start_run(cfg.tracking, Path("."), run_id=run_id) as tracker:
+                tracker.log_metrics({f"valid_{k}": v for k, v in m.items()})
+                tracker.log_artifact(out)
+        print(f"evaluate: {m['examples']} valid pairs: MLM loss {m['mlm_loss']:.3f} (ppl {m['mlm_perplexity']:.1f}), "
+              f"MLM acc {m['mlm_accuracy']:.1%}, NSP loss {m['nsp_loss']:.3f}, NSP acc {m['nsp_accuracy']:.1%}; "
+              f"MLflow run {run_id if run_id and cfg.tracking.enabled else '-'}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,64 @@
+"""probe: encode the probe sentences of params.yaml with the pretrained model.
+
+Writes the per-token table (parquet + CSV), metrics/probe.json (shapes, norms, the cross-context
+similarity of shared words) and a token-by-token cosine similarity heatmap; all of it also goes
+into the pretrain stage's MLflow run.
+"""
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import typer
+
+from minibert.artifacts import atomic_path, write_json
+from minibert.config import load_config
+from minibert.errors import stage_errors
+from minibert.model import load_pretrained
+from minibert.plots import similarity_heatmap
+from minibert.probes import check_model_vocab, flat_metrics, pretrain_run_id, run_probes
+from minibert.tracking import start_run
+from minibert.vocab import Vocab
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(params: Path = typer.Option("params.yaml", help="params file"),
+         models: Path = typer.Option("models", help="folder with bert.safetensors and bert.json"),
+         vocab: Path = typer.Option("data/tokens/vocab.txt", help="vocabulary"),
+         train_metrics: Path = typer.Option("metrics/train.json", help="pretrain metrics (MLflow run id)"),
+         table: Path = typer.Option("probes/probe_table.parquet", help="probe table (a .csv is written beside it)"),
+         heatmap: Path = typer.Option("plots/probe_similarity.png", help="similarity heatmap"),
+         out: Path = typer.Option("metrics/probe.json", help="output metrics file")) -> None:
+    with stage_errors("probe"):
+        cfg = load_config(params)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, meta = load_pretrained(models, device)
+        voc = Vocab.load(vocab)
+        check_model_vocab(meta, voc, vocab)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            df, metrics, sim, labels = run_probes(model, voc, cfg.probe, device)
+        for w in caught:  # one line per probe, not Python's two-line warning format
+            print(f"warning: probe: {w.message}", file=sys.stderr)
+        csv = table.with_suffix(".csv")
+        with atomic_path(table) as tmp:
+            df.to_parquet(tmp, index=False)
+        with atomic_path(csv) as tmp:
+            df.to_csv(tmp, index=False)
+        similarity_heatmap(sim, labels, heatmap, "minibert probes: cosine similarity of token encodings")
+        write_json(out, metrics)
+        run_id = pretrain_run_id(train_metrics)
+        if run_id and cfg.tracking.enabled:
+            with start_run(cfg.tracking, Path("."), run_id=run_id) as tracker:
+                tracker.log_metrics(flat_metrics(metrics))
+                for f in (table, csv, heatmap, out):
+                    tracker.log_artifact(f, "probe")
+        shapes = ", ".join(f"{n} {tuple(e['shape'])}" for n, e in metrics["probes"].items())
+        sims = ", ".join(f"{k} {v:.3f}" for k, v in metrics["similarity"].items()) or "-"
+        print(f"probe: {shapes}; similarity {sims}; MLflow run {run_id if run_id and cfg.tracking.enabled else '-'}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,179 @@
+"""Held-out metrics: a tiny real model on synthetic pairs, checked against a direct computation."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from minibert.artifacts import save_arrays
+from minibert.config import ModelConfig, PairsConfig, TrackingConfig
+from minibert.errors import DataError
+from minibert.evaluate import check_vocab, evaluate, load_pairs, pretrain_run_id
+from minibert.model import build_model, load_pretrained, save_pretrained
+from minibert.pairs import make_pairs
+from minibert.tracking import start_run, tracking_uri
+from minibert.vocab import SPECIALS
+
+ROOT = Path(__file__).resolve().parents[1]
+V = 99
+CFG = ModelConfig(num_layers=1, hidden=12, heads=3, ffn_hidden=37, dropout=0.1, max_len=13)
+SHA = "ab" * 32
+
+
+def synthetic_split(rng: np.random.Generator, n_para: int = 37) -> dict[str, np.ndarray]:
+    """Paragraphs of short sentences; Zipf-like ids so a biased MLM head gets some slots right."""
+    n_sent = rng.integers(2, 6, n_para)
+    lens = rng.integers(1, 5, n_sent.sum())
+    p = 1.0 / np.arange(1, V - len(SPECIALS) + 1)
+    ids = rng.choice(np.arange(len(SPECIALS), V), size=lens.sum(), p=p / p.sum())
+    return {"ids": ids.astype(np.int32),
+            "sentence_offsets": np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+            "paragraph_offsets": np.concatenate([[0], np.cumsum(n_sent)]).astype(np.int64)}
+
+
+@pytest.fixture(scope="module")
+def pairs() -> dict[str, np.ndarray]:
+    out = make_pairs(synthetic_split(np.random.default_rng(13)), PairsConfig(max_len=13), V,
+                     np.random.default_rng(7))
+    assert len(out["nsp_labels"]) > 50
+    return out
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = build_model(CFG, V, seed=0)
+    with torch.no_grad():  # favour the most frequent word so MLM accuracy is not trivially 0
+        m.mlm[-1].bias[len(SPECIALS)] += 4.0
+    return m.eval()
+
+
+def direct(model, pairs, rows) -> dict:
+    """Per example, by hand: encode, gather the real slots, log-softmax, argmax."""
+    mlm_nll, mlm_hit, nsp_nll, nsp_hit = [], [], [], []
+    with torch.no_grad():
+        for i in rows:
+            tok = torch.as_tensor(pairs["token_ids"][i : i + 1], dtype=torch.long)  # (1, T)
+            seg = torch.as_tensor(pairs["segments"][i : i + 1], dtype=torch.long)
+            enc = model.encode(tok, seg, torch.as_tensor(pairs["valid_lens"][i : i + 1]))[0]  # (T, H)
+            for pos, w, label in zip(pairs["pred_positions"][i], pairs["mlm_weights"][i], pairs["mlm_labels"][i]):
+                if w > 0:
+                    logp = torch.log_softmax(model.mlm(enc[int(pos)]), -1)  # (V,)
+                    mlm_nll.append(-float(logp[int(label)]))
+                    mlm_hit.append(int(logp.argmax()) == int(label))
+            logp = torch.log_softmax(model.nsp(model.nsp_hidden(enc[0])), -1)  # (2,)
+            nsp_nll.append(-float(logp[int(pairs["nsp_labels"][i])]))
+            nsp_hit.append(int(logp.argmax()) == int(pairs["nsp_labels"][i]))
+    return {"mlm_loss": np.mean(mlm_nll), "mlm_accuracy": np.mean(mlm_hit), "nsp_loss": np.mean(nsp_nll),
+            "nsp_accuracy": np.mean(nsp_hit), "examples": len(rows), "mlm_slots": len(mlm_nll)}
+
+
+def test_matches_direct_computation(model, pairs):
+    rows = list(range(11))
+    sub = {k: v[rows] for k, v in pairs.items()}
+    got = evaluate(model, sub, batch_size=4, device="cpu")
+    want = direct(model, pairs, rows)
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, abs=1e-5), k
+    assert got["mlm_perplexity"] == pytest.approx(math.exp(got["mlm_loss"]), rel=1e-12)
+
+
+def test_deterministic_and_batch_size_independent(model, pairs):
+    a, b = evaluate(model, pairs, 7, "cpu"), evaluate(model, pairs, 7, "cpu")
+    assert a == b
+    big = evaluate(model, pairs, 1024, "cpu")
+    assert big.keys() == a.keys()
+    for k in a:
+        assert big[k] == pytest.approx(a[k], abs=1e-6), k
+    assert a["examples"] == len(pairs["nsp_labels"]) and a["mlm_slots"] == int(pairs["mlm_weights"].sum())
+    assert 0 < a["mlm_accuracy"] < 1 and 0 < a["nsp_accuracy"] < 1
+
+
+def test_dropout_off_and_mode_restored(model, pairs):
+    """A model handed over in train mode is scored without dropout and handed back in train mode."""
+    want = evaluate(model, pairs, 13, "cpu")
+    model.train()
+    try:
+        assert evaluate(model, pairs, 13, "cpu") == want
+        assert model.training
+    finally:
+        model.eval()
+
+
+def test_vocab_mismatch_errors():
+    check_vocab({"vocab_sha256": SHA}, {"vocab_sha256": SHA}, "valid.safetensors")
+    with pytest.raises(DataError, match="differs") as e:
+        check_vocab({"vocab_sha256": SHA}, {"vocab_sha256": "cd" * 32}, "valid.safetensors")
+    assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match="no vocab_sha256"):
+        check_vocab({"vocab_sha256": SHA}, {}, "valid.safetensors")
+
+
+def test_load_pairs_and_run_id(tmp_path, pairs):
+    save_arrays(tmp_path / "v.safetensors", pairs, {"vocab_sha256": SHA})
+    arrays, meta = load_pairs(tmp_path / "v.safetensors")
+    assert meta["vocab_sha256"] == SHA and np.array_equal(arrays["token_ids"], pairs["token_ids"])
+    with pytest.raises(DataError, match="dvc repro pairs"):
+        load_pairs(tmp_path / "nope.safetensors")
+    assert pretrain_run_id(tmp_path / "train.json") is None
+    (tmp_path / "train.json").write_text(json.dumps({"mlflow_run_id": ""}))
+    assert pretrain_run_id(tmp_path / "train.json") is None
+    (tmp_path / "train.json").write_text(json.dumps({"mlflow_run_id": "abc"}))
+    assert pretrain_run_id(tmp_path / "train.json") == "abc"
+
+
+def _stage(root: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "stages.evaluate", "--params", "params.yaml", *args],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _workspace(root: Path, model, pairs, sha: str = SHA) -> Path:
+    save_pretrained(model, root / "models", {"vocab_sha256": SHA, "step": 0})
+    save_arrays(root / "data/pairs/valid.safetensors", pairs, {"vocab_sha256": sha})
+    (root / "params.yaml").write_text(yaml.safe_dump({"eval": {"batch_size": 7},
+                                                      "tracking": {"enabled": True, "experiment": "eval-13"}}))
+    return root
+
+
+def test_stage_writes_metrics_into_the_pretrain_run(tmp_path, model, pairs, monkeypatch):
+    from mlflow import MlflowClient  # tests may import mlflow; the package may not
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = _workspace(tmp_path, model, pairs)
+    with start_run(TrackingConfig(experiment="eval-13"), root) as tracker:  # what pretrain leaves behind
+        run_id = tracker.run_id
+    (root / "metrics").mkdir()
+    (root / "metrics/train.json").write_text(json.dumps({"mlflow_run_id": run_id}))
+    proc = _stage(root)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads((root / "metrics/eval.json").read_text())
+    reloaded, _ = load_pretrained(root / "models")
+    want = evaluate(reloaded, pairs, 1024, "cpu")
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k] == pytest.approx(want[k], abs=2e-6), k
+    run = MlflowClient(tracking_uri(root)).get_run(run_id)
+    for k in ("mlm_loss", "mlm_perplexity", "mlm_accuracy", "nsp_loss", "nsp_accuracy", "examples"):
+        assert run.data.metrics[f"valid_{k}"] == pytest.approx(got[k]), k
+    assert run.info.status == "FINISHED"
+
+
+def test_stage_one_line_errors(tmp_path, model, pairs):
+    root = _workspace(tmp_path, model, pairs, sha="cd" * 32)
+    proc = _stage(root)  # no metrics/train.json: nothing to log into, but the vocab check fails first
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("error: evaluate:") and "differs" in proc.stderr
+    proc = _stage(root, "--models", "nowhere")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "pretrain" in proc.stderr
+    proc = _stage(root, "--pairs", "nowhere.safetensors")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "dvc repro pairs" in proc.stderr
+    assert not (root / "metrics/eval.json").exists()

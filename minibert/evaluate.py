@@ -6,7 +6,6 @@ short last batch like a full one). Accuracy is top-1 over the real masked slots 
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -99,14 +98,3 @@ def evaluate(model: torch.nn.Module, pairs: dict[str, np.ndarray], batch_size: i
         "examples": n,
         "mlm_slots": slots,
     }
-
-
-def pretrain_run_id(train_metrics: str | Path) -> str | None:
-    """The MLflow run the pretrain stage opened (`mlflow_run_id` in metrics/train.json), if any."""
-    path = Path(train_metrics)
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text()).get("mlflow_run_id") or None
-    except (json.JSONDecodeError, AttributeError):
-        raise DataError(f"{path}: not a JSON object; re-run the pretrain stage") from None

@@ -7,7 +7,6 @@ cosine similarity of that word across the two contexts (the book's `crane` examp
 """
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -147,14 +146,3 @@ def check_model_vocab(model_meta: dict, vocab: Vocab, vocab_path: str | Path) ->
     if want and want != vocab.sha256:
         raise DataError(f"{vocab_path}: vocabulary {vocab.sha256[:12]}… differs from the model's {want[:12]}…; "
                         "re-run `dvc repro` so vocabulary and model come from one tokenize run")
-
-
-def pretrain_run_id(train_metrics: str | Path) -> str | None:
-    """The MLflow run the pretrain stage opened (`mlflow_run_id` in metrics/train.json), if any."""
-    path = Path(train_metrics)
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text()).get("mlflow_run_id") or None
-    except (json.JSONDecodeError, AttributeError):
-        raise DataError(f"{path}: not a JSON object; re-run the pretrain stage") from None

@@ -9,6 +9,7 @@ again or at `close()`.
 from __future__ import annotations
 
 import logging
+import json
 import os
 import ssl
 import subprocess
@@ -370,3 +371,15 @@ def list_runs(cfg: TrackingConfig, root: Path, max_results: int = 100):
         row.update({f"tags.{k}": v for k, v in r.data.tags.items()})
         rows.append(row)
     return pd.DataFrame(rows, columns=None if rows else base)
+
+
+def pretrain_run_id(train_metrics: str | Path) -> str | None:
+    """The MLflow run the pretrain stage opened (`mlflow_run_id` in metrics/train.json), if any:
+    evaluate and probe log into it."""
+    path = Path(train_metrics)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("mlflow_run_id") or None
+    except (json.JSONDecodeError, AttributeError):
+        raise MinibertError(f"{path}: not a JSON object; re-run the pretrain stage") from None

@@ -216,7 +216,6 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, da
             slots_total, slots = float(weights_all[global_idx].sum()), float(weights_all[idx].sum())
             batch = take(data, idx)
             torch.manual_seed(step_seed(cfg.seed, d.rank, step))
-            t = time.perf_counter()
             mlm, nsp = train_step(model, opt, scaler, batch, slots / slots_total * d.world,
                                   len(idx) / len(global_idx) * d.world, amp_dtype, device)
             interval.add(step, mlm, nsp, (slots, float(len(idx))), (slots_total, float(len(global_idx))))

@@ -11,9 +11,9 @@ import typer
 from minibert.artifacts import write_json
 from minibert.config import load_config
 from minibert.errors import stage_errors
-from minibert.evaluate import check_vocab, evaluate, load_pairs, pretrain_run_id
+from minibert.evaluate import check_vocab, evaluate, load_pairs
 from minibert.model import load_pretrained
-from minibert.tracking import start_run
+from minibert.tracking import pretrain_run_id, start_run
 
 app = typer.Typer(add_completion=False)
 

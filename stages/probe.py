@@ -16,8 +16,8 @@ from minibert.config import load_config
 from minibert.errors import stage_errors
 from minibert.model import load_pretrained
 from minibert.plots import similarity_heatmap
-from minibert.probes import check_model_vocab, flat_metrics, pretrain_run_id, run_probes
-from minibert.tracking import start_run
+from minibert.probes import check_model_vocab, flat_metrics, run_probes
+from minibert.tracking import pretrain_run_id, start_run
 from minibert.vocab import Vocab
 
 app = typer.Typer(add_completion=False)

@@ -16,7 +16,8 @@ import yaml
 from minibert.artifacts import save_arrays
 from minibert.config import ModelConfig, PairsConfig, TrackingConfig
 from minibert.errors import DataError
-from minibert.evaluate import check_vocab, evaluate, load_pairs, pretrain_run_id
+from minibert.evaluate import check_vocab, evaluate, load_pairs
+from minibert.tracking import pretrain_run_id
 from minibert.model import build_model, load_pretrained, save_pretrained
 from minibert.pairs import make_pairs
 from minibert.tracking import start_run, tracking_uri

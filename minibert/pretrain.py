@@ -19,7 +19,7 @@ from minibert.artifacts import atomic_path, load_arrays, sha256_file, write_json
 from minibert.config import ModelConfig, TrackingConfig, TrainConfig
 from minibert.errors import DataError, MinibertError
 from minibert.model import build_model, save_pretrained, tune_cpu_malloc
-from minibert.tracking import NullTracker, git_tags, start_run
+from minibert.tracking import NullTracker, start_run
 from minibert.train import fit, make_optimizer, resolve_device, resolve_precision, to_tensors
 from minibert.vocab import Vocab
 
@@ -75,8 +75,8 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
             tracker = start_run(tracking_cfg, paths.root, run_id=resumed.get("mlflow_run_id"))
             if not resumed:
                 tracker.log_params(params)
-            tracker.set_tags({**git_tags(paths.root), "train_pairs_sha256": data_sha,
-                              "vocab_sha256": vocab.sha256, "device": str(device)})
+            tracker.set_tags({"train_pairs_sha256": data_sha, "vocab_sha256": vocab.sha256,
+                              "device": str(device)})  # start_run adds the git and DVC tags
             if latest:
                 print(f"pretrain: resuming from {latest} (step {resumed['step']})", flush=True)
         logged = tracker.last_step("mlm_loss") or 0
@@ -130,10 +130,11 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
         write_outputs(model, hist, metrics, vocab, data_sha, paths)
         tracker.log_metrics({f"final_{k}": metrics[k] for k in ("mlm_loss_avg", "nsp_loss_avg",
                                                                   "pairs_per_sec", "tokens_per_sec")})
-        for f in (paths.models / "bert.safetensors", paths.models / "bert.json", paths.curve_csv,
-                  paths.curve_png, paths.metrics, paths.params_file):
+        for f in (paths.models / "bert.safetensors", paths.models / "bert.json", paths.vocab):
+            tracker.log_artifact(f, "weights")  # enough to rebuild the encoder: `minibert encode --run ID`
+        for f in (paths.curve_csv, paths.curve_png, paths.metrics, paths.params_file):
             if f is not None and f.is_file():
-                tracker.log_artifact(f, "model" if f.parent == paths.models else None)
+                tracker.log_artifact(f)
         tracker.close()
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # complete: nothing left to resume
         return metrics

@@ -159,3 +159,25 @@ def test_two_gloo_processes_match_one(tmp_path):
     args = [torch.from_numpy(batch[k][:37]).long() for k in ("token_ids", "segments", "valid_lens")]
     with torch.no_grad():
         torch.testing.assert_close(m1.eval().encode(*args), m2.eval().encode(*args), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_cpu(tmp_path, precision):
+    from minibert import distributed
+    from minibert.artifacts import load_arrays
+    from minibert.config import ModelConfig
+    from minibert.model import build_model
+    from minibert.train import fit, make_optimizer, to_tensors
+    from tiny_project import TINY_MODEL
+
+    root = make_workspace(tmp_path)
+    cfg = TrainConfig(batch_size=16, max_steps=30, lr=3e-3, device="cpu", precision=precision, checkpoint_every=0)
+    model = build_model(ModelConfig(**TINY_MODEL), 99, seed=0)
+    opt = make_optimizer(model.parameters(), cfg, torch.device("cpu"))
+    data = to_tensors(load_arrays(root / "data/pairs/train.safetensors"), torch.device("cpu"))
+    res = fit(model, opt, cfg, data, torch.device("cpu"), distributed.Dist())
+    assert len(res.history) == 30
+    assert all(np.isfinite(r["mlm_loss"]) and np.isfinite(r["nsp_loss"]) for r in res.history)
+    first, last = np.mean([r["mlm_loss"] for r in res.history[:5]]), np.mean([r["mlm_loss"] for r in res.history[-5:]])
+    assert last < first  # it learns under autocast too
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32

@@ -211,3 +211,14 @@ def test_pre_ln_variant_trains():
     total, _, _ = pretrain_loss(mlm, labels, weights, nsp_logits, nsp)
     total.backward()
     assert torch.isfinite(total) and m.final_norm.weight.grad is not None
+
+
+def test_bf16_autocast_step_gives_fp32_losses():
+    m = build_model(CFG, V, seed=12)
+    tokens, segments, valid, positions, weights, labels, nsp = make_batch(10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mlm, nsp_logits = m(tokens, segments, valid, positions, weights)
+    total, mlm_loss, nsp_loss = pretrain_loss(mlm, labels, weights, nsp_logits, nsp)
+    assert mlm.dtype == torch.bfloat16 and total.dtype == mlm_loss.dtype == nsp_loss.dtype == torch.float32
+    total.backward()
+    assert torch.isfinite(total) and all(p.grad is not None for p in m.parameters())

@@ -87,8 +87,8 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
         return x
     if x.device.type != "cpu":
         return F.dropout(x, p, True)
-    scale = keep_mask(x.shape, p, x.device).to(x.dtype).mul_(1.0 / (1.0 - p))
-    return x * scale
+    # `where` keeps only the bool mask for backward (1 byte/element, not a float scale tensor)
+    return torch.where(keep_mask(x.shape, p, x.device), x, 0.0) * (1.0 / (1.0 - p))
 
 
 # ---------------------------------------------------------------------------- layout
@@ -193,8 +193,13 @@ class BERT(nn.Module):
         return out.view(B, T, -1)  # (B, T, H)
 
     def forward(self, tokens: Tensor, segments: Tensor, valid_lens: Tensor, pred_positions: Tensor,
-                mlm_weights: Tensor) -> tuple[Tensor, Tensor]:
-        """-> mlm_logits (M, V) for the slots with weight > 0 (row-major), nsp_logits (B, 2)."""
+                mlm_weights: Tensor, mlm_labels: Tensor | None = None,
+                nsp_labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """-> mlm_logits (M, V) for the slots with weight > 0 (row-major), nsp_logits (B, 2).
+
+        Given `mlm_labels` (B, P) and `nsp_labels` (B,), returns the fp32 losses (mlm, nsp) instead —
+        the same values as `pretrain_loss` on the logits, but the (M, V) logits are never materialised
+        whole (see `linear_cross_entropy`). Training goes through here so DDP's forward hooks run."""
         B, T = tokens.shape
         rows, idx = self._encode_rows(tokens, segments, valid_lens)
         row_of = torch.full((B * T,), -1, dtype=torch.long, device=rows.device)
@@ -206,10 +211,14 @@ class BERT(nn.Module):
         if bool((mlm_rows < 0).any()) or bool((pred_positions[real] >= T).any()):
             raise MinibertError("model input: a weighted prediction position lies outside its "
                                 "sequence's valid length; check pred_positions against valid_lens")
-        mlm_logits = self.mlm(rows[mlm_rows])  # (M, V)
         cls_rows = row_of[torch.arange(B, device=rows.device) * T]  # (B,) position 0 of each pair
         nsp_logits = self.nsp(self.nsp_hidden(rows[cls_rows]))  # (B, 2)
-        return mlm_logits, nsp_logits
+        if mlm_labels is None:
+            return self.mlm(rows[mlm_rows]), nsp_logits  # (M, V), (B, 2)
+        hidden = self.mlm[:-1](rows[mlm_rows])  # (M, H): Linear-ReLU-LayerNorm
+        decoder = self.mlm[-1]
+        mlm = linear_cross_entropy(hidden, decoder.weight, decoder.bias, mlm_labels[real].long())
+        return mlm, F.cross_entropy(nsp_logits.float(), nsp_labels.long())
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> BERT:
@@ -229,6 +238,59 @@ def pretrain_loss(mlm_logits: Tensor, mlm_labels: Tensor, mlm_weights: Tensor, n
     mlm = F.cross_entropy(mlm_logits.float(), labels)
     nsp = F.cross_entropy(nsp_logits.float(), nsp_labels.long())
     return mlm + nsp, mlm, nsp
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `h @ W.T + b` against `labels`, `CHUNK` rows at a time.
+
+    The MLM decoder's logits are (M, V) = (~3500, 20256): three fp32 copies of them (logits,
+    log-softmax, its gradient) were most of a CPU step's memory. Here each chunk's logits are made,
+    turned into the loss *and* the gradient at once (softmax - onehot is known in the forward pass),
+    multiplied into dL/dh and dL/dW, and dropped. Same FLOPs as the plain path, ~40 MB instead of ~1 GB;
+    backward only scales the stored gradients by the incoming scalar."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, labels, dtype):
+        M = h.shape[0]
+        hc_all, w, b = h.to(dtype), weight.to(dtype), bias.to(dtype)
+        need_grad = torch.is_grad_enabled() or any(ctx.needs_input_grad[:3])
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h, dtype=torch.float32) if need_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_grad else None
+        for s in range(0, M, CHUNK):
+            hc, lab = hc_all[s:s + CHUNK], labels[s:s + CHUNK]
+            logits = F.linear(hc, w, b).float()  # (c, V), rounded like the plain path's output
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            loss += (lse - logits.gather(1, lab[:, None]).squeeze(1)).sum()
+            if need_grad:
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (c, V)
+                g[torch.arange(len(lab), device=g.device), lab] -= 1.0
+                g = g.div_(M).to(dtype)  # d(mean loss)/d logits
+                grad_h[s:s + CHUNK] = g @ w  # (c, H)
+                grad_w += (g.t() @ hc).float()  # (V, H)
+                grad_b += g.float().sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (h.dtype, weight.dtype, bias.dtype)
+        return loss / M
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        dh, dw, db = ctx.dtypes
+        return (grad_h * grad_out).to(dh), (grad_w * grad_out).to(dw), (grad_b * grad_out).to(db), None, None
+
+
+CHUNK = 512  # rows of logits alive at once: 512 x 20256 x 4 B = 41 MB
+
+
+def linear_cross_entropy(h: Tensor, weight: Tensor, bias: Tensor, labels: Tensor) -> Tensor:
+    """`F.cross_entropy(F.linear(h, weight, bias).float(), labels)` without the (M, V) tensors;
+    the matmuls run in the autocast dtype when autocast is on, like `F.linear` would."""
+    dev = h.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    with torch.autocast(dev, enabled=False):
+        return _LinearCrossEntropy.apply(h, weight, bias, labels, dtype)
 
 
 # ---------------------------------------------------------------------------- persistence

@@ -221,6 +221,18 @@ class BERT(nn.Module):
         return mlm, F.cross_entropy(nsp_logits.float(), nsp_labels.long())
 
 
+class Encoder(nn.Module):
+    """The encoder alone, `forward(tokens, segments, valid_lens) -> (B, T, H)`: what
+    `mlflow.pytorch.log_model` exports (torch.export graph) for `mlflow.pytorch.load_model`."""
+
+    def __init__(self, bert: BERT):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, tokens: Tensor, segments: Tensor, valid_lens: Tensor) -> Tensor:
+        return self.bert.encode(tokens, segments, valid_lens)
+
+
 def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> BERT:
     """A freshly initialised BERT; the init depends only on `seed`, the global RNG is left untouched."""
     with torch.random.fork_rng(devices=[]):

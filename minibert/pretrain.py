@@ -18,7 +18,8 @@ from minibert import checkpoint, distributed, plots
 from minibert.artifacts import atomic_path, load_arrays, sha256_file, write_json
 from minibert.config import ModelConfig, TrackingConfig, TrainConfig
 from minibert.errors import DataError, MinibertError
-from minibert.model import build_model, save_pretrained, tune_cpu_malloc
+from minibert.model import Encoder, build_model, save_pretrained, tune_cpu_malloc
+from minibert.progress import Progress
 from minibert.tracking import NullTracker, start_run
 from minibert.train import fit, make_optimizer, resolve_device, resolve_precision, to_tensors
 from minibert.vocab import Vocab
@@ -87,14 +88,14 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
         if cfg.compile:
             net = torch.compile(net)
 
+        bar = Progress("pretrain", cfg.max_steps, "steps", start=resumed.get("step", 0), enabled=d.is_main)
+
         def on_log(rows):
             for r in rows:
                 if r["step"] > logged:  # a resumed run re-trains steps already logged: skip them
                     tracker.log_metrics({k: v for k, v in r.items() if k != "step"}, step=r["step"])
-            if d.is_main and cfg.max_steps >= 20 and rows[-1]["step"] % max(1, cfg.max_steps // 10) < len(rows):
-                r = rows[-1]
-                print(f"step {r['step']}/{cfg.max_steps}  mlm {r['mlm_loss']:.3f}  nsp {r['nsp_loss']:.3f}  "
-                      f"{r['pairs_per_sec']:.0f} pairs/s", flush=True)
+            r = rows[-1]
+            bar.update(r["step"], f"mlm {r['mlm_loss']:.3f}  nsp {r['nsp_loss']:.3f}  {r['pairs_per_sec']:.0f} pairs/s")
 
         def on_checkpoint(step, history):
             if d.is_main:
@@ -132,6 +133,8 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
                                                                   "pairs_per_sec", "tokens_per_sec")})
         for f in (paths.models / "bert.safetensors", paths.models / "bert.json", paths.vocab):
             tracker.log_artifact(f, "weights")  # enough to rebuild the encoder: `minibert encode --run ID`
+        tracker.log_model(Encoder(model).cpu(), example=encoder_example(pairs),
+                          pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"])
         for f in (paths.curve_csv, paths.curve_png, paths.metrics, paths.params_file):
             if f is not None and f.is_file():
                 tracker.log_artifact(f)
@@ -140,6 +143,13 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
         return metrics
     finally:
         distributed.shutdown()
+
+
+def encoder_example(pairs: dict) -> dict:
+    """Two real train pairs, trimmed to their longest: the input example of the logged encoder."""
+    t = int(pairs["valid_lens"][:2].max())
+    return {"tokens": pairs["token_ids"][:2, :t].astype("int64"), "segments": pairs["segments"][:2, :t].astype("int64"),
+            "valid_lens": pairs["valid_lens"][:2].astype("int64")}
 
 
 def write_outputs(model, history, metrics, vocab: Vocab, data_sha: str, paths: Paths) -> None:

@@ -297,7 +297,15 @@ def _signature(model, example: dict[str, Any]):
         out = model(*(torch.as_tensor(v) for v in example.values()))
     outs = out if isinstance(out, (tuple, list)) else (out,)
     arrays = {f"output_{i}": o.cpu().numpy() for i, o in enumerate(outs) if isinstance(o, torch.Tensor)}
-    return infer_signature({k: np.asarray(v) for k, v in example.items()}, arrays)
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    sig = infer_signature({k: np.asarray(v) for k, v in example.items()}, arrays)
+    # Every dimension is variable (batch size, sequence length): -1 makes MLflow export them as
+    # dynamic, so the loaded model takes any shape, not just the example's.
+    def dynamic(schema):
+        return Schema([TensorSpec(t.type, (-1,) * len(t.shape), t.name) for t in schema.inputs])
+    return ModelSignature(inputs=dynamic(sig.inputs), outputs=dynamic(sig.outputs))
 
 
 def _connect(uri: str):
@@ -371,6 +379,17 @@ def list_runs(cfg: TrackingConfig, root: Path, max_results: int = 100):
         row.update({f"tags.{k}": v for k, v in r.data.tags.items()})
         rows.append(row)
     return pd.DataFrame(rows, columns=None if rows else base)
+
+
+def download_artifacts(run_id: str, artifact_path: str, dest: str | Path, root: Path) -> Path:
+    """Copy the artifact folder (or file) `artifact_path` of run `run_id` into `dest`; the local copy's path."""
+    uri = tracking_uri(root)
+    client = _connect(uri)
+    try:
+        return Path(client.download_artifacts(run_id, artifact_path, str(dest)))
+    except Exception as e:
+        raise MinibertError(f"MLflow at {uri}: could not fetch {artifact_path!r} of run {run_id} "
+                            f"({_one_line(e)[:200]}); check the id with `minibert runs`") from None
 
 
 def pretrain_run_id(train_metrics: str | Path) -> str | None:

@@ -51,3 +51,27 @@ def test_server_killed_mid_run_training_goes_on(tmp_path):
     curve = pd.read_csv(root / "plots/train_loss.csv")
     assert list(curve["step"]) == list(range(1, 401))  # every step kept locally
     assert json.loads((root / "metrics/train.json").read_text())["steps"] == 400
+
+
+def test_logged_encoder_round_trips_through_mlflow(tmp_path):
+    """mlflow.pytorch.load_model("runs:/<id>/model") is a working encoder, for any batch shape."""
+    import mlflow
+    import torch
+    from safetensors.numpy import load_file
+
+    from minibert.model import load_pretrained
+    from tiny_project import stage
+
+    root = make_workspace(tmp_path, tracking=True)
+    stage(root, "pretrain")
+    run_id = json.loads((root / "metrics/train.json").read_text())["mlflow_run_id"]
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    loaded = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    bert, _ = load_pretrained(root / "models")
+    batch = load_file(str(root / "data/pairs/valid.safetensors"))
+    for n in (1, 7):  # other batch sizes and lengths than the logged example
+        t = int(batch["valid_lens"][:n].max())
+        args = [torch.from_numpy(batch[k][:n, :t]).long() for k in ("token_ids", "segments")]
+        args.append(torch.from_numpy(batch["valid_lens"][:n]).long())
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(*args), bert.encode(*args), atol=1e-5, rtol=1e-5)

@@ -226,6 +226,8 @@ class Config:
         ProbeSpec("crane_flying", "a crane is flying", word="crane"),
         ProbeSpec("crane_driver", "a crane driver came", "he just left", word="crane"))))
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    preset: str = "book"
+    """Recipe applied on top of the sections: `book` (none) or a name under `presets:`."""
 
     def __post_init__(self):
         _require(self.model.max_len >= self.pairs.max_len, "model.max_len", self.model.max_len,
@@ -295,13 +297,30 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
         raise _Invalid(prefix or cls.__name__, raw, str(e)) from None
 
 
+def apply_preset(raw: dict) -> dict:
+    """Merge `presets[preset]` (section -> {key: value}) over the sections; drop `presets`.
+
+    Presets are named recipes kept beside the book's defaults, chosen with one key:
+    `dvc exp run -S preset=fast`. `book` means the sections as written."""
+    raw = dict(raw)
+    presets, name = raw.pop("presets", None) or {}, raw.get("preset", "book")
+    _require(isinstance(presets, dict), "presets", presets, "a mapping of preset name -> section overrides")
+    _require(name == "book" or name in presets, "preset", name, f"one of {['book', *sorted(presets)]}")
+    for section, values in (presets.get(name) or {}).items() if name != "book" else ():
+        _require(isinstance(values, dict) and isinstance(raw.get(section, {}), dict), f"presets.{name}.{section}",
+                 values, "a mapping of keys of that section")
+        raw[section] = {**raw.get(section, {}), **values}
+    return raw
+
+
 def config_from_dict(raw: dict, source: str = "params") -> Config:
     """Build and validate a `Config` from parsed YAML; `source` names the file in errors."""
     try:
         _require(isinstance(raw, dict), "(top level)", type(raw).__name__, "a mapping of sections")
-        return _build(Config, raw, "")
+        return _build(Config, apply_preset(raw), "")
     except _Invalid as e:
-        raise ConfigError(f"{source}: {e.key} = {e.value!r} is invalid: expected {e.allowed}") from None
+        via = f" (with preset {raw['preset']!r})" if raw.get("preset", "book") != "book" else ""
+        raise ConfigError(f"{source}: {e.key} = {e.value!r} is invalid{via}: expected {e.allowed}") from None
 
 
 def load_config(path: str | Path = "params.yaml") -> Config:

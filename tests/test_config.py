@@ -71,3 +71,22 @@ def test_a_stage_prints_one_line_and_exits_nonzero(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "pairs.max_len = 'abc'" in lines[0]
     assert not out.exists() and not (tmp_path / "metrics").exists()
+
+
+def test_presets_override_sections_and_name_errors():
+    raw = {"model": {"dropout": 0.2}, "train": {"lr": 1e-3},
+           "preset": "fast", "presets": {"fast": {"model": {"dropout": 0.0, "norm": "pre"}, "train": {"lr": 3e-3}}}}
+    cfg = config_from_dict(raw)
+    assert (cfg.model.dropout, cfg.model.norm, cfg.train.lr, cfg.preset) == (0.0, "pre", 3e-3, "fast")
+    assert config_from_dict({**raw, "preset": "book"}).model.dropout == 0.2
+    with pytest.raises(ConfigError, match=r"preset = 'fastest' .*one of \['book', 'fast'\]"):
+        config_from_dict({**raw, "preset": "fastest"})
+    bad = {**raw, "presets": {"fast": {"train": {"lrr": 1}}}}
+    with pytest.raises(ConfigError, match=r"train.lrr = 1 is invalid \(with preset 'fast'\)"):
+        config_from_dict(bad)
+
+
+def test_project_presets_are_valid():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name in ["book", *raw["presets"]]:
+        config_from_dict({**raw, "preset": name}, "params.yaml")

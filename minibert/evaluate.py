@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from minibert.errors import DataError, MinibertError
 from minibert.pairs import FIELDS
+from minibert.progress import Progress
 
 
 def load_pairs(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -72,7 +73,7 @@ def evaluate(model: torch.nn.Module, pairs: dict[str, np.ndarray], batch_size: i
     mlm_sum = nsp_sum = 0.0
     mlm_hits = nsp_hits = slots = 0
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), Progress("evaluate", math.ceil(n / batch_size), "batches") as bar:
             for lo in range(0, n, batch_size):
                 b = _batch(pairs, lo, min(lo + batch_size, n), device)
                 mlm_logits, nsp_logits = model(b["token_ids"], b["segments"], b["valid_lens"],
@@ -86,6 +87,7 @@ def evaluate(model: torch.nn.Module, pairs: dict[str, np.ndarray], batch_size: i
                 mlm_hits += int((mlm_logits.argmax(-1) == labels).sum())
                 nsp_hits += int((nsp_logits.argmax(-1) == b["nsp_labels"]).sum())
                 slots += int(labels.numel())
+                bar.advance()
     finally:
         model.train(was_training)
     mlm_loss = mlm_sum / slots

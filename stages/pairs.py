@@ -13,6 +13,7 @@ from minibert.config import load_config
 from minibert.corpus import SPLITS
 from minibert.errors import DataError, stage_errors
 from minibert.pairs import make_pairs, pair_stats
+from minibert.progress import Progress
 from minibert.vocab import Vocab
 
 app = typer.Typer(add_completion=False)
@@ -27,7 +28,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file"),
         cfg = load_config(params).pairs
         vocab = Vocab.load(tokens / "vocab.txt")
         stats = {}
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out) as tmp, Progress("pairs", len(SPLITS), "splits") as bar:
             for split in SPLITS:
                 path = tokens / f"{split}.safetensors"
                 if not path.is_file():
@@ -36,6 +37,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file"),
                 pairs = make_pairs(load_arrays(path), cfg, len(vocab), rng)
                 save_arrays(tmp / f"{split}.safetensors", pairs, {"vocab_sha256": vocab.sha256})
                 stats.update({f"{split}_{k}": v for k, v in pair_stats(pairs).items()})
+                bar.advance(info=f"{split}: {len(pairs['nsp_labels'])} pairs")
         write_json(metrics / "pairs.json", stats)
         print("pairs: " + ", ".join(f"{s} {stats[f'{s}_pairs']}" for s in SPLITS))
 

@@ -1,0 +1,231 @@
+"""`minibert`: the pipeline's stages under one command, plus a look at models and MLflow runs.
+
+    minibert pretrain --params params.yaml          # the very code `dvc repro` runs
+    minibert encode "a crane is flying" --pair "he just left" [--run RUN_ID]
+    minibert runs                                   # MLflow runs, newest first
+    minibert runs --compare ID ID                   # params and metrics side by side
+"""
+from __future__ import annotations
+
+import functools
+import math
+import sys
+import tempfile
+import warnings
+from importlib import import_module
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from minibert.artifacts import atomic_path
+from minibert.config import ProbeSpec, TrackingConfig
+from minibert.errors import DataError, MinibertError, stage_errors
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="minibert: BERT pretraining on WikiText-2 (the d2l chapter) as a DVC + MLflow pipeline.")
+
+STAGES = {
+    "download": "Stage 1: fetch and verify WikiText-2 into data/raw/ (or from MINIBERT_DATA).",
+    "tokenize": "Stage 2: build the vocabulary and token id arrays (data/tokens/).",
+    "pairs": "Stage 3: NSP sentence pairs with MLM masks (data/pairs/).",
+    "pretrain": "Stage 4: pretrain the BERT (models/, metrics/train.json, an MLflow run).",
+    "evaluate": "Stage 5: held-out MLM/NSP loss and accuracy (metrics/eval.json).",
+    "probe": "Stage 6: encode the probe sentences of params.yaml (probes/, metrics/probe.json).",
+}
+RUN_COLUMNS = {  # list_runs column -> short header of `minibert runs`
+    "params.model.num_layers": "layers", "params.model.hidden": "hidden", "params.train.lr": "lr",
+    "params.train.max_steps": "steps", "params.train.batch_size": "batch", "params.train.precision": "precision",
+    "metrics.final_mlm_loss_avg": "mlm loss", "metrics.final_nsp_loss_avg": "nsp loss",
+    "metrics.valid_mlm_loss": "valid mlm", "metrics.valid_mlm_accuracy": "valid mlm acc",
+    "metrics.valid_nsp_accuracy": "valid nsp acc", "metrics.final_pairs_per_sec": "pairs/s",
+}
+
+
+def _stage_command(name: str):
+    main = import_module(f"stages.{name}").main
+    if name != "pretrain":
+        return main
+
+    @functools.wraps(main)
+    def pretrain_main(*args, **kwargs):
+        # Multi-process training re-runs `python -m stages.pretrain <sys.argv[1:]>`: drop our subcommand.
+        if sys.argv[1:2] == ["pretrain"]:
+            sys.argv = [sys.argv[0], *sys.argv[2:]]
+        return main(*args, **kwargs)
+    return pretrain_main
+
+
+for _name, _help in STAGES.items():
+    app.command(_name, help=_help)(_stage_command(_name))
+
+
+# ---------------------------------------------------------------------------- display
+
+
+def _console() -> Console:
+    console = Console()
+    # Pipes and CI logs have no width to respect: don't squeeze run ids into wrapped columns.
+    return console if console.is_terminal else Console(width=240)
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, (float, np.floating)):
+        if float(v).is_integer() and abs(v) < 1e15:
+            return str(int(v))
+        return f"{v:.1f}" if abs(v) >= 1000 else f"{v:.4g}"  # throughputs: no 1.235e+04
+    return str(v)
+
+
+def _numeric(col):
+    """MLflow keeps params as strings: numbers again where they all parse (right-aligned, 4 digits)."""
+    import pandas as pd
+
+    try:
+        return pd.to_numeric(col)
+    except (ValueError, TypeError):
+        return col
+
+
+def _table(df, title: str, mark: list[bool] | None = None) -> Table:
+    """A pandas frame as a rich table; `mark`ed rows are highlighted and flagged `*` (readable without colour)."""
+    table = Table(title=title, title_justify="left")
+    if mark is not None:
+        table.add_column("diff", justify="center")
+    for col in df.columns:
+        numeric = df[col].dtype.kind in "fi"
+        table.add_column(str(col), justify="right" if numeric else "left", no_wrap=not numeric)
+    for i, row in enumerate(df.itertuples(index=False)):
+        cells = [_fmt(v) for v in row]
+        if mark is None:
+            table.add_row(*cells)
+        else:
+            table.add_row("*" if mark[i] else "", *cells, style="bold yellow" if mark[i] else None)
+    return table
+
+
+# ---------------------------------------------------------------------------- encode
+
+
+def _load(checkpoint: Path | None, run: str | None, vocab: Path | None, tmp: Path):
+    """(model, vocabulary) from a folder or from the `weights/` artifacts of an MLflow run."""
+    from minibert.model import load_pretrained
+    from minibert.probes import check_model_vocab
+    from minibert.vocab import Vocab
+
+    if run and checkpoint:
+        raise MinibertError("give either --checkpoint or --run, not both")
+    folder = checkpoint or Path("models")
+    if run:
+        from minibert.tracking import download_artifacts
+
+        folder = download_artifacts(run, "weights", tmp, Path("."))
+    vocab = vocab or (folder / "vocab.txt" if run else Path("data/tokens/vocab.txt"))
+    model, meta = load_pretrained(folder)
+    voc = Vocab.load(vocab)
+    check_model_vocab(meta, voc, vocab)
+    if len(voc) != model.vocab_size:
+        raise DataError(f"{vocab}: {len(voc)} entries but the model has {model.vocab_size}; "
+                        "pass the vocab.txt the model was trained with (--vocab)")
+    return model, voc
+
+
+@app.command()
+def encode(
+    text: str = typer.Argument(..., help="Sentence to encode (lower-cased, split on whitespace)."),
+    pair: Optional[str] = typer.Option(None, help="Second sentence: encode `<cls> text <sep> pair <sep>`."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Folder with bert.safetensors + bert.json [default: models]."),
+    run: Optional[str] = typer.Option(None, help="MLflow run id: use the weights its pretrain stage logged."),
+    vocab: Optional[Path] = typer.Option(None, help="vocab.txt [default: data/tokens/vocab.txt, or the run's]."),
+    out: Optional[Path] = typer.Option(None, help="Also write the table to this parquet file."),
+) -> None:
+    """Encode a sentence (or pair) with a pretrained model; print each token's vector summary."""
+    from minibert.probes import UnknownWordWarning, encode_probe, probe_table
+
+    with stage_errors("encode"):
+        for what, s in (("sentence", text), ("--pair", pair)):
+            if s is not None and not s.split():
+                raise MinibertError(f"empty {what}; pass words, e.g. minibert encode \"a crane is flying\"")
+        spec = ProbeSpec("input", text, pair)
+        with tempfile.TemporaryDirectory(prefix="minibert-encode-") as tmp:
+            model, voc = _load(checkpoint, run, vocab, Path(tmp))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UnknownWordWarning)
+            tokens, segments, enc = encode_probe(model, voc, spec)  # enc (1, T, H)
+        for w in caught:  # one line, not Python's two-line warning format
+            print(f"warning: encode: {w.message}", file=sys.stderr)
+        df = probe_table([(spec, tokens, segments, enc[0].numpy().astype(np.float64))]).drop(columns="probe")
+        if out is not None:
+            with atomic_path(out) as tmp:
+                df.to_parquet(tmp, index=False)
+    _console().print(_table(df, f"{'pair' if pair else 'sentence'} encoding {tuple(enc.shape)}"
+                                + (f" -> {out}" if out else "")))
+
+
+# ---------------------------------------------------------------------------- runs
+
+
+def _runs_frame(experiment: str, max_results: int):
+    from minibert.tracking import list_runs, tracking_uri
+
+    uri = tracking_uri(Path("."))
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise MinibertError(f"no MLflow store at {uri}; run the pipeline here first (dvc repro) "
+                            "or set MLFLOW_TRACKING_URI to your server")
+    return list_runs(TrackingConfig(experiment=experiment), Path("."), max_results=max_results), uri
+
+
+def _pick(df, ids: list[str], experiment: str):
+    """Rows of `df` for each id (a unique prefix is enough), in the order given."""
+    rows = []
+    for run_id in ids:
+        hits = df.index[df["run_id"].str.startswith(run_id)]
+        if len(hits) != 1:
+            why = "matches no run" if len(hits) == 0 else f"matches {len(hits)} runs; give more characters"
+            raise MinibertError(f"run {run_id!r} {why} in experiment {experiment!r}; see `minibert runs`")
+        rows.append(hits[0])
+    return df.loc[rows]
+
+
+@app.command()
+def runs(
+    ids: Optional[list[str]] = typer.Argument(None, help="Run ids (or unique prefixes) to --compare."),
+    compare: bool = typer.Option(False, "--compare", help="Show the given runs side by side."),
+    experiment: str = typer.Option("minibert", help="MLflow experiment (params.yaml tracking.experiment)."),
+    max_runs: int = typer.Option(20, "--max", min=1, help="Most recent runs listed."),
+) -> None:
+    """List the MLflow runs of the experiment, newest first; `--compare ID ID` puts runs side by side."""
+    import pandas as pd
+
+    with stage_errors("runs"):
+        if bool(ids) != compare:
+            raise MinibertError("--compare takes run ids: minibert runs --compare ID ID [ID...]")
+        df, uri = _runs_frame(experiment, 50_000 if compare else max_runs)
+        if df.empty:
+            raise MinibertError(f"no runs in experiment {experiment!r} at {uri}; run `dvc repro` or pass --experiment")
+        if compare:
+            picked = _pick(df, ids, experiment)
+            keys = sorted(c for c in picked.columns if c.startswith("params.")) + \
+                sorted(c for c in picked.columns if c.startswith("metrics."))
+            picked.index = picked["run_id"] + "\n" + picked["run_name"].fillna("")  # header: id, name below
+            side = picked[keys].T.dropna(how="all")  # (keys, runs)
+            side.insert(0, "key", side.index)
+            mark = [len({_fmt(v) for v in row[1:]}) > 1 for row in side.itertuples(index=False)]
+            title = f"runs of {experiment!r} side by side ({uri}); * = differs"
+            _console().print(_table(side.astype(object), title, mark))
+            return
+    shown = pd.DataFrame({
+        "run_id": df["run_id"], "name": df["run_name"], "status": df["status"],
+        "started (UTC)": df["start_time"].dt.strftime("%Y-%m-%d %H:%M:%S"),
+        **{short: _numeric(df[col]) if col in df else None for col, short in RUN_COLUMNS.items()},
+    })
+    _console().print(_table(shown, f"{len(df)} newest runs of {experiment!r} ({uri})"))
+
+
+if __name__ == "__main__":
+    app()

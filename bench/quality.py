@@ -1,0 +1,131 @@
+"""Held-out quality vs precision: does bf16 training cost accuracy at the book's config?
+
+    python -m bench.quality [--steps 50,500] [--seeds 0,1,2] [--precision fp32,bf16] [--data PATH] [--pairs DIR]
+
+For each seed x precision, trains the book's model (ModelConfig() defaults, batch 512, Adam 1e-3) from
+scratch with train.seed = seed on the fixed train pairs, with `fit`'s batch order and dropout seeding,
+and evaluates on the valid pairs (minibert.evaluate.evaluate, fp32, no dropout) at every requested step
+count on the way to the largest, so one run per seed x precision serves all step counts. Prints one
+JSON line per evaluation, then a mean ± std table per (precision, steps) and one JSON line per cell.
+Expensive: each step takes seconds on 2 cores (the defaults are 6 runs of 500 steps).
+Data as in bench.train: `--pairs DIR` (the pipeline's data/pairs) when present, else built from `--data`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench.train import DEFAULT_DATA, DEVICE, load_splits
+from minibert.config import EvalConfig, ModelConfig, TrainConfig
+from minibert.evaluate import evaluate
+from minibert.model import build_model, tune_cpu_malloc
+from minibert.pretrain import Paths
+from minibert.train import (
+    batch_indices,
+    make_optimizer,
+    resolve_precision,
+    step_seed,
+    take,
+    to_tensors,
+    train_step,
+)
+
+METRICS = ("mlm_loss", "mlm_accuracy", "nsp_accuracy")
+
+
+def train_and_evaluate(train: dict, valid: dict, vocab_size: int, seed: int, precision: str,
+                       eval_at: list[int]) -> list[dict]:
+    """One run to max(eval_at) steps; held-out metrics at each step count in `eval_at`."""
+    cfg = TrainConfig(seed=seed, precision=precision, max_steps=max(eval_at))
+    amp_dtype = resolve_precision(precision, DEVICE)
+    data = to_tensors(train, DEVICE)
+    n = len(data["nsp_labels"])
+    model = build_model(ModelConfig(), vocab_size, seed=cfg.seed).to(DEVICE).train()
+    opt = make_optimizer(model.parameters(), cfg, DEVICE)
+    out, train_s = [], 0.0
+    for step in range(cfg.max_steps):  # fit's single-process loop (constant lr: the book's schedule)
+        t0 = time.perf_counter()
+        batch = take(data, batch_indices(step, n, cfg.batch_size, cfg.seed))
+        torch.manual_seed(step_seed(cfg.seed, 0, step))
+        mlm, nsp = train_step(model, opt, None, batch, 1.0, 1.0, amp_dtype, DEVICE)
+        train_s += time.perf_counter() - t0  # training only: evaluations on the way are not counted
+        if step + 1 in eval_at:
+            m = evaluate(model, valid, EvalConfig().batch_size, DEVICE)
+            row = {"bench": "quality", "precision": precision, "seed": seed, "steps": step + 1,
+                   **{k: round(m[k], 5) for k in METRICS}, "train_mlm_loss": round(float(mlm.detach()), 4),
+                   "train_nsp_loss": round(float(nsp.detach()), 4), "train_s": round(train_s, 1)}
+            print(json.dumps(row), flush=True)
+            out.append(row)
+    return out
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean and sample std of each metric per (precision, steps), in first-seen order."""
+    cells: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["precision"], r["steps"]), []).append(r)
+    out = []
+    for (precision, steps), group in cells.items():
+        cell = {"bench": "quality_summary", "precision": precision, "steps": steps,
+                "seeds": [r["seed"] for r in group]}
+        for k in METRICS:
+            values = [r[k] for r in group]
+            cell[f"{k}_mean"] = round(statistics.fmean(values), 5)
+            cell[f"{k}_std"] = round(statistics.stdev(values), 5) if len(values) > 1 else 0.0
+        out.append(cell)
+    return sorted(out, key=lambda c: (c["steps"], c["precision"]))
+
+
+def mean_std(cell: dict, key: str, scale: float = 1.0) -> str:
+    return f"{cell[f'{key}_mean'] * scale:.3f} ± {cell[f'{key}_std'] * scale:.3f}"
+
+
+def table(cells: list[dict]) -> str:
+    lines = [f"{'precision':9s} {'steps':>6s} {'seeds':>5s} {'MLM loss':>17s} {'MLM acc %':>15s} {'NSP acc %':>15s}"]
+    for c in cells:
+        lines.append(f"{c['precision']:9s} {c['steps']:6d} {len(c['seeds']):5d} {mean_std(c, 'mlm_loss'):>17s} "
+                     f"{mean_std(c, 'mlm_accuracy', 100):>15s} {mean_std(c, 'nsp_accuracy', 100):>15s}")
+    return "\n".join(lines)
+
+
+def int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = sorted({int(v) for v in text.split(",")})
+    except ValueError:
+        raise SystemExit(f"bench.quality: {flag} {text!r} is not a comma-separated list of integers") from None
+    if values[0] < (1 if flag == "--steps" else 0):
+        raise SystemExit(f"bench.quality: {flag} {text!r}: use positive step counts and seeds >= 0")
+    return values
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", default="50,500", help="comma-separated step counts to evaluate at")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated train seeds")
+    ap.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    ap.add_argument("--data", default=DEFAULT_DATA, help="WikiText-2 folder or zip (pairs built in-process)")
+    ap.add_argument("--pairs", type=Path, default=Paths().pairs.parent, help="pipeline pairs folder, used if present")
+    a = ap.parse_args()
+    steps, seeds, precisions = int_list(a.steps, "--steps"), int_list(a.seeds, "--seeds"), a.precision.split(",")
+    if bad := [p for p in precisions if p not in ("fp32", "bf16")]:
+        raise SystemExit(f"bench.quality: --precision {','.join(bad)} unknown; use fp32, bf16 or fp32,bf16")
+    tune_cpu_malloc()
+    splits, vocab_size, source = load_splits(("train", "valid"), a.data, a.pairs)
+    print(f"train {len(splits['train']['nsp_labels'])} / valid {len(splits['valid']['nsp_labels'])} pairs ({source}); "
+          f"vocab {vocab_size}; seeds {seeds} x {precisions}, evaluated at steps {steps}", file=sys.stderr)
+    rows = [r for seed in seeds for p in precisions
+            for r in train_and_evaluate(splits["train"], splits["valid"], vocab_size, seed, p, steps)]
+    cells = summarize(rows)
+    print(table(cells))
+    for c in cells:
+        print(json.dumps(c))
+
+
+if __name__ == "__main__":
+    main()

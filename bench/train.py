@@ -1,0 +1,273 @@
+"""Training throughput on the real WikiText-2 train pairs at the book's config, per precision.
+
+    python -m bench.train [--steps 20] [--precision fp32,bf16] [--reference] [--data PATH] [--pairs DIR]
+
+The book's config: ModelConfig() defaults, batch 512, Adam 1e-3. Each precision runs in its own
+subprocess (so `ru_maxrss`, which is process-wide, is that precision's peak): tune_cpu_malloc(), a
+fresh model, 2 warm-up steps, then N timed steps of the real `minibert.train.train_step` on the
+batches `fit` would draw (seed 0). Per step we time data (index + `take`), forward (+ loss),
+backward and optimizer; the split comes from hooks on the real step (Tensor.backward entry, the
+optimizer's step pre-hook), so no copy of train_step can drift from it.
+
+Model FLOPs are counted analytically (what the book's model must compute, not what a padded
+implementation spends): encoder matmuls on the real tokens, attention on the padded (B, T, T),
+MLM head on the real slots only, NSP head; forward x 3 for a training step. MFU divides the achieved
+rate by a torch.matmul peak (2048^3, best of 5) measured on the spot in the precision's dtype.
+
+Data: `--pairs DIR` (default data/pairs, the pipeline's output, with data/tokens/vocab.txt) when it
+holds train.safetensors; otherwise the pairs are built in-process from `--data` (MINIBERT_DATA or
+../shared/data/wikitext-2) with the pipeline's functions and default params.
+`--reference` also runs d2l 1.0.3's own code (../shared/bench/d2l_reference.py, in the venv
+$D2L_VENV or /tmp/d2l-venv) on the same raw data for the same number of steps.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.data import SHARED, data_dir
+from minibert.artifacts import load_arrays, save_arrays
+from minibert.config import ModelConfig, PairsConfig, TrainConfig, VocabConfig
+from minibert.corpus import read_paragraphs, split_file
+from minibert.model import build_model, tune_cpu_malloc
+from minibert.pairs import make_pairs
+from minibert.pretrain import Paths
+from minibert.train import (
+    batch_indices,
+    make_optimizer,
+    resolve_precision,
+    step_seed,
+    take,
+    to_tensors,
+    train_step,
+)
+from minibert.vocab import Vocab, build_vocab, encode_paragraphs
+
+DEFAULT_DATA = os.environ.get("MINIBERT_DATA", str(SHARED / "data/wikitext-2"))
+DEVICE = torch.device("cpu")  # the issue compares against the book's code on the same CPU
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def load_splits(splits: tuple[str, ...], data: str, pairs_dir: Path) -> tuple[dict[str, dict], int, str]:
+    """({split: pair arrays}, vocab size, where they came from): the pipeline's files when present,
+    else built in-process exactly as the tokenize and pairs stages do with default params."""
+    vocab_file = pairs_dir.parent / "tokens" / Paths().vocab.name
+    if all((pairs_dir / f"{s}.safetensors").is_file() for s in splits) and vocab_file.is_file():
+        return {s: load_arrays(pairs_dir / f"{s}.safetensors") for s in splits}, len(Vocab.load(vocab_file)), \
+            str(pairs_dir)
+    raw = data_dir(data)
+    train_paragraphs = read_paragraphs(split_file(raw, "train"))
+    vocab = build_vocab(train_paragraphs, VocabConfig().min_freq)
+    cfg, out = PairsConfig(), {}
+    for s in splits:
+        paragraphs = train_paragraphs if s == "train" else read_paragraphs(split_file(raw, s))
+        rng = np.random.default_rng(cfg.seed if s == "train" else cfg.heldout_seed)  # as stages/pairs.py
+        out[s] = make_pairs(encode_paragraphs(paragraphs, vocab), cfg, len(vocab), rng)
+    return out, len(vocab), f"built in-process from {raw}"
+
+
+# ---------------------------------------------------------------------------- FLOPs and peak
+
+
+def forward_flops(batch: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size: int) -> float:
+    """Matmul FLOPs (2 per multiply-add) of the book's model's forward on one (trimmed) batch."""
+    B, T = batch["token_ids"].shape
+    N = float(batch["valid_lens"].sum())  # real tokens
+    M = float((batch["mlm_weights"] > 0).sum())  # real MLM slots
+    H, F = cfg.hidden, cfg.ffn_hidden
+    per_token = 2 * H * (3 * H + H + 2 * F)  # W_q/W_k/W_v, W_o, FFN in and out
+    attention = 2 * (2 * B * T * T * H)  # QK^T and weights @ V over padded (B, h, T, T), all heads
+    mlm = M * 2 * H * (H + vocab_size)  # MLP hidden layer + decoder, real slots only
+    nsp = B * 2 * H * (H + 2)
+    return cfg.num_layers * (N * per_token + attention) + mlm + nsp
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Best-of FLOP/s of one n^3 torch.matmul in `dtype` with this process's threads."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(dtype) for _ in range(2))
+    torch.matmul(a, b)  # warm-up: thread pool, packing buffers
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+# ---------------------------------------------------------------------------- one precision
+
+
+@contextmanager
+def phase_marks(opt: torch.optim.Optimizer):
+    """Timestamps of backward start ('bwd') and optimizer start ('opt') inside the real train_step."""
+    marks: dict[str, float] = {}
+    original = torch.Tensor.backward
+
+    def backward(self, *args, **kwargs):
+        marks["bwd"] = time.perf_counter()
+        return original(self, *args, **kwargs)
+
+    handle = opt.register_step_pre_hook(lambda *_: marks.__setitem__("opt", time.perf_counter()))
+    torch.Tensor.backward = backward
+    try:
+        yield marks
+    finally:
+        torch.Tensor.backward = original
+        handle.remove()
+
+
+def run_precision(precision: str, pairs_file: Path, vocab_size: int, steps: int, warmup: int) -> dict:
+    tuned = tune_cpu_malloc()  # first, before any big allocation (as the pretrain stage does)
+    model_cfg, cfg = ModelConfig(), TrainConfig(precision=precision)
+    amp_dtype = resolve_precision(precision, DEVICE)
+    peak = matmul_peak(amp_dtype or torch.float32)
+    data = to_tensors(load_arrays(pairs_file), DEVICE)
+    n = len(data["nsp_labels"])
+    model = build_model(model_cfg, vocab_size, seed=cfg.seed).to(DEVICE).train()
+    opt = make_optimizer(model.parameters(), cfg, DEVICE)
+    rows = []
+    with phase_marks(opt) as marks:
+        for step in range(warmup + steps):
+            t0 = time.perf_counter()
+            batch = take(data, batch_indices(step, n, cfg.batch_size, cfg.seed))
+            torch.manual_seed(step_seed(cfg.seed, 0, step))
+            marks.clear()
+            t1 = time.perf_counter()
+            mlm, nsp = train_step(model, opt, None, batch, 1.0, 1.0, amp_dtype, DEVICE)
+            t2 = time.perf_counter()
+            if set(marks) != {"bwd", "opt"}:
+                raise RuntimeError("train_step no longer calls Tensor.backward and optimizer.step; update phase_marks")
+            rows.append({"data": t1 - t0, "forward": marks["bwd"] - t1, "backward": marks["opt"] - marks["bwd"],
+                         "optimizer": t2 - marks["opt"], "pairs": len(batch["nsp_labels"]),
+                         "tokens": int(batch["valid_lens"].sum()),
+                         "flops": 3 * forward_flops(batch, model_cfg, vocab_size),  # fwd + bwd (2x fwd)
+                         "mlm": float(mlm.detach()), "nsp": float(nsp.detach())})
+    timed = rows[warmup:]
+    total_s = sum(r["data"] + r["forward"] + r["backward"] + r["optimizer"] for r in timed)
+    phases = ("data", "forward", "backward", "optimizer")
+    ms = {f"ms_{k}": round(1e3 * sum(r[k] for r in timed) / steps, 1) for k in phases}  # mean per step
+    achieved = sum(r["flops"] for r in timed) / total_s
+    return {"impl": "minibert", "precision": precision, "steps": steps, "batch_size": cfg.batch_size,
+            "pairs_per_s": round(sum(r["pairs"] for r in timed) / total_s, 1),
+            "tokens_per_s": round(sum(r["tokens"] for r in timed) / total_s, 1),
+            **ms, "ms_step": round(1e3 * total_s / steps, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "gflop_per_step": round(sum(r["flops"] for r in timed) / steps / 1e9, 2),
+            "achieved_gflops": round(achieved / 1e9, 2), "matmul_peak_gflops": round(peak / 1e9, 1),
+            "mfu": round(achieved / peak, 4), "mlm_loss_last": round(timed[-1]["mlm"], 4),
+            "nsp_loss_last": round(timed[-1]["nsp"], 4), "malloc_tuned": tuned, "threads": torch.get_num_threads()}
+
+
+# ---------------------------------------------------------------------------- orchestration
+
+
+def machine_info() -> dict:
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                 platform.processor() or "unknown")
+    flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "").split()
+    return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
+            "bf16_isa": [f for f in ("avx512_bf16", "amx_bf16") if f in flags], "torch": torch.__version__,
+            "python": platform.python_version(), "loadavg_1m": round(os.getloadavg()[0], 2),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+
+
+def run_child(args: list[str]) -> tuple[str, float]:
+    """(stdout, peak RSS MB) of a subprocess; stderr passes through. wait4 gives this child's own peak."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"bench.train: {' '.join(args[:3])}… exited with {proc.returncode}")
+    return out, usage.ru_maxrss / 1024
+
+
+def reference(raw: Path, steps: int) -> dict:
+    venv = Path(os.environ.get("D2L_VENV", "/tmp/d2l-venv"))
+    if not (venv / "bin/python").is_file():
+        subprocess.run(["bash", str(SHARED / "bench/d2l-venv.sh"), str(venv)], check=True)
+    out, rss = run_child([str(venv / "bin/python"), str(SHARED / "bench/d2l_reference.py"), str(raw),
+                          "--steps", str(steps)])
+    ref = json.loads(out.strip().splitlines()[-1])
+    return {"impl": ref["impl"], "precision": "fp32", "steps": ref["steps"], "batch_size": 512,
+            "pairs_per_s": ref["pairs_per_s"], "peak_rss_mb": round(rss, 1), "prep_s": ref["prep_s"],
+            "mlm_loss_avg": ref["mlm_loss_avg"], "nsp_loss_avg": ref["nsp_loss_avg"], "threads": ref["threads"]}
+
+
+def table(rows: list[dict]) -> str:
+    cols = [("impl", "impl", "{}"), ("precision", "prec", "{}"), ("pairs_per_s", "pairs/s", "{:.0f}"),
+            ("tokens_per_s", "tokens/s", "{:.0f}"), ("ms_data", "data ms", "{:.1f}"),
+            ("ms_forward", "fwd ms", "{:.1f}"),
+            ("ms_backward", "bwd ms", "{:.1f}"), ("ms_optimizer", "opt ms", "{:.1f}"), ("ms_step", "step ms", "{:.1f}"),
+            ("peak_rss_mb", "RSS MB", "{:.0f}"), ("achieved_gflops", "GFLOP/s", "{:.1f}"), ("mfu", "MFU", "{:.1%}"),
+            ("vs_d2l", "x d2l", "{:.2f}")]
+    cells = [[h for _, h, _ in cols]] + [[f.format(r[k]) if k in r else "-" for k, _, f in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    return "\n".join("  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     for row in cells)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per precision (after --warmup)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    ap.add_argument("--reference", action="store_true", help="also run d2l 1.0.3's code for --steps steps")
+    ap.add_argument("--data", default=DEFAULT_DATA, help="WikiText-2 folder or zip (pairs built in-process)")
+    ap.add_argument("--pairs", type=Path, default=Paths().pairs.parent, help="pipeline pairs folder, used if present")
+    ap.add_argument("--child", help=argparse.SUPPRESS)  # internal: one precision, JSON on stdout
+    ap.add_argument("--pairs-file", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--vocab-size", type=int, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.steps < 1 or a.warmup < 0:
+        raise SystemExit("bench.train: --steps must be >= 1 and --warmup >= 0")
+    if a.child:
+        print(json.dumps(run_precision(a.child, a.pairs_file, a.vocab_size, a.steps, a.warmup)))
+        return
+    precisions = a.precision.split(",")
+    if bad := [p for p in precisions if p not in ("fp32", "bf16")]:
+        raise SystemExit(f"bench.train: --precision {','.join(bad)} unknown; use fp32, bf16 or fp32,bf16")
+    machine = machine_info()
+    print(json.dumps({"bench": "train", "machine": machine}))
+    with tempfile.TemporaryDirectory(prefix="minibert-bench-") as tmp:
+        splits, vocab_size, source = load_splits(("train",), a.data, a.pairs)
+        pairs_file = Path(tmp) / "train.safetensors"  # children load only the arrays: their RSS is training's
+        save_arrays(pairs_file, splits["train"])
+        n_pairs = len(splits["train"]["nsp_labels"])
+        del splits
+        print(f"train pairs: {n_pairs} ({source}); vocab {vocab_size}; batch 512; {a.warmup} warm-up + {a.steps} timed "
+              f"steps; {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}", file=sys.stderr)
+        rows = []
+        for p in precisions:
+            out, _ = run_child([sys.executable, "-m", "bench.train", "--child", p, "--pairs-file", str(pairs_file),
+                                "--vocab-size", str(vocab_size), "--steps", str(a.steps), "--warmup", str(a.warmup)])
+            rows.append({**json.loads(out.strip().splitlines()[-1]), "train_pairs": n_pairs, "vocab": vocab_size})
+    if a.reference:
+        ref = reference(data_dir(a.data), a.steps)
+        for r in rows:
+            r["vs_d2l"] = round(r["pairs_per_s"] / ref["pairs_per_s"], 2)
+        rows.append(ref)
+    print(table(rows))
+    for r in rows:
+        print(json.dumps({"bench": "train", **r, "cpu": machine["cpu"], "date": machine["date"]}))
+
+
+if __name__ == "__main__":
+    main()

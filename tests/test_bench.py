@@ -1,0 +1,101 @@
+"""bench/train.py and bench/quality.py: the FLOP count against torch's counter, the data loader, and
+smoke runs of both scripts on real WikiText-2 (a few steps; no assertion on speed)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench.train import forward_flops, load_splits
+from minibert.artifacts import save_arrays
+from minibert.config import ModelConfig, PairsConfig, TrainConfig
+from minibert.model import build_model
+from minibert.pairs import make_pairs
+from minibert.train import make_optimizer, take, to_tensors, train_step
+from minibert.vocab import build_vocab, encode_paragraphs
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+def tiny_pairs(n: int = 13, T: int = 13, P: int = 3, V: int = 37, seed: int = 7) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    valid = rng.integers(5, T - 1, n)  # shorter than T: take() trims, the attention term sees the trimmed T
+    return {"token_ids": rng.integers(5, V, (n, T)),
+            "segments": (np.arange(T)[None] >= valid[:, None] // 2).astype(int),
+            "valid_lens": valid, "pred_positions": np.sort(rng.integers(1, 5, (n, P)), 1),
+            "mlm_weights": (rng.random((n, P)) < 0.7).astype(np.float32),
+            "mlm_labels": rng.integers(5, V, (n, P)), "nsp_labels": rng.integers(0, 2, n)}
+
+
+def test_forward_flops_match_torch_flop_counter_over_a_train_step():
+    cfg, V = ModelConfig(num_layers=2, hidden=14, heads=2, ffn_hidden=13, max_len=13), 37
+    batch = take(to_tensors(tiny_pairs(V=V), CPU), np.arange(13))
+    model = build_model(cfg, V, seed=0).train()
+    opt = make_optimizer(model.parameters(), TrainConfig(), CPU)
+    with FlopCounterMode(display=False) as counter:
+        train_step(model, opt, None, batch, 1.0, 1.0, None, CPU)
+    counted, analytic = counter.get_total_flops(), 3 * forward_flops(batch, cfg, V)
+    # the analytic count is what the model must do; an implementation may recompute a little, never skip
+    assert analytic <= counted <= analytic * 1.05, (analytic, counted)
+
+
+def test_load_splits_prefers_the_pipeline_files(tmp_path):
+    paragraphs = [[["the", "cat", "sat"], ["a", "dog", "ran", "far"], ["the", "end"]]] * 7
+    vocab = build_vocab(paragraphs, 1)
+    pairs = make_pairs(encode_paragraphs(paragraphs, vocab), PairsConfig(max_len=13), len(vocab),
+                       np.random.default_rng(99))
+    save_arrays(tmp_path / "pairs" / "train.safetensors", pairs)
+    vocab.save(tmp_path / "tokens" / "vocab.txt")
+    splits, vocab_size, source = load_splits(("train",), str(tmp_path / "no-raw-data"), tmp_path / "pairs")
+    assert vocab_size == len(vocab) and source == str(tmp_path / "pairs")
+    for k, v in pairs.items():
+        np.testing.assert_array_equal(splits["train"][k], v)
+
+
+def run_bench(module: str, *args: str) -> list[dict]:
+    src = os.environ.get("MINIBERT_DATA")
+    if not src:
+        pytest.skip("MINIBERT_DATA unset: set it to wikitext-2-v1.zip or its folder to run real-data benches")
+    out = subprocess.run([sys.executable, "-m", module, "--data", src, "--pairs", "/nonexistent/pairs", *args],
+                         cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def assert_positive(row: dict, keys: tuple[str, ...]) -> None:
+    for k in keys:
+        assert isinstance(row[k], (int, float)) and row[k] > 0, (k, row)
+
+
+@pytest.mark.slow
+def test_train_bench_reports_every_figure_per_precision():
+    rows = run_bench("bench.train", "--steps", "1", "--warmup", "1", "--precision", "fp32,bf16")
+    assert rows[0]["machine"]["cores"] >= 1 and rows[0]["machine"]["torch"] == torch.__version__
+    runs = [r for r in rows if r.get("impl") == "minibert"]
+    assert [r["precision"] for r in runs] == ["fp32", "bf16"]
+    for r in runs:
+        assert_positive(r, ("pairs_per_s", "tokens_per_s", "ms_forward", "ms_backward", "ms_optimizer", "ms_step",
+                            "peak_rss_mb", "gflop_per_step", "achieved_gflops", "matmul_peak_gflops", "mfu"))
+        assert r["tokens_per_s"] > r["pairs_per_s"]  # several real tokens per pair
+        assert r["ms_step"] >= r["ms_forward"] + r["ms_backward"] + r["ms_optimizer"] - 0.2  # rounding
+
+
+@pytest.mark.slow
+def test_quality_bench_evaluates_each_step_count_on_one_run():
+    rows = run_bench("bench.quality", "--steps", "2,1", "--seeds", "3", "--precision", "fp32")
+    evals = [r for r in rows if r["bench"] == "quality"]
+    assert [(r["seed"], r["steps"]) for r in evals] == [(3, 1), (3, 2)]
+    assert evals[0]["mlm_loss"] != evals[1]["mlm_loss"]  # the model moved between the two evaluations
+    cells = [r for r in rows if r["bench"] == "quality_summary"]
+    assert [(c["precision"], c["steps"]) for c in cells] == [("fp32", 1), ("fp32", 2)]
+    for c in cells:
+        assert_positive(c, ("mlm_loss_mean", "nsp_accuracy_mean"))
+        assert 0.0 <= c["mlm_accuracy_mean"] <= 1.0  # may well be 0 after one step
+        assert c["mlm_loss_std"] == 0.0  # one seed

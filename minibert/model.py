@@ -267,30 +267,31 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hc_all, w, b = h.to(dtype), weight.to(dtype), bias.to(dtype)
         need_grad = torch.is_grad_enabled() or any(ctx.needs_input_grad[:3])
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h, dtype=torch.float32) if need_grad else None
+        grad_h = torch.empty(h.shape, dtype=dtype, device=h.device) if need_grad else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_grad else None
         for s in range(0, M, CHUNK):
             hc, lab = hc_all[s:s + CHUNK], labels[s:s + CHUNK]
-            logits = F.linear(hc, w, b).float()  # (c, V), rounded like the plain path's output
-            lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            loss += (lse - logits.gather(1, lab[:, None]).squeeze(1)).sum()
+            # one fused kernel from the matmul's output dtype to fp32 log-probabilities (c, V)
+            logp = torch.log_softmax(F.linear(hc, w, b), dim=-1, dtype=torch.float32)
+            loss -= logp.gather(1, lab[:, None]).sum()
             if need_grad:
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (c, V)
-                g[torch.arange(len(lab), device=g.device), lab] -= 1.0
-                g = g.div_(M).to(dtype)  # d(mean loss)/d logits
+                g = logp.exp_()  # softmax, in place
+                g[torch.arange(len(lab), device=g.device), lab] -= 1.0  # d(sum of losses)/d logits
+                g = g.to(dtype)  # the 1/M of the mean is applied once, to the small results below
                 grad_h[s:s + CHUNK] = g @ w  # (c, H)
-                grad_w += (g.t() @ hc).float()  # (V, H)
-                grad_b += g.float().sum(0)
+                grad_w += (g.t() @ hc).float()  # (V, H), accumulated in fp32
+                grad_b += g.sum(0, dtype=torch.float32)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
-        ctx.dtypes = (h.dtype, weight.dtype, bias.dtype)
+        ctx.dtypes, ctx.M = (h.dtype, weight.dtype, bias.dtype), M
         return loss / M
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         dh, dw, db = ctx.dtypes
-        return (grad_h * grad_out).to(dh), (grad_w * grad_out).to(dw), (grad_b * grad_out).to(db), None, None
+        scale = grad_out / ctx.M
+        return (grad_h * scale).to(dh), (grad_w * scale).to(dw), (grad_b * scale).to(db), None, None
 
 
 CHUNK = 512  # rows of logits alive at once: 512 x 20256 x 4 B = 41 MB

@@ -279,25 +279,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, labels, dtype):
         M = h.shape[0]
-        hc_all, w, b = h.to(dtype), weight.to(dtype), bias.to(dtype)
+        # Every chunk is CHUNK rows (the last one padded with zero rows that are masked out below):
+        # a chunk's (CHUNK, V) buffers then have one size in every step, and the allocator reuses
+        # them instead of fragmenting the heap with a differently sized last chunk each step.
+        padded = -M % CHUNK
+        hc_all = F.pad(h.to(dtype), (0, 0, 0, padded))  # (M', H)
+        labels = F.pad(labels, (0, padded))
+        w, b = weight.to(dtype), bias.to(dtype)
         need_grad = torch.is_grad_enabled() or any(ctx.needs_input_grad[:3])
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty(h.shape, dtype=dtype, device=h.device) if need_grad else None
+        grad_h = torch.empty(hc_all.shape, dtype=dtype, device=h.device) if need_grad else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_grad else None
         for s in range(0, M, CHUNK):
-            hc, lab = hc_all[s:s + CHUNK], labels[s:s + CHUNK]
+            hc, lab, n = hc_all[s:s + CHUNK], labels[s:s + CHUNK], min(CHUNK, M - s)
             # one fused kernel from the matmul's output dtype to fp32 log-probabilities (c, V)
             logp = torch.log_softmax(F.linear(hc, w, b), dim=-1, dtype=torch.float32)
-            loss -= logp.gather(1, lab[:, None]).sum()
+            loss -= logp[:n].gather(1, lab[:n, None]).sum()
             if need_grad:
                 g = logp.exp_()  # softmax, in place
-                g[torch.arange(len(lab), device=g.device), lab] -= 1.0  # d(sum of losses)/d logits
+                g[torch.arange(n, device=g.device), lab[:n]] -= 1.0  # d(sum of losses)/d logits
+                g[n:] = 0.0  # padding rows add nothing
                 g = g.to(dtype)  # the 1/M of the mean is applied once, to the small results below
                 grad_h[s:s + CHUNK] = g @ w  # (c, H)
                 grad_w += (g.t() @ hc).float()  # (V, H), accumulated in fp32
                 grad_b += g.sum(0, dtype=torch.float32)
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.save_for_backward(grad_h[:M] if need_grad else None, grad_w, grad_b)
         ctx.dtypes, ctx.M = (h.dtype, weight.dtype, bias.dtype), M
         return loss / M
 

@@ -402,3 +402,10 @@ def pretrain_run_id(train_metrics: str | Path) -> str | None:
         return json.loads(path.read_text()).get("mlflow_run_id") or None
     except (json.JSONDecodeError, AttributeError):
         raise MinibertError(f"{path}: not a JSON object; re-run the pretrain stage") from None
+
+
+def pretrain_run(cfg: TrackingConfig, train_metrics: str | Path, root: Path = Path(".")) -> Tracker:
+    """The pretrain stage's run, resumed so evaluate and probe log into it; a `NullTracker` when
+    tracking is off or the pretrain recorded no run."""
+    run_id = pretrain_run_id(train_metrics) if cfg.enabled else None
+    return start_run(cfg, root, run_id=run_id) if run_id else NullTracker()

@@ -5,7 +5,6 @@ prefixed `valid_`, so one run holds training and held-out numbers side by side.
 """
 from pathlib import Path
 
-import torch
 import typer
 
 from minibert.artifacts import write_json
@@ -13,7 +12,8 @@ from minibert.config import load_config
 from minibert.errors import stage_errors
 from minibert.evaluate import check_vocab, evaluate, load_pairs
 from minibert.model import load_pretrained
-from minibert.tracking import pretrain_run_id, start_run
+from minibert.tracking import pretrain_run
+from minibert.train import resolve_device
 
 app = typer.Typer(add_completion=False)
 
@@ -26,21 +26,19 @@ def main(params: Path = typer.Option("params.yaml", help="params file"),
          out: Path = typer.Option("metrics/eval.json", help="output metrics file")) -> None:
     with stage_errors("evaluate"):
         cfg = load_config(params)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device("auto")
         model, meta = load_pretrained(models, device)
         arrays, pairs_meta = load_pairs(pairs)
         check_vocab(meta, pairs_meta, pairs)
         m = evaluate(model, arrays, cfg.eval.batch_size, device)
         m = {k: round(v, 6) if isinstance(v, float) else v for k, v in m.items()}
         write_json(out, m)
-        run_id = pretrain_run_id(train_metrics)
-        if run_id and cfg.tracking.enabled:
-            with start_run(cfg.tracking, Path("."), run_id=run_id) as tracker:
-                tracker.log_metrics({f"valid_{k}": v for k, v in m.items()})
-                tracker.log_artifact(out)
+        with pretrain_run(cfg.tracking, train_metrics) as tracker:
+            tracker.log_metrics({f"valid_{k}": v for k, v in m.items()})
+            tracker.log_artifact(out)
         print(f"evaluate: {m['examples']} valid pairs: MLM loss {m['mlm_loss']:.3f} (ppl {m['mlm_perplexity']:.1f}), "
               f"MLM acc {m['mlm_accuracy']:.1%}, NSP loss {m['nsp_loss']:.3f}, NSP acc {m['nsp_accuracy']:.1%}; "
-              f"MLflow run {run_id if run_id and cfg.tracking.enabled else '-'}")
+              f"MLflow run {tracker.run_id or '-'}")
 
 
 if __name__ == "__main__":

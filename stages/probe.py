@@ -8,7 +8,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import torch
 import typer
 
 from minibert.artifacts import atomic_path, write_json
@@ -17,7 +16,8 @@ from minibert.errors import stage_errors
 from minibert.model import load_pretrained
 from minibert.plots import similarity_heatmap
 from minibert.probes import check_model_vocab, flat_metrics, run_probes
-from minibert.tracking import pretrain_run_id, start_run
+from minibert.tracking import pretrain_run
+from minibert.train import resolve_device
 from minibert.vocab import Vocab
 
 app = typer.Typer(add_completion=False)
@@ -33,7 +33,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file"),
          out: Path = typer.Option("metrics/probe.json", help="output metrics file")) -> None:
     with stage_errors("probe"):
         cfg = load_config(params)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device("auto")
         model, meta = load_pretrained(models, device)
         voc = Vocab.load(vocab)
         check_model_vocab(meta, voc, vocab)
@@ -49,15 +49,13 @@ def main(params: Path = typer.Option("params.yaml", help="params file"),
             df.to_csv(tmp, index=False)
         similarity_heatmap(sim, labels, heatmap, "minibert probes: cosine similarity of token encodings")
         write_json(out, metrics)
-        run_id = pretrain_run_id(train_metrics)
-        if run_id and cfg.tracking.enabled:
-            with start_run(cfg.tracking, Path("."), run_id=run_id) as tracker:
-                tracker.log_metrics(flat_metrics(metrics))
-                for f in (table, csv, heatmap, out):
-                    tracker.log_artifact(f, "probe")
+        with pretrain_run(cfg.tracking, train_metrics) as tracker:
+            tracker.log_metrics(flat_metrics(metrics))
+            for f in (table, csv, heatmap, out):
+                tracker.log_artifact(f, "probe")
         shapes = ", ".join(f"{n} {tuple(e['shape'])}" for n, e in metrics["probes"].items())
         sims = ", ".join(f"{k} {v:.3f}" for k, v in metrics["similarity"].items()) or "-"
-        print(f"probe: {shapes}; similarity {sims}; MLflow run {run_id if run_id and cfg.tracking.enabled else '-'}")
+        print(f"probe: {shapes}; similarity {sims}; MLflow run {tracker.run_id or '-'}")
 
 
 if __name__ == "__main__":

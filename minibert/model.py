@@ -282,7 +282,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # Every chunk is CHUNK rows (the last one padded with zero rows that are masked out below):
         # a chunk's (CHUNK, V) buffers then have one size in every step, and the allocator reuses
         # them instead of fragmenting the heap with a differently sized last chunk each step.
-        padded = -M % CHUNK
+        padded = -M % CHUNK if M > CHUNK else 0  # one short chunk alone needs no padding
         hc_all = F.pad(h.to(dtype), (0, 0, 0, padded))  # (M', H)
         labels = F.pad(labels, (0, padded))
         w, b = weight.to(dtype), bias.to(dtype)

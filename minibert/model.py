@@ -97,15 +97,18 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
 ROW_BUCKET = 1024  # row counts are rounded up to a multiple of this (see token_layout)
 
 
-def token_layout(valid_lens: Tensor, T: int) -> Tensor:
+def token_layout(valid_lens: Tensor, T: int, bucket: bool = True) -> Tensor:
     """Flat padded index (b * T + t) of every real token, row-major, then filler rows: (N',).
 
     The first N rows are the real tokens. N changes every batch, and tensors whose sizes change
     every step fragment the C allocator's heap (RSS grew ~60 MB a step on CPU). So N is rounded up
     to a multiple of ROW_BUCKET with filler rows taken from pad positions: pad keys are masked in
-    attention and pad outputs are never read, so fillers change no real row, loss or gradient."""
+    attention and pad outputs are never read, so fillers change no real row, loss or gradient.
+    `bucket=False` (inference) keeps exactly the real rows: no data-dependent branch for torch.export."""
     keep = torch.arange(T, device=valid_lens.device) < valid_lens[:, None]  # (B, T)
     idx = keep.flatten().nonzero().squeeze(1)  # (N,)
+    if not bucket:
+        return idx
     extra = -idx.numel() % ROW_BUCKET
     if extra and keep.numel() - idx.numel() >= extra:
         fill = (~keep).flatten().nonzero().squeeze(1)[:extra]  # (extra,) pad positions
@@ -188,7 +191,7 @@ class BERT(nn.Module):
             raise MinibertError(f"model input: sequence length {T} exceeds model.max_len "
                                 f"{self.cfg.max_len}; raise model.max_len or shorten the input")
         valid_lens = valid_lens.to(device=tokens.device, dtype=torch.long)
-        idx = token_layout(valid_lens, T)  # (N,)
+        idx = token_layout(valid_lens, T, bucket=self.training)  # (N,) real rows first
         pos = self.pos_embedding[0, :T]  # (T, H)
         x = (self.token_embedding(tokens.flatten()[idx]) + self.segment_embedding(segments.flatten()[idx])
              + pos[idx % T])  # (N, H)
@@ -201,9 +204,11 @@ class BERT(nn.Module):
         """(B, T) tokens/segments, (B,) valid_lens -> (B, T, H); rows past valid_len are zeros."""
         B, T = tokens.shape
         rows, idx = self._encode_rows(tokens, segments, valid_lens)
-        n = int(valid_lens.sum())  # real rows come first; the rest are filler rows
+        if self.training:  # drop the filler rows (real rows come first); eval makes none
+            n = int(valid_lens.sum())
+            rows, idx = rows[:n], idx[:n]
         out = rows.new_zeros(B * T, rows.shape[1])
-        out[idx[:n]] = rows[:n]
+        out[idx] = rows
         return out.view(B, T, -1)  # (B, T, H)
 
     def forward(self, tokens: Tensor, segments: Tensor, valid_lens: Tensor, pred_positions: Tensor,

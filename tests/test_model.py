@@ -257,3 +257,37 @@ def test_fused_linear_cross_entropy_matches_logits_path(amp):
     torch.testing.assert_close(l0, l1, atol=tol, rtol=tol)
     for k in g0:
         torch.testing.assert_close(g0[k], g1[k], atol=tol, rtol=tol, msg=k)
+
+
+def test_filler_rows_change_no_loss_or_gradient():
+    """Training rounds the row count up with filler rows at pad positions: same losses and grads."""
+    import minibert.model as mm
+    torch.manual_seed(3)
+    cfg = ModelConfig(num_layers=2, hidden=12, heads=3, ffn_hidden=37, dropout=0.0, max_len=13)
+    B, T, P, V = 7, 13, 3, 99
+    valid = torch.tensor([13, 5, 9, 7, 12, 6, 11])
+    tokens = torch.randint(5, V, (B, T)) * (torch.arange(T) < valid[:, None])
+    segments = (torch.arange(T) >= (valid // 2)[:, None]).long()
+    positions = torch.stack([torch.randperm(int(v) - 1)[:P] + 1 for v in valid])
+    weights, labels, nsp = torch.ones(B, P), torch.randint(5, V, (B, P)), torch.randint(0, 2, (B,))
+    n_real = int(valid.sum())
+    results = []
+    for bucket in (1, 16):  # 1: no fillers; 16: rounds 73 real rows up to 80
+        old, mm.ROW_BUCKET = mm.ROW_BUCKET, bucket
+        try:
+            assert mm.token_layout(valid, T).numel() == -(-n_real // bucket) * bucket
+            model = build_model(cfg, V, seed=1).train()
+            mlm, nsp_l = model(tokens, segments, valid, positions, weights, labels, nsp)
+            (mlm + nsp_l).backward()
+            enc = model.encode(tokens, segments, valid)
+        finally:
+            mm.ROW_BUCKET = old
+        results.append((mlm.detach(), nsp_l.detach(), enc.detach(),
+                        {k: p.grad.clone() for k, p in model.named_parameters()}))
+    (a_m, a_n, a_e, a_g), (b_m, b_n, b_e, b_g) = results
+    torch.testing.assert_close(a_m, b_m)
+    torch.testing.assert_close(a_n, b_n)
+    torch.testing.assert_close(a_e, b_e)
+    assert (b_e.flatten(0, 1)[(torch.arange(T) >= valid[:, None]).flatten()] == 0).all()  # pads stay zero
+    for k in a_g:
+        torch.testing.assert_close(a_g[k], b_g[k], atol=1e-6, rtol=1e-5, msg=k)

@@ -235,7 +235,7 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, da
                 interval = Interval()
                 if (ckpt_due or stopping) and not last and on_checkpoint:
                     last_ckpt = on_checkpoint(step + 1, history)
-                if stopping:
+                if stopping and not last:  # on the last step: finish normally, outputs get written
                     raise MinibertError(f"stopped by signal at step {step + 1} of {cfg.max_steps}; checkpoint "
                                         f"saved ({last_ckpt}); rerun the stage to resume")
                 interval.t0 = time.perf_counter()

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from minibert.artifacts import atomic_path, write_json
 from minibert.config import ModelConfig
 from minibert.errors import MinibertError
+from minibert.loss import linear_cross_entropy, pretrain_loss  # noqa: F401 (pretrain_loss: public API)
 
 WEIGHTS_FILE = "bert.safetensors"
 META_FILE = "bert.json"
@@ -121,8 +122,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_keep: Tensor, p: float, train
     if not training or p == 0.0:
         # Inference: torch's fused kernel (no dropout to draw).
         return F.scaled_dot_product_attention(q, k, v, attn_mask=key_keep)
-    scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5)  # (B, h, T, T)
-    scores = scores.masked_fill(~key_keep, float("-inf"))
+    B, h, T, dh = q.shape
+    # scale, pad-key mask and QK^T in one kernel: baddbmm(bias, Q, K^T, alpha) = bias + alpha * Q K^T
+    bias = torch.zeros(key_keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~key_keep, float("-inf"))
+    bias = bias.expand(B, h, 1, T).reshape(B * h, 1, T)  # (B*h, 1, T)
+    scores = torch.baddbmm(bias, q.reshape(B * h, T, dh), k.reshape(B * h, T, dh).transpose(1, 2),
+                           alpha=dh ** -0.5).view(B, h, T, T)  # (B, h, T, T)
     weights = dropout(torch.softmax(scores, dim=-1), p, training)
     return weights @ v  # (B, h, T, dh)
 
@@ -258,79 +263,6 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> BERT:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return BERT(cfg, vocab_size)
-
-
-# ---------------------------------------------------------------------------- loss
-
-
-def pretrain_loss(mlm_logits: Tensor, mlm_labels: Tensor, mlm_weights: Tensor, nsp_logits: Tensor,
-                  nsp_labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(total, mlm, nsp) in fp32; MLM cross-entropy is the mean over real slots (weights > 0) only."""
-    labels = mlm_labels[mlm_weights > 0].long()  # (M,), same mask and order as forward's
-    mlm = F.cross_entropy(mlm_logits.float(), labels)
-    nsp = F.cross_entropy(nsp_logits.float(), nsp_labels.long())
-    return mlm + nsp, mlm, nsp
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of `h @ W.T + b` against `labels`, `CHUNK` rows at a time.
-
-    The MLM decoder's logits are (M, V) = (~3500, 20256): three fp32 copies of them (logits,
-    log-softmax, its gradient) were most of a CPU step's memory. Here each chunk's logits are made,
-    turned into the loss *and* the gradient at once (softmax - onehot is known in the forward pass),
-    multiplied into dL/dh and dL/dW, and dropped. Same FLOPs as the plain path, ~40 MB instead of ~1 GB;
-    backward only scales the stored gradients by the incoming scalar."""
-
-    @staticmethod
-    def forward(ctx, h, weight, bias, labels, dtype):
-        M = h.shape[0]
-        # Every chunk is CHUNK rows (the last one padded with zero rows that are masked out below):
-        # a chunk's (CHUNK, V) buffers then have one size in every step, and the allocator reuses
-        # them instead of fragmenting the heap with a differently sized last chunk each step.
-        padded = -M % CHUNK if M > CHUNK else 0  # one short chunk alone needs no padding
-        hc_all = F.pad(h.to(dtype), (0, 0, 0, padded))  # (M', H)
-        labels = F.pad(labels, (0, padded))
-        w, b = weight.to(dtype), bias.to(dtype)
-        need_grad = torch.is_grad_enabled() or any(ctx.needs_input_grad[:3])
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty(hc_all.shape, dtype=dtype, device=h.device) if need_grad else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_grad else None
-        for s in range(0, M, CHUNK):
-            hc, lab, n = hc_all[s:s + CHUNK], labels[s:s + CHUNK], min(CHUNK, M - s)
-            # one fused kernel from the matmul's output dtype to fp32 log-probabilities (c, V)
-            logp = torch.log_softmax(F.linear(hc, w, b), dim=-1, dtype=torch.float32)
-            loss -= logp[:n].gather(1, lab[:n, None]).sum()
-            if need_grad:
-                g = logp.exp_()  # softmax, in place
-                g[torch.arange(n, device=g.device), lab[:n]] -= 1.0  # d(sum of losses)/d logits
-                g[n:] = 0.0  # padding rows add nothing
-                g = g.to(dtype)  # the 1/M of the mean is applied once, to the small results below
-                grad_h[s:s + CHUNK] = g @ w  # (c, H)
-                grad_w += (g.t() @ hc).float()  # (V, H), accumulated in fp32
-                grad_b += g.sum(0, dtype=torch.float32)
-        ctx.save_for_backward(grad_h[:M] if need_grad else None, grad_w, grad_b)
-        ctx.dtypes, ctx.M = (h.dtype, weight.dtype, bias.dtype), M
-        return loss / M
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        dh, dw, db = ctx.dtypes
-        scale = grad_out / ctx.M
-        return (grad_h * scale).to(dh), (grad_w * scale).to(dw), (grad_b * scale).to(db), None, None
-
-
-CHUNK = 512  # rows of logits alive at once: 512 x 20256 x 4 B = 41 MB
-
-
-def linear_cross_entropy(h: Tensor, weight: Tensor, bias: Tensor, labels: Tensor) -> Tensor:
-    """`F.cross_entropy(F.linear(h, weight, bias).float(), labels)` without the (M, V) tensors;
-    the matmuls run in the autocast dtype when autocast is on, like `F.linear` would."""
-    dev = h.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-    with torch.autocast(dev, enabled=False):
-        return _LinearCrossEntropy.apply(h, weight, bias, labels, dtype)
 
 
 # ---------------------------------------------------------------------------- persistence

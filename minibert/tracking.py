@@ -173,7 +173,7 @@ class MlflowTracker(_ContextMixin):
         has to pickle the module.
         """
         mlflow = _mlflow()
-        import mlflow.pytorch
+        import mlflow.pytorch  # noqa: F811 - the submodule, loaded on first use
         import torch
 
         reqs = pip_requirements or [f"torch=={torch.__version__.split('+')[0]}"]

@@ -50,10 +50,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logp = torch.log_softmax(F.linear(hc, w, b), dim=-1, dtype=torch.float32)
             loss -= logp[:n].gather(1, lab[:n, None]).sum()
             if need_grad:
-                g = logp.exp_()  # softmax, in place
+                # softmax, written straight in the matmul dtype (one pass instead of exp + cast)
+                g = torch.exp(logp, out=torch.empty(logp.shape, dtype=dtype, device=logp.device))
                 g[torch.arange(n, device=g.device), lab[:n]] -= 1.0  # d(sum of losses)/d logits
-                g[n:] = 0.0  # padding rows add nothing
-                g = g.to(dtype)  # the 1/M of the mean is applied once, to the small results below
+                g[n:] = 0.0  # padding rows add nothing; the mean's 1/M goes on the small results below
                 grad_h[s:s + CHUNK] = g @ w  # (c, H)
                 grad_w += (g.t() @ hc).float()  # (V, H), accumulated in fp32
                 grad_b += g.sum(0, dtype=torch.float32)

@@ -154,10 +154,10 @@ class Block(nn.Module):
         h = self.heads
         qkv = self.qkv(x)  # (N, 3H)
         padded = qkv.new_zeros(B * T, 3 * H)
-        padded[idx] = qkv  # (B*T, 3H), zeros at pads
+        padded.index_copy_(0, idx, qkv)  # (B*T, 3H), zeros at pads
         q, k, v = padded.view(B, T, 3, h, H // h).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, T, dh)
         ctx = attention(q, k, v, key_keep, self.p, self.training)  # (B, h, T, dh)
-        ctx = ctx.transpose(1, 2).reshape(B * T, H)[idx]  # (N, H)
+        ctx = ctx.transpose(1, 2).reshape(B * T, H).index_select(0, idx)  # (N, H)
         return self.out(ctx)
 
     def ffn(self, x: Tensor) -> Tensor:
@@ -237,10 +237,10 @@ class BERT(nn.Module):
             raise MinibertError("model input: a weighted prediction position lies outside its "
                                 "sequence's valid length; check pred_positions against valid_lens")
         cls_rows = row_of[torch.arange(B, device=rows.device) * T]  # (B,) position 0 of each pair
-        nsp_logits = self.nsp(self.nsp_hidden(rows[cls_rows]))  # (B, 2)
+        nsp_logits = self.nsp(self.nsp_hidden(rows.index_select(0, cls_rows)))  # (B, 2)
         if mlm_labels is None:
-            return self.mlm(rows[mlm_rows]), nsp_logits  # (M, V), (B, 2)
-        hidden = self.mlm[:-1](rows[mlm_rows])  # (M, H): Linear-ReLU-LayerNorm
+            return self.mlm(rows.index_select(0, mlm_rows)), nsp_logits  # (M, V), (B, 2)
+        hidden = self.mlm[:-1](rows.index_select(0, mlm_rows))  # (M, H): Linear-ReLU-LayerNorm
         decoder = self.mlm[-1]
         mlm = linear_cross_entropy(hidden, decoder.weight, decoder.bias, mlm_labels[real].long())
         return mlm, F.cross_entropy(nsp_logits.float(), nsp_labels.long())

@@ -1,6 +1,6 @@
-"""Time to reach a held-out MLM loss, per recipe: the book's vs the `fast` preset of params.yaml.
+"""Time to reach a held-out MLM loss, per recipe: the book's vs the other presets of params.yaml.
 
-    python -m bench.preset [--presets book,fast] [--target 6.77] [--every 5] [--max-steps 100]
+    python -m bench.preset [--presets book,pre_ln] [--target 6.77] [--every 5] [--max-steps 100]
 
 Each preset of params.yaml (`preset: NAME` applied by the config loader) trains from scratch on the
 train pairs with its own model and train sections (schedule included), and is evaluated on the valid
@@ -57,7 +57,7 @@ def time_to_target(name: str, raw: dict, train: dict, valid: dict, vocab_size: i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--presets", default="book,fast")
+    ap.add_argument("--presets", default="book,pre_ln")
     ap.add_argument("--target", type=float, default=6.77)
     ap.add_argument("--every", type=int, default=5)
     ap.add_argument("--max-steps", type=int, default=100)

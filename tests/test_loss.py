@@ -4,6 +4,7 @@ import torch
 
 from minibert.config import ModelConfig
 from minibert.model import build_model, pretrain_loss
+from tiny_project import tiny_batch
 
 
 @pytest.mark.parametrize("amp", [None, torch.bfloat16])
@@ -11,13 +12,9 @@ def test_fused_linear_cross_entropy_matches_logits_path(amp):
     """forward(..., labels) gives the loss and gradients of pretrain_loss on the logits."""
     torch.manual_seed(0)
     cfg = ModelConfig(num_layers=1, hidden=12, heads=3, ffn_hidden=37, dropout=0.0, max_len=13)
-    B, T, P, V = 7, 13, 3, 99
-    valid = torch.tensor([13, 5, 9, 7, 13, 6, 11])
-    tokens = torch.randint(5, V, (B, T)) * (torch.arange(T) < valid[:, None])
-    segments = (torch.arange(T) >= (valid // 2)[:, None]).long()
-    positions = torch.stack([torch.randperm(int(v) - 1)[:P] + 1 for v in valid])
-    weights = (torch.arange(P) < torch.tensor([3, 1, 2, 3, 2, 1, 3])[:, None]).float()
-    labels, nsp = torch.randint(5, V, (B, P)), torch.randint(0, 2, (B,))
+    V = 99
+    tokens, segments, valid, positions, weights, labels, nsp = tiny_batch([13, 5, 9, 7, 13, 6, 11],
+                                                                          [3, 1, 2, 3, 2, 1, 3])
     import minibert.loss as ml_
     old_chunk, ml_.CHUNK = ml_.CHUNK, 4  # several chunks, the last one short
     try:

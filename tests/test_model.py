@@ -227,14 +227,11 @@ def test_bf16_autocast_step_gives_fp32_losses():
 def test_filler_rows_change_no_loss_or_gradient():
     """Training rounds the row count up with filler rows at pad positions: same losses and grads."""
     import minibert.model as mm
+    from tiny_project import tiny_batch
     torch.manual_seed(3)
     cfg = ModelConfig(num_layers=2, hidden=12, heads=3, ffn_hidden=37, dropout=0.0, max_len=13)
-    B, T, P, V = 7, 13, 3, 99
-    valid = torch.tensor([13, 5, 9, 7, 12, 6, 11])
-    tokens = torch.randint(5, V, (B, T)) * (torch.arange(T) < valid[:, None])
-    segments = (torch.arange(T) >= (valid // 2)[:, None]).long()
-    positions = torch.stack([torch.randperm(int(v) - 1)[:P] + 1 for v in valid])
-    weights, labels, nsp = torch.ones(B, P), torch.randint(5, V, (B, P)), torch.randint(0, 2, (B,))
+    T, V = 13, 99
+    tokens, segments, valid, positions, weights, labels, nsp = tiny_batch([13, 5, 9, 7, 12, 6, 11], [3] * 7)
     n_real = int(valid.sum())
     results = []
     for bucket in (1, 16):  # 1: no fillers; 16: rounds 73 real rows up to 80

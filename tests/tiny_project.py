@@ -62,3 +62,17 @@ def popen_stage(root: Path, name: str) -> subprocess.Popen:
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.Popen([sys.executable, "-m", f"stages.{name}", "--params", "params.yaml"], cwd=root, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def tiny_batch(valid_lens: list[int], n_real_slots: list[int], T: int = 13, P: int = 3, V: int = 99):
+    """One padded batch as torch tensors: (tokens, segments, valid, positions, weights, labels, nsp).
+    Uses the global torch RNG: seed it first."""
+    import torch
+
+    valid = torch.tensor(valid_lens)
+    B = len(valid_lens)
+    tokens = torch.randint(5, V, (B, T)) * (torch.arange(T) < valid[:, None])
+    segments = (torch.arange(T) >= (valid // 2)[:, None]).long()
+    positions = torch.stack([torch.randperm(int(v) - 1)[:P] + 1 for v in valid])
+    weights = (torch.arange(P) < torch.tensor(n_real_slots)[:, None]).float()
+    return tokens, segments, valid, positions, weights, torch.randint(5, V, (B, P)), torch.randint(0, 2, (B,))

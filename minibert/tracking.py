@@ -48,9 +48,20 @@ def _mlflow():
     return mlflow
 
 
+def project_root(path: Path) -> Path:
+    """The repository a run's local store belongs to. DVC runs `exp run --temp` and queued
+    experiments in `<repo>/.dvc/tmp/exps/...`: their runs belong in `<repo>/mlflow.db`, not in a
+    folder that is deleted when the experiment ends."""
+    parts = Path(path).resolve().parts
+    for i in range(len(parts) - 2):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return Path(path).resolve()
+
+
 def tracking_uri(root: Path) -> str:
     """`MLFLOW_TRACKING_URI` when set, else an sqlite file at the project root (absolute)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve()}/mlflow.db"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root(root)}/mlflow.db"
 
 
 def _is_http(uri: str) -> bool:
@@ -320,7 +331,7 @@ def _experiment_id(client, name: str, uri: str, root: Path) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         # Local stores keep artifacts beside the database, not in ./mlruns of whatever cwd is.
-        location = (Path(root).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+        location = (project_root(root) / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
         try:
             return client.create_experiment(name, artifact_location=location)
         except Exception:  # created meanwhile by another process

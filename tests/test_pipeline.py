@@ -134,3 +134,14 @@ def test_dvc_exp_run_shows_metrics_and_run_id(full_run):
     import mlflow
     run = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_run(train["mlflow_run_id"])
     assert run.data.tags.get("dvc_exp_name") == "short"
+
+
+def test_dvc_exp_run_temp_lands_in_the_repository_mlflow_db(full_run):
+    """`dvc exp run --temp` runs in .dvc/tmp/exps/...; its MLflow run must land in the repo's mlflow.db."""
+    import mlflow
+    root, _ = full_run
+    sh(root, "dvc", "exp", "run", "--temp", "-S", "train.max_steps=3", "-n", "in-temp")
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("minibert").experiment_id],
+                              filter_string="tags.dvc_exp_name = 'in-temp'")
+    assert len(runs) == 1 and len(client.get_metric_history(runs[0].info.run_id, "mlm_loss")) == 3

@@ -288,3 +288,13 @@ def test_server_killed_mid_run_buffers_then_flushes(mlflow_server, tmp_path, mon
 def test_import_is_cheap():
     code = "import sys, minibert.tracking; assert 'mlflow' not in sys.modules, 'mlflow imported eagerly'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_dvc_temp_experiments_log_into_the_repository_store(tmp_path, monkeypatch):
+    from minibert.tracking import project_root, tracking_uri
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    exp_dir = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "run" / "tmp1a2b"
+    exp_dir.mkdir(parents=True)
+    assert project_root(exp_dir) == (tmp_path / "repo").resolve()
+    assert tracking_uri(exp_dir) == f"sqlite:///{(tmp_path / 'repo').resolve()}/mlflow.db"
+    assert project_root(tmp_path) == tmp_path.resolve()

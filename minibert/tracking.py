@@ -179,10 +179,14 @@ class MlflowTracker(_ContextMixin):
                   pip_requirements: list[str] | None = None) -> None:
         """Log `model` as the run's `model`, with a signature from `example` and no requirement inference.
 
-        With an example the model is saved as a `torch.export` graph (pt2: loads without
-        unpickling; `example`'s keys in the order of `forward`'s arguments); without one MLflow
-        has to pickle the module.
+        Saved as a `torch.export` graph (pt2: loads without unpickling; `example`'s keys in the order
+        of `forward`'s arguments). Without an example nothing is logged: the other format MLflow has
+        for PyTorch is a pickle, which this project never writes or loads.
         """
+        if example is None:
+            log.warning("MLflow: log_model needs an input example (torch.export); model not logged to run %s",
+                        self.run_id)
+            return
         mlflow = _mlflow()
         import mlflow.pytorch  # noqa: F811 - the submodule, loaded on first use
         import torch
@@ -191,11 +195,8 @@ class MlflowTracker(_ContextMixin):
         was_training = model.training
         model.eval()  # export and signature must see inference behaviour (no dropout)
         try:
-            if example is not None:
-                kwargs = dict(signature=_signature(model, example), input_example=tuple(example.values()),
-                              serialization_format="pt2")
-            else:
-                kwargs = dict(serialization_format="pickle")
+            kwargs = dict(signature=_signature(model, example), input_example=tuple(example.values()),
+                          serialization_format="pt2")
             mlflow.set_tracking_uri(self.uri)
             # log_model only logs into the fluent active run: resume ours for the call, then
             # put its status back (leaving the context marks it finished).

@@ -298,3 +298,16 @@ def test_dvc_temp_experiments_log_into_the_repository_store(tmp_path, monkeypatc
     assert project_root(exp_dir) == (tmp_path / "repo").resolve()
     assert tracking_uri(exp_dir) == f"sqlite:///{(tmp_path / 'repo').resolve()}/mlflow.db"
     assert project_root(tmp_path) == tmp_path.resolve()
+
+
+def test_log_model_without_example_writes_no_pickle(local, cfg, caplog):
+    import mlflow
+    import mlflow.pytorch
+
+    with start_run(cfg, local) as t:
+        t.log_model(Tiny())  # the only other PyTorch format MLflow has is a pickle: refused
+        run_id = t.run_id
+    assert "needs an input example" in caplog.text
+    mlflow.set_tracking_uri(tracking_uri(local))
+    with pytest.raises(Exception):
+        mlflow.pytorch.load_model(f"runs:/{run_id}/model")

@@ -12,28 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 
 from minibert.errors import DataError, MinibertError
-from minibert.pairs import FIELDS
+from minibert.pairs import load_pairs  # noqa: F401 (re-exported: the evaluate stage reads valid pairs)
 from minibert.progress import Progress
-
-
-def load_pairs(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """The pair arrays of one split and their safetensors metadata (`vocab_sha256`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: pairs file not found; run `dvc repro pairs` first")
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            meta = dict(f.metadata() or {})
-            arrays = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise DataError(f"{path}: unreadable pairs file ({type(e).__name__}); re-run `dvc repro pairs`") from None
-    missing = [k for k in FIELDS if k not in arrays]
-    if missing:
-        raise DataError(f"{path}: missing arrays {missing}; re-run `dvc repro pairs`")
-    return arrays, meta
+from minibert.train import take, to_tensors
 
 
 def check_vocab(model_meta: dict, pairs_meta: dict[str, str], pairs_path: str | Path) -> None:
@@ -47,19 +30,6 @@ def check_vocab(model_meta: dict, pairs_meta: dict[str, str], pairs_path: str | 
                         "re-run `dvc repro` so pairs and model share one vocabulary")
 
 
-def _batch(pairs: dict[str, np.ndarray], lo: int, hi: int, device) -> dict[str, torch.Tensor]:
-    """Rows lo:hi as tensors, trimmed to their longest sequence (pad columns change nothing)."""
-    T = int(pairs["valid_lens"][lo:hi].max())
-    out = {}
-    for k in FIELDS:
-        a = pairs[k][lo:hi]
-        if a.ndim == 2 and k in ("token_ids", "segments"):
-            a = a[:, :T]  # (b, T)
-        dtype = np.float32 if k == "mlm_weights" else np.int64
-        out[k] = torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)).to(device)
-    return out
-
-
 def evaluate(model: torch.nn.Module, pairs: dict[str, np.ndarray], batch_size: int,
              device: str | torch.device = "cpu") -> dict:
     """MLM loss/perplexity/accuracy over real slots and NSP loss/accuracy over pairs, in eval mode."""
@@ -68,6 +38,7 @@ def evaluate(model: torch.nn.Module, pairs: dict[str, np.ndarray], batch_size: i
     n = len(pairs["nsp_labels"])
     if n == 0:
         raise DataError("evaluate: the pairs file holds no pairs; check the valid split and pairs.max_len")
+    data = to_tensors(pairs, torch.device(device))
     was_training = model.training
     model.eval()  # no dropout: the figures must be deterministic
     mlm_sum = nsp_sum = 0.0
@@ -75,7 +46,7 @@ def evaluate(model: torch.nn.Module, pairs: dict[str, np.ndarray], batch_size: i
     try:
         with torch.inference_mode(), Progress("evaluate", math.ceil(n / batch_size), "batches") as bar:
             for lo in range(0, n, batch_size):
-                b = _batch(pairs, lo, min(lo + batch_size, n), device)
+                b = take(data, np.arange(lo, min(lo + batch_size, n)))
                 mlm_logits, nsp_logits = model(b["token_ids"], b["segments"], b["valid_lens"],
                                                b["pred_positions"], b["mlm_weights"])  # (M, V), (b, 2)
                 labels = b["mlm_labels"][b["mlm_weights"] > 0]  # (M,), forward's slot order

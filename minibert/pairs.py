@@ -15,9 +15,13 @@ the same bytes on every machine.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+from safetensors import safe_open
 
 from minibert.config import PairsConfig
+from minibert.errors import DataError
 from minibert.vocab import CLS, MASK, PAD, SEP, SPECIALS
 
 FIELDS = ("token_ids", "segments", "valid_lens", "pred_positions", "mlm_weights", "mlm_labels", "nsp_labels")
@@ -111,3 +115,20 @@ def pair_stats(pairs: dict[str, np.ndarray]) -> dict[str, float]:
         "mean_len": round(float(pairs["valid_lens"].mean()), 4) if n else 0.0,
         "mean_preds": round(float(pairs["mlm_weights"].sum(1).mean()), 4) if n else 0.0,
     }
+
+
+def load_pairs(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The pair arrays of one split and their safetensors metadata (`vocab_sha256`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: pairs file not found; run `dvc repro pairs` first")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = dict(f.metadata() or {})
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise DataError(f"{path}: unreadable pairs file ({type(e).__name__}); re-run `dvc repro pairs`") from None
+    missing = [k for k in FIELDS if k not in arrays]
+    if missing:
+        raise DataError(f"{path}: missing arrays {missing}; re-run `dvc repro pairs`")
+    return arrays, meta

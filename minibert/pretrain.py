@@ -15,10 +15,11 @@ import pandas as pd
 import torch
 
 from minibert import checkpoint, distributed, plots
-from minibert.artifacts import atomic_path, load_arrays, sha256_file, write_json
+from minibert.artifacts import atomic_path, sha256_file, write_json
 from minibert.config import ModelConfig, TrackingConfig, TrainConfig
-from minibert.errors import DataError, MinibertError
+from minibert.errors import MinibertError
 from minibert.model import Encoder, build_model, save_pretrained, tune_cpu_malloc
+from minibert.pairs import load_pairs
 from minibert.progress import Progress
 from minibert.tracking import NullTracker, start_run
 from minibert.train import fit, make_optimizer, resolve_device, resolve_precision, to_tensors
@@ -41,12 +42,6 @@ class Paths:
     params_file: Path | None = Path("params.yaml")
 
 
-def load_pairs(path: Path) -> dict:
-    if not path.is_file():
-        raise DataError(f"{path}: train pairs not found; run `dvc repro pairs` first")
-    return load_arrays(path)
-
-
 def run_fingerprint(model_cfg: ModelConfig, cfg: TrainConfig, data_sha: str, vocab_sha: str, world: int) -> str:
     train = {k: v for k, v in asdict(cfg).items() if k not in NOT_NUMERIC}
     return checkpoint.fingerprint({"model": asdict(model_cfg), "train": train, "data": data_sha,
@@ -64,7 +59,7 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
         tune_cpu_malloc()  # reuse the big per-step buffers instead of page-faulting them in every step
     d = distributed.init(device)
     try:
-        pairs, vocab = load_pairs(paths.pairs), Vocab.load(paths.vocab)
+        pairs, vocab = load_pairs(paths.pairs)[0], Vocab.load(paths.vocab)
         data_sha = sha256_file(paths.pairs)
         ckpt_dir = paths.checkpoints / run_fingerprint(model_cfg, cfg, data_sha, vocab.sha256, d.world)
         model = build_model(model_cfg, len(vocab), seed=cfg.seed).to(device)

@@ -36,3 +36,21 @@ def test_fused_linear_cross_entropy_matches_logits_path(amp):
     torch.testing.assert_close(l0, l1, atol=tol, rtol=tol)
     for k in g0:
         torch.testing.assert_close(g0[k], g1[k], atol=tol, rtol=tol, msg=k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_is_exact_when_the_label_probability_underflows(dtype):
+    """A label ~300 nats below the best logit has probability 0 in any float: the loss stays finite and exact."""
+    from minibert.loss import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(7, 13, generator=g)
+    weight, bias = torch.randn(37, 13, generator=g) * 0.1, torch.zeros(37)
+    labels = torch.randint(0, 37, (7,), generator=g)
+    bias[labels[2]] = -300.0  # pair 2's label: p = exp(-300) == 0
+    h, weight, bias = (t.to(dtype).requires_grad_() for t in (h, weight, bias))
+    fused = linear_cross_entropy(h, weight, bias, labels)
+    plain = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, weight, bias).float(), labels)
+    assert torch.isfinite(fused) and fused.item() > 300 / 7
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(fused, plain, atol=tol, rtol=tol)

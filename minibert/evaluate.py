@@ -49,14 +49,15 @@ def evaluate(model: torch.nn.Module, pairs: dict[str, np.ndarray], batch_size: i
                 b = take(data, np.arange(lo, min(lo + batch_size, n)))
                 mlm_logits, nsp_logits = model(b["token_ids"], b["segments"], b["valid_lens"],
                                                b["pred_positions"], b["mlm_weights"])  # (M, V), (b, 2)
-                labels = b["mlm_labels"][b["mlm_weights"] > 0]  # (M,), forward's slot order
+                labels = b["mlm_labels"][b["mlm_weights"] > 0].long()  # (M,), forward's slot order
+                nsp_labels = b["nsp_labels"].long()  # (b,)
                 mlm = F.cross_entropy(mlm_logits.float(), labels, reduction="none")  # (M,)
-                nsp = F.cross_entropy(nsp_logits.float(), b["nsp_labels"], reduction="none")  # (b,)
+                nsp = F.cross_entropy(nsp_logits.float(), nsp_labels, reduction="none")  # (b,)
                 # float64 sums: per-example values are summed in a batch-size independent precision
                 mlm_sum += float(mlm.double().sum())
                 nsp_sum += float(nsp.double().sum())
                 mlm_hits += int((mlm_logits.argmax(-1) == labels).sum())
-                nsp_hits += int((nsp_logits.argmax(-1) == b["nsp_labels"]).sum())
+                nsp_hits += int((nsp_logits.argmax(-1) == nsp_labels).sum())
                 slots += int(labels.numel())
                 bar.advance()
     finally:

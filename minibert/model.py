@@ -127,6 +127,7 @@ def gather_rows(table: Tensor, ids: Tensor) -> Tensor:
 
 
 ROW_BUCKET = 1024  # row counts are rounded up to a multiple of this (see token_layout)
+SLOT_BUCKET = 256  # MLM slot counts are rounded up to a multiple of this (see BERT.forward)
 
 
 def token_layout(valid_lens: Tensor, T: int, bucket: bool = True) -> Tensor:
@@ -272,7 +273,11 @@ class BERT(nn.Module):
         nsp_logits = self.nsp(self.nsp_hidden(rows.index_select(0, cls_rows)))  # (B, 2)
         if mlm_labels is None:
             return self.mlm(rows.index_select(0, mlm_rows)), nsp_logits  # (M, V), (B, 2)
-        hidden = self.mlm[:-1](rows.index_select(0, mlm_rows))  # (M, H): Linear-ReLU-LayerNorm
+        # M changes every batch, and oneDNN caches a primitive (with its buffers) per matmul shape: the
+        # MLM MLP runs on M rounded up to SLOT_BUCKET (filler rows repeat row 0 and are cut off again),
+        # which stopped RSS growing ~5 MB a step for the whole run.
+        M = mlm_rows.numel()
+        hidden = self.mlm[:-1](rows.index_select(0, F.pad(mlm_rows, (0, -M % SLOT_BUCKET))))[:M]  # (M, H)
         decoder = self.mlm[-1]
         mlm = linear_cross_entropy(hidden, decoder.weight, decoder.bias, mlm_labels[real].long())
         return mlm, F.cross_entropy(nsp_logits.float(), nsp_labels.long())

@@ -1,13 +1,13 @@
 """Training throughput on the real WikiText-2 train pairs at the book's config, per precision.
 
-    python -m bench.train [--steps 20] [--precision fp32,bf16] [--reference] [--data PATH] [--pairs DIR]
+    python -m bench.train [--steps 20] [--precision fp32,bf16] [--micro-batches 4,1] [--reference] [--data PATH] [--pairs DIR]
 
 The book's config: ModelConfig() defaults, batch 512, Adam 1e-3. Each precision runs in its own
 subprocess (so `ru_maxrss`, which is process-wide, is that precision's peak): tune_cpu_malloc(), a
 fresh model, 2 warm-up steps, then N timed steps of the real `minibert.train.train_step` on the
 batches `fit` would draw (seed 0). Per step we time data (index + `take`), forward (+ loss),
-backward and optimizer; the split comes from hooks on the real step (Tensor.backward entry, the
-optimizer's step pre-hook), so no copy of train_step can drift from it.
+backward and optimizer; the split comes from hooks on the real step (the Tensor.backward calls, one
+per micro-batch, and the optimizer's step pre-hook), so no copy of train_step can drift from it.
 
 Model FLOPs are counted analytically (what the book's model must compute, not what a padded
 implementation spends): encoder matmuls on the real tokens, attention on the padded (B, T, T),
@@ -115,13 +115,17 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
 
 @contextmanager
 def phase_marks(opt: torch.optim.Optimizer):
-    """Timestamps of backward start ('bwd') and optimizer start ('opt') inside the real train_step."""
+    """Inside the real train_step: summed Tensor.backward time ('bwd', one call per micro-batch) and the
+    optimizer's start ('opt'); forward (+ loss) is the rest of the time before the optimizer."""
     marks: dict[str, float] = {}
     original = torch.Tensor.backward
 
     def backward(self, *args, **kwargs):
-        marks["bwd"] = time.perf_counter()
-        return original(self, *args, **kwargs)
+        t0 = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            marks["bwd"] = marks.get("bwd", 0.0) + time.perf_counter() - t0
 
     handle = opt.register_step_pre_hook(lambda *_: marks.__setitem__("opt", time.perf_counter()))
     torch.Tensor.backward = backward
@@ -132,9 +136,10 @@ def phase_marks(opt: torch.optim.Optimizer):
         handle.remove()
 
 
-def run_precision(precision: str, pairs_file: Path, vocab_size: int, steps: int, warmup: int) -> dict:
+def run_precision(precision: str, pairs_file: Path, vocab_size: int, steps: int, warmup: int,
+                  micro_batches: int) -> dict:
     tuned = tune_cpu_malloc()  # first, before any big allocation (as the pretrain stage does)
-    model_cfg, cfg = ModelConfig(), TrainConfig(precision=precision)
+    model_cfg, cfg = ModelConfig(), TrainConfig(precision=precision, micro_batches=micro_batches)
     amp_dtype = resolve_precision(precision, DEVICE)
     peak = matmul_peak(amp_dtype or torch.float32)
     data = to_tensors(load_arrays(pairs_file), DEVICE)
@@ -149,11 +154,11 @@ def run_precision(precision: str, pairs_file: Path, vocab_size: int, steps: int,
             torch.manual_seed(step_seed(cfg.seed, 0, step))
             marks.clear()
             t1 = time.perf_counter()
-            mlm, nsp = train_step(model, opt, None, batch, 1.0, 1.0, amp_dtype, DEVICE)
+            mlm, nsp = train_step(model, opt, None, batch, 1.0, 1.0, amp_dtype, DEVICE, cfg.micro_batches)
             t2 = time.perf_counter()
             if set(marks) != {"bwd", "opt"}:
                 raise RuntimeError("train_step no longer calls Tensor.backward and optimizer.step; update phase_marks")
-            rows.append({"data": t1 - t0, "forward": marks["bwd"] - t1, "backward": marks["opt"] - marks["bwd"],
+            rows.append({"data": t1 - t0, "forward": marks["opt"] - t1 - marks["bwd"], "backward": marks["bwd"],
                          "optimizer": t2 - marks["opt"], "pairs": len(batch["nsp_labels"]),
                          "tokens": int(batch["valid_lens"].sum()),
                          "flops": 3 * forward_flops(batch, model_cfg, vocab_size),  # fwd + bwd (2x fwd)
@@ -163,7 +168,8 @@ def run_precision(precision: str, pairs_file: Path, vocab_size: int, steps: int,
     phases = ("data", "forward", "backward", "optimizer")
     ms = {f"ms_{k}": round(1e3 * sum(r[k] for r in timed) / steps, 1) for k in phases}  # mean per step
     achieved = sum(r["flops"] for r in timed) / total_s
-    return {"impl": "minibert", "precision": precision, "steps": steps, "batch_size": cfg.batch_size,
+    return {"impl": "minibert", "precision": precision, "micro_batches": micro_batches, "steps": steps,
+            "batch_size": cfg.batch_size,
             "pairs_per_s": round(sum(r["pairs"] for r in timed) / total_s, 1),
             "tokens_per_s": round(sum(r["tokens"] for r in timed) / total_s, 1),
             **ms, "ms_step": round(1e3 * total_s / steps, 1),
@@ -212,7 +218,8 @@ def reference(raw: Path, steps: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    cols = [("impl", "impl", "{}"), ("precision", "prec", "{}"), ("pairs_per_s", "pairs/s", "{:.0f}"),
+    cols = [("impl", "impl", "{}"), ("precision", "prec", "{}"), ("micro_batches", "micro", "{}"),
+            ("pairs_per_s", "pairs/s", "{:.0f}"),
             ("tokens_per_s", "tokens/s", "{:.0f}"), ("ms_data", "data ms", "{:.1f}"),
             ("ms_forward", "fwd ms", "{:.1f}"),
             ("ms_backward", "bwd ms", "{:.1f}"), ("ms_optimizer", "opt ms", "{:.1f}"), ("ms_step", "step ms", "{:.1f}"),
@@ -220,7 +227,7 @@ def table(rows: list[dict]) -> str:
             ("vs_d2l", "x d2l", "{:.2f}")]
     cells = [[h for _, h, _ in cols]] + [[f.format(r[k]) if k in r else "-" for k, _, f in cols] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    return "\n".join("  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    return "\n".join("  ".join(c.rjust(w) if i > 2 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
                      for row in cells)
 
 
@@ -229,6 +236,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed steps per precision (after --warmup)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    ap.add_argument("--micro-batches", default=str(TrainConfig().micro_batches),
+                    help="comma-separated train.micro_batches values to run (default: the config's)")
     ap.add_argument("--reference", action="store_true", help="also run d2l 1.0.3's code for --steps steps")
     ap.add_argument("--data", default=DEFAULT_DATA, help="WikiText-2 folder or zip (pairs built in-process)")
     ap.add_argument("--pairs", type=Path, default=Paths().pairs.parent, help="pipeline pairs folder, used if present")
@@ -238,8 +247,14 @@ def main() -> None:
     a = ap.parse_args()
     if a.steps < 1 or a.warmup < 0:
         raise SystemExit("bench.train: --steps must be >= 1 and --warmup >= 0")
+    try:
+        micro = [int(k) for k in a.micro_batches.split(",")]
+    except ValueError:
+        micro = [0]
+    if min(micro) < 1:
+        raise SystemExit(f"bench.train: --micro-batches {a.micro_batches!r}: use integers >= 1, e.g. 4 or 4,1")
     if a.child:
-        print(json.dumps(run_precision(a.child, a.pairs_file, a.vocab_size, a.steps, a.warmup)))
+        print(json.dumps(run_precision(a.child, a.pairs_file, a.vocab_size, a.steps, a.warmup, micro[0])))
         return
     precisions = a.precision.split(",")
     if bad := [p for p in precisions if p not in ("fp32", "bf16")]:
@@ -256,9 +271,11 @@ def main() -> None:
               f"steps; {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}", file=sys.stderr)
         rows = []
         for p in precisions:
-            out, _ = run_child([sys.executable, "-m", "bench.train", "--child", p, "--pairs-file", str(pairs_file),
-                                "--vocab-size", str(vocab_size), "--steps", str(a.steps), "--warmup", str(a.warmup)])
-            rows.append({**json.loads(out.strip().splitlines()[-1]), "train_pairs": n_pairs, "vocab": vocab_size})
+            for k in micro:
+                out, _ = run_child([sys.executable, "-m", "bench.train", "--child", p, "--pairs-file", str(pairs_file),
+                                    "--vocab-size", str(vocab_size), "--steps", str(a.steps), "--warmup",
+                                    str(a.warmup), "--micro-batches", str(k)])
+                rows.append({**json.loads(out.strip().splitlines()[-1]), "train_pairs": n_pairs, "vocab": vocab_size})
     if a.reference:
         ref = reference(data_dir(a.data), a.steps)
         for r in rows:

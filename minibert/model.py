@@ -60,6 +60,20 @@ def tune_cpu_malloc(keep_bytes: int = 1 << 32) -> bool:
         return False
 
 
+def release_cpu_memory() -> bool:
+    """Hand the C heap's free pages back to the OS (glibc malloc_trim); True if it did.
+
+    With tune_cpu_malloc's thresholds, memory freed after training stays resident; what comes after
+    (plots, the MLflow model export) would then add to the peak instead of reusing it."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 # ---------------------------------------------------------------------------- dropout
 
 
@@ -127,7 +141,7 @@ def gather_rows(table: Tensor, ids: Tensor) -> Tensor:
 
 
 ROW_BUCKET = 1024  # row counts are rounded up to a multiple of this (see token_layout)
-SLOT_BUCKET = 256  # MLM slot counts are rounded up to a multiple of this (see BERT.forward)
+SLOT_BUCKET = 128  # MLM slot counts are rounded up to a multiple of this (see BERT.forward)
 
 
 def token_layout(valid_lens: Tensor, T: int, bucket: bool = True) -> Tensor:

@@ -4,25 +4,32 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from minibert.artifacts import atomic_path
 
-from minibert.artifacts import atomic_path  # noqa: E402
+
+def _pyplot():
+    """matplotlib, imported on first use: the pretrain stage draws only after training, and importing
+    it up front would add its ~27 MB to the training peak RSS."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 def loss_curves(history: Sequence[dict], path: Path, title: str = "minibert pretraining") -> None:
     """MLM and NSP loss against step, side by side (their scales differ ~10x)."""
     steps = [r["step"] for r in history]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, axes = _pyplot().subplots(1, 2, figsize=(9, 3.2))
     for ax, key, color in ((axes[0], "mlm_loss", "tab:blue"), (axes[1], "nsp_loss", "tab:orange")):
         ax.plot(steps, [r[key] for r in history], color=color, lw=1.4)
         ax.set_xlabel("step")
@@ -35,7 +42,7 @@ def loss_curves(history: Sequence[dict], path: Path, title: str = "minibert pret
 def similarity_heatmap(sim: np.ndarray, labels: Sequence[str], path: Path, title: str) -> None:
     """Cosine similarity between token vectors, labelled `probe:token`."""
     n = len(labels)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.42 * n, 0.8 + 0.38 * n))
+    fig, ax = _pyplot().subplots(figsize=(1.0 + 0.42 * n, 0.8 + 0.38 * n))
     im = ax.imshow(sim, vmin=-1, vmax=1, cmap="RdBu_r")
     ax.set_xticks(range(n), labels, rotation=90, fontsize=8)
     ax.set_yticks(range(n), labels, fontsize=8)

@@ -18,7 +18,7 @@ from minibert import checkpoint, distributed, plots
 from minibert.artifacts import atomic_path, sha256_file, write_json
 from minibert.config import ModelConfig, TrackingConfig, TrainConfig
 from minibert.errors import MinibertError
-from minibert.model import Encoder, build_model, save_pretrained, tune_cpu_malloc
+from minibert.model import Encoder, build_model, release_cpu_memory, save_pretrained, tune_cpu_malloc
 from minibert.pairs import load_pairs
 from minibert.progress import Progress
 from minibert.tracking import NullTracker, start_run
@@ -110,6 +110,9 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
             raise
         if not d.is_main:
             return {}
+        opt.zero_grad(set_to_none=True)  # training's gradients and heap pages are not needed any more
+        if device.type == "cpu":
+            release_cpu_memory()
         hist = result.history
         amp = resolve_precision(cfg.precision, device)
         metrics = {

@@ -148,25 +148,52 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+def split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
+    """Up to `parts` interleaved micro-batches (rows j, j + parts, ...), each trimmed to its longest pair."""
+    n = len(batch["nsp_labels"])
+    if parts <= 1 or n <= 1:
+        return [batch]
+    out = []
+    for j in range(min(parts, n)):
+        part = {k: v[j::parts].contiguous() for k, v in batch.items()}
+        t = int(part["valid_lens"].max())
+        part["token_ids"], part["segments"] = part["token_ids"][:, :t], part["segments"][:, :t]  # (b, t)
+        out.append(part)
+    return out
+
+
 def train_step(model, opt, scaler, batch: dict[str, torch.Tensor], scale_mlm: float, scale_nsp: float,
-               amp_dtype: torch.dtype | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+               amp_dtype: torch.dtype | None, device: torch.device,
+               micro_batches: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step; returns the (mlm, nsp) losses of this rank's shard as device tensors.
 
     `scale_*` turn this rank's means into its share of the global-batch mean, so DDP's gradient
-    averaging over ranks yields exactly the single-process gradient."""
+    averaging over ranks yields exactly the single-process gradient. With `micro_batches` > 1 the
+    batch runs as that many forward/backward passes; each pass's mean is weighted by its share of the
+    batch's MLM slots and pairs, so the summed gradient is the one-pass gradient (DDP syncs only on the
+    last pass)."""
     opt.zero_grad(set_to_none=True)
-    with autocast(device, amp_dtype):
-        mlm, nsp = model(batch["token_ids"], batch["segments"], batch["valid_lens"], batch["pred_positions"],
-                         batch["mlm_weights"], batch["mlm_labels"], batch["nsp_labels"])
-    loss = mlm * scale_mlm + nsp * scale_nsp
+    parts = split_batch(batch, micro_batches)
+    slots = (batch["mlm_weights"] > 0).sum()  # device tensor: no host sync
+    mlm_sum = nsp_sum = 0.0
+    for j, part in enumerate(parts):
+        last = j == len(parts) - 1
+        with (nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()):
+            with autocast(device, amp_dtype):
+                mlm, nsp = model(part["token_ids"], part["segments"], part["valid_lens"], part["pred_positions"],
+                                 part["mlm_weights"], part["mlm_labels"], part["nsp_labels"])
+            w_mlm = (part["mlm_weights"] > 0).sum() / slots  # this pass's share of the slots
+            w_nsp = len(part["nsp_labels"]) / len(batch["nsp_labels"])
+            loss = mlm * (w_mlm * scale_mlm) + nsp * (w_nsp * scale_nsp)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        mlm_sum = mlm_sum + mlm.detach() * w_mlm
+        nsp_sum = nsp_sum + nsp.detach() * w_nsp
     if scaler is not None:
-        scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
     else:
-        loss.backward()
         opt.step()
-    return mlm, nsp
+    return mlm_sum, nsp_sum
 
 
 def check_finite(step: int, mlm: float, nsp: float, last_ckpt: Any) -> None:
@@ -213,7 +240,7 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, da
             batch = take(data, idx)
             torch.manual_seed(step_seed(cfg.seed, d.rank, step))
             mlm, nsp = train_step(model, opt, scaler, batch, slots / slots_total * d.world,
-                                  len(idx) / len(global_idx) * d.world, amp_dtype, device)
+                                  len(idx) / len(global_idx) * d.world, amp_dtype, device, cfg.micro_batches)
             interval.add(step, mlm, nsp, (slots, float(len(idx))), (slots_total, float(len(global_idx))))
             pairs += len(global_idx)
             tokens += int(lens_all[global_idx].sum())

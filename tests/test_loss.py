@@ -16,7 +16,7 @@ def test_fused_linear_cross_entropy_matches_logits_path(amp):
     tokens, segments, valid, positions, weights, labels, nsp = tiny_batch([13, 5, 9, 7, 13, 6, 11],
                                                                           [3, 1, 2, 3, 2, 1, 3])
     import minibert.loss as ml_
-    old_chunk, ml_.CHUNK = ml_.CHUNK, 4  # several chunks, the last one short
+    old_chunk, old_grain, ml_.CHUNK, ml_.GRAIN = ml_.CHUNK, ml_.GRAIN, 4, 2  # several chunks, the last one short
     try:
         grads = []
         for fused in (False, True):
@@ -30,7 +30,7 @@ def test_fused_linear_cross_entropy_matches_logits_path(amp):
             (mlm * 1.7 + nsp_l).backward()
             grads.append((mlm.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
     finally:
-        ml_.CHUNK = old_chunk
+        ml_.CHUNK, ml_.GRAIN = old_chunk, old_grain
     (l0, g0), (l1, g1) = grads
     tol = 1e-5 if amp is None else 2e-2
     torch.testing.assert_close(l0, l1, atol=tol, rtol=tol)

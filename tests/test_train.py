@@ -11,7 +11,9 @@ from safetensors.numpy import load_file as load_np
 from safetensors.torch import load_file
 
 from minibert.config import TrainConfig
-from minibert.train import batch_indices, get_lr, resolve_precision, step_seed
+from minibert.config import ModelConfig
+from minibert.model import build_model
+from minibert.train import batch_indices, get_lr, resolve_precision, split_batch, step_seed, train_step
 from minibert.model import load_pretrained
 from tiny_project import TINY_MODEL, make_workspace, popen_stage, stage
 
@@ -40,6 +42,27 @@ def test_batches_cover_each_epoch_once_and_repeat_by_seed():
 def test_step_seeds_differ_across_ranks_and_steps():
     seeds = {step_seed(0, r, s) for r in range(3) for s in range(37)}
     assert len(seeds) == 3 * 37
+
+
+@pytest.mark.parametrize("parts", [2, 3, 7])
+def test_micro_batches_give_the_one_pass_gradient_and_losses(parts):
+    from tiny_project import tiny_batch
+
+    torch.manual_seed(0)
+    keys = ("token_ids", "segments", "valid_lens", "pred_positions", "mlm_weights", "mlm_labels", "nsp_labels")
+    batch = dict(zip(keys, tiny_batch([13, 5, 9, 7, 13, 6, 11], [3, 1, 2, 3, 2, 1, 3])))
+    assert sum(len(p["nsp_labels"]) for p in split_batch(batch, parts)) == 7
+    cfg = ModelConfig(num_layers=2, hidden=12, heads=3, ffn_hidden=37, dropout=0.0, max_len=13)
+    got = []
+    for k in (1, parts):
+        model = build_model(cfg, 99, seed=1).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)  # keeps the weights; .grad holds the gradient
+        mlm, nsp = train_step(model, opt, None, batch, 1.0, 1.0, None, torch.device("cpu"), micro_batches=k)
+        got.append((torch.stack([mlm, nsp]), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (l1, g1), (lk, gk) = got
+    torch.testing.assert_close(l1, lk, atol=1e-6, rtol=1e-6)
+    for n in g1:
+        torch.testing.assert_close(g1[n], gk[n], atol=1e-6, rtol=1e-5, msg=n)
 
 
 def test_precision_resolution_on_cpu():
@@ -130,15 +153,17 @@ def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one(tmp_path):
-    """Same global batch and order: 2 DDP ranks (launched by the stage through torch.distributed.run) == 1."""
+    """Same global batch and order: 2 DDP ranks (launched by the stage through torch.distributed.run) == 1,
+    with the ranks' batches split in micro-batches too."""
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     common = {"max_steps": 7, "batch_size": 13, "checkpoint_every": 0}
-    one = make_workspace(tmp_path / "one", train=common, model={"dropout": 0.0})
-    two = make_workspace(tmp_path / "two", train={**common, "devices": 2, "rdzv_endpoint": f"127.0.0.1:{port}"},
-                         model={"dropout": 0.0})
+    one = make_workspace(tmp_path / "one", train={**common, "micro_batches": 1}, model={"dropout": 0.0})
+    # ...and each rank in 2 micro-batches (DDP syncs gradients on the last one only)
+    two = make_workspace(tmp_path / "two", train={**common, "devices": 2, "rdzv_endpoint": f"127.0.0.1:{port}",
+                                                  "micro_batches": 2}, model={"dropout": 0.0})
     stage(one, "pretrain")
     out = stage(two, "pretrain")
     assert "torch.distributed.run" in out.stdout

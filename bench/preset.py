@@ -45,7 +45,7 @@ def time_to_target(name: str, raw: dict, train: dict, valid: dict, vocab_size: i
             group["lr"] = get_lr(step, tcfg)
         batch = take(data, batch_indices(step, len(data["nsp_labels"]), tcfg.batch_size, tcfg.seed))
         torch.manual_seed(step_seed(tcfg.seed, 0, step))
-        train_step(model, opt, None, batch, 1.0, 1.0, amp, DEVICE)
+        train_step(model, opt, None, batch, 1.0, 1.0, amp, DEVICE, tcfg.micro_batches)
         train_s += time.perf_counter() - t0
         step += 1
         if step % every == 0:

@@ -53,7 +53,7 @@ def train_and_evaluate(train: dict, valid: dict, vocab_size: int, seed: int, pre
         t0 = time.perf_counter()
         batch = take(data, batch_indices(step, n, cfg.batch_size, cfg.seed))
         torch.manual_seed(step_seed(cfg.seed, 0, step))
-        mlm, nsp = train_step(model, opt, None, batch, 1.0, 1.0, amp_dtype, DEVICE)
+        mlm, nsp = train_step(model, opt, None, batch, 1.0, 1.0, amp_dtype, DEVICE, cfg.micro_batches)
         train_s += time.perf_counter() - t0  # training only: evaluations on the way are not counted
         if step + 1 in eval_at:
             m = evaluate(model, valid, EvalConfig().batch_size, DEVICE)

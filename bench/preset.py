@@ -21,7 +21,8 @@ import yaml
 from bench.train import DEFAULT_DATA, DEVICE, load_splits
 from minibert.config import config_from_dict
 from minibert.evaluate import evaluate
-from minibert.model import build_model, tune_cpu_malloc
+from minibert.heap import tune_cpu_malloc
+from minibert.model import build_model
 from minibert.pretrain import Paths
 from minibert.train import (batch_indices, get_lr, make_optimizer, resolve_precision, step_seed, take, to_tensors,
                             train_step)

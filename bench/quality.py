@@ -24,7 +24,8 @@ import torch
 from bench.train import DEFAULT_DATA, DEVICE, load_splits
 from minibert.config import EvalConfig, ModelConfig, TrainConfig
 from minibert.evaluate import evaluate
-from minibert.model import build_model, tune_cpu_malloc
+from minibert.heap import tune_cpu_malloc
+from minibert.model import build_model
 from minibert.pretrain import Paths
 from minibert.train import (
     batch_indices,

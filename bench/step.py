@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import minibert.model as mm
+from minibert.heap import tune_cpu_malloc
 from minibert.config import ModelConfig
 
 V, B, T, P = 20256, 512, 64, 10
@@ -155,10 +156,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3, help="cycle through the variants this often, keep each one's best")
-    ap.add_argument("--no-malloc-tune", action="store_true", help="skip mm.tune_cpu_malloc()")
+    ap.add_argument("--no-malloc-tune", action="store_true", help="skip minibert.heap.tune_cpu_malloc()")
     ap.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variant names")
     args = ap.parse_args()
-    tuned = False if args.no_malloc_tune else mm.tune_cpu_malloc()
+    tuned = False if args.no_malloc_tune else tune_cpu_malloc()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {B}, T {T}, V {V}; "
           f"best of {args.rounds} rounds x {args.steps} steps; malloc tuned: {tuned}")
     print(f"{'variant':22s} {'fwd ms':>8s} {'bwd ms':>8s} {'opt ms':>8s} {'total':>8s} {'pairs/s':>8s} {'loss':>7s}")

@@ -42,7 +42,8 @@ from bench.data import SHARED, data_dir
 from minibert.artifacts import load_arrays, save_arrays
 from minibert.config import ModelConfig, PairsConfig, TrainConfig, VocabConfig
 from minibert.corpus import read_paragraphs, split_file
-from minibert.model import build_model, tune_cpu_malloc
+from minibert.heap import tune_cpu_malloc
+from minibert.model import build_model
 from minibert.pairs import make_pairs
 from minibert.pretrain import Paths
 from minibert.train import (

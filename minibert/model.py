@@ -13,13 +13,14 @@ What differs is only how the work is laid out, because every FLOP counts on a 2-
 - the MLM head sees only the M real prediction slots, never the padded ones.
 - dropout draws 16 random bits per element from torch's global generator (4 elements per int64 draw)
   instead of `bernoulli_`, ~7x cheaper on CPU; the drop probability is round(p * 2**16) / 2**16
-  (p=0.2 -> 0.19999695), and kept values are scaled by 1/(1 - p).
+  (p=0.2 -> 0.19999695), and kept values are scaled by 1/(1 - p) (minibert/ops.py).
+- embedding lookups backpropagate with one index_add_ (minibert/ops.py); segment and position
+  embeddings are summed into one (2T, H) table first.
 - the MLM loss averages over real slots only (d2l issue #2582: the book averages the padded ones in too).
 """
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -32,109 +33,10 @@ from minibert.artifacts import atomic_path, write_json
 from minibert.config import ModelConfig
 from minibert.errors import MinibertError
 from minibert.loss import linear_cross_entropy, pretrain_loss  # noqa: F401 (pretrain_loss: public API)
+from minibert.ops import dropout, gather_rows
 
 WEIGHTS_FILE = "bert.safetensors"
 META_FILE = "bert.json"
-
-
-# ---------------------------------------------------------------------------- runtime
-
-
-def tune_cpu_malloc(keep_bytes: int = 1 << 32) -> bool:
-    """Make glibc keep freed big blocks instead of unmapping them; True if it took effect.
-
-    A step allocates several 100+ MB tensors (MLM logits and their grads). By default glibc serves
-    those with mmap and unmaps them on free, so every step pays fresh page faults on them (measured:
-    more than half of a CPU step). Call once, before the first big allocation; no effect off glibc.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc malloc.h
-        return all([libc.mallopt(M_MMAP_THRESHOLD, min(keep_bytes, (1 << 31) - 1)) == 1,
-                    libc.mallopt(M_TRIM_THRESHOLD, min(keep_bytes, (1 << 31) - 1)) == 1,
-                    libc.mallopt(M_TOP_PAD, 64 << 20) == 1])
-    except (OSError, AttributeError):
-        return False
-
-
-def release_cpu_memory() -> bool:
-    """Hand the C heap's free pages back to the OS (glibc malloc_trim); True if it did.
-
-    With tune_cpu_malloc's thresholds, memory freed after training stays resident; what comes after
-    (plots, the MLflow model export) would then add to the peak instead of reusing it."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
-
-
-# ---------------------------------------------------------------------------- dropout
-
-
-def drop_threshold(p: float) -> int:
-    """int16 cut: an element survives when its 16 random bits (as int16) are >= this value."""
-    return -(1 << 15) + round(p * (1 << 16))
-
-
-def achieved_drop_prob(p: float) -> float:
-    """The exact drop probability `dropout` implements for a requested `p`."""
-    return round(p * (1 << 16)) / (1 << 16)
-
-
-def keep_mask(shape: torch.Size, p: float, device: torch.device) -> Tensor:
-    """Bool mask, True with probability 1 - achieved_drop_prob(p), from the global torch generator."""
-    n = math.prod(shape)
-    # One 64-bit draw feeds four elements: the RNG, not the compare, is what costs on CPU.
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None)
-    bits = words.view(torch.int16)[:n].view(shape)  # 16 uniform random bits per element
-    return bits >= drop_threshold(p)
-
-
-def dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """Inverted dropout; on CPU with the cheap bit mask, elsewhere torch's fused kernel."""
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu":
-        return F.dropout(x, p, True)
-    # Why a scale tensor in x's dtype and not `where(mask, x, 0)`: on CPU, ops that mix bool with
-    # bf16/fp32 (where, masked_fill, x * mask) take a slow unvectorised path (~13 ns/element), while
-    # bool -> uint8 (a free view) -> x.dtype and a same-dtype multiply are vectorised (~1 ns/element).
-    # Autograd keeps only `scale` (x does not need saving): backward is one multiply too.
-    scale = keep_mask(x.shape, p, x.device).view(torch.uint8).to(x.dtype).mul_(1.0 / (1.0 - p))
-    return x * scale
-
-
-# ---------------------------------------------------------------------------- embedding lookup
-
-
-class _GatherRows(torch.autograd.Function):
-    """`table[ids]` whose backward is one `index_add_` into a zero table.
-
-    Autograd's own backward of an embedding lookup is ~10x slower on CPU for (N, H) = (24k, 128):
-    indexing backward is an accumulating index_put (9.9 ms for a 128-row table), and
-    embedding_dense_backward sorts the ids (2-4 ms). index_add_ is 0.3 ms."""
-
-    @staticmethod
-    def forward(ctx, table: Tensor, ids: Tensor) -> Tensor:
-        ctx.save_for_backward(ids)
-        ctx.rows = table.shape[0]
-        return table.index_select(0, ids)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (ids,) = ctx.saved_tensors
-        return grad.new_zeros(ctx.rows, grad.shape[1]).index_add_(0, ids, grad), None
-
-
-def gather_rows(table: Tensor, ids: Tensor) -> Tensor:
-    """(R, H) table, (N,) int64 ids -> (N, H) rows; gradient accumulated with index_add_."""
-    return _GatherRows.apply(table, ids)
 
 
 # ---------------------------------------------------------------------------- layout

@@ -18,7 +18,8 @@ from minibert import checkpoint, distributed, plots
 from minibert.artifacts import atomic_path, sha256_file, write_json
 from minibert.config import ModelConfig, TrackingConfig, TrainConfig
 from minibert.errors import MinibertError
-from minibert.model import Encoder, build_model, release_cpu_memory, save_pretrained, tune_cpu_malloc
+from minibert.heap import release_cpu_memory, tune_cpu_malloc
+from minibert.model import Encoder, build_model, save_pretrained
 from minibert.pairs import load_pairs
 from minibert.progress import Progress
 from minibert.tracking import NullTracker, start_run

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from minibert.config import ModelConfig
 from minibert.errors import MinibertError
-from minibert.model import (BERT, achieved_drop_prob, build_model, dropout, keep_mask, load_pretrained,
-                            pretrain_loss, save_pretrained)
+from minibert.model import BERT, build_model, load_pretrained, pretrain_loss, save_pretrained
+from minibert.ops import achieved_drop_prob, dropout, keep_mask
 
 V, H, HEADS, FFN, T, B, P = 99, 12, 3, 37, 13, 7, 5
 CFG = ModelConfig(num_layers=2, hidden=H, heads=HEADS, ffn_hidden=FFN, dropout=0.2, max_len=T + 4)

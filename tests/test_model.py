@@ -270,3 +270,18 @@ def test_filler_rows_change_no_loss_or_gradient():
     assert (b_e.flatten(0, 1)[(torch.arange(T) >= valid[:, None]).flatten()] == 0).all()  # pads stay zero
     for k in a_g:
         torch.testing.assert_close(a_g[k], b_g[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_mlm_head_shapes_repeat_across_batches():
+    """The MLM MLP sees slot counts rounded up to SLOT_BUCKET: batches with 13 and 21 slots give one
+    shape (oneDNN caches a primitive per matmul shape; a new M every batch grew RSS without bound)."""
+    import minibert.model as mm
+    from tiny_project import tiny_batch
+
+    torch.manual_seed(4)
+    model = build_model(ModelConfig(num_layers=1, hidden=12, heads=3, ffn_hidden=37, max_len=13), 99, seed=1)
+    rows = []
+    model.mlm[0].register_forward_hook(lambda m, inp, out: rows.append(inp[0].shape[0]))
+    for slots in ([2, 1, 2, 3, 2, 1, 2], [3] * 7):
+        model(*tiny_batch([13, 5, 9, 7, 12, 6, 11], slots))
+    assert rows == [mm.SLOT_BUCKET, mm.SLOT_BUCKET]

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import minibert.model as mm
-from minibert.heap import tune_cpu_malloc
 from minibert.config import ModelConfig
+from minibert.heap import tune_cpu_malloc
 
 V, B, T, P = 20256, 512, 64, 10
 

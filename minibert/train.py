@@ -153,13 +153,7 @@ def split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, to
     n = len(batch["nsp_labels"])
     if parts <= 1 or n <= 1:
         return [batch]
-    out = []
-    for j in range(min(parts, n)):
-        part = {k: v[j::parts].contiguous() for k, v in batch.items()}
-        t = int(part["valid_lens"].max())
-        part["token_ids"], part["segments"] = part["token_ids"][:, :t], part["segments"][:, :t]  # (b, t)
-        out.append(part)
-    return out
+    return [take(batch, np.arange(j, n, parts)) for j in range(min(parts, n))]
 
 
 def train_step(model, opt, scaler, batch: dict[str, torch.Tensor], scale_mlm: float, scale_nsp: float,

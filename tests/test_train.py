@@ -10,11 +10,9 @@ import torch
 from safetensors.numpy import load_file as load_np
 from safetensors.torch import load_file
 
-from minibert.config import TrainConfig
-from minibert.config import ModelConfig
-from minibert.model import build_model
+from minibert.config import ModelConfig, TrainConfig
+from minibert.model import build_model, load_pretrained
 from minibert.train import batch_indices, get_lr, resolve_precision, split_batch, step_seed, train_step
-from minibert.model import load_pretrained
 from tiny_project import TINY_MODEL, make_workspace, popen_stage, stage
 
 

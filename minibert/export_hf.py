@@ -81,7 +81,9 @@ def build_tokenizer(vocab: Vocab, max_len: int):
 
 
 def _fmt(v) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
+    if isinstance(v, float):
+        return str(int(v)) if v.is_integer() else f"{v:.4f}"  # MLflow stores counts as floats too
+    return str(v)
 
 
 def model_card(meta: dict, eval_metrics: dict | None, n_params: int) -> str:

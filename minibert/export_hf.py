@@ -116,7 +116,7 @@ def model_card(meta: dict, eval_metrics: dict | None, n_params: int) -> str:
         "## Load it", "",
         "```python",
         "from transformers import AutoTokenizer, AutoModel, pipeline",
-        "tok = AutoTokenizer.from_pretrained(PATH)",
+        "tok = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)  # plain tokenizers JSON; the flag only skips a prompt",
         "enc = AutoModel.from_pretrained(PATH, trust_remote_code=True)(**tok(\"a crane is flying\", return_tensors=\"pt\")).last_hidden_state",
         "pipeline(\"fill-mask\", model=PATH, trust_remote_code=True)(\"the <mask> is flying\")",
         "```", "",

@@ -134,3 +134,30 @@ def test_nsp_and_mlm_logits_match(exported):
         assert (out_hf.seq_relationship_logits - nsp).abs().max().item() < TOL
         assert (out_hf.prediction_logits[0] - mlm).abs().max().item() < TOL
         assert (mlm_hf[0] - mlm).abs().max().item() < TOL
+
+
+def test_cli_export_from_models_folder(tmp_path, monkeypatch):
+    """`minibert export hf OUT` from models/ + data/tokens/vocab.txt, figures from metrics/eval.json."""
+    from typer.testing import CliRunner
+
+    from minibert.cli import app
+    from minibert.model import save_pretrained
+
+    bert = tiny_bert("post")
+    save_pretrained(bert, tmp_path / "models", {"vocab_sha256": VOCAB.sha256, "step": 3})
+    VOCAB.save(tmp_path / "data/tokens/vocab.txt")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/eval.json").write_text(json.dumps({"mlm_loss": 3.25, "examples": 99, "baseline_mlm_loss": 3.61}))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["export", "hf", "hf-out"])
+    assert result.exit_code == 0, result.output
+    card = (tmp_path / "hf-out/README.md").read_text()
+    assert "| mlm_loss | 3.2500 |" in card and "| examples | 99 |" in card and "| baseline_mlm_loss | 3.6100 |" in card
+    hf = AutoModel.from_pretrained(tmp_path / "hf-out", trust_remote_code=True).eval()
+    ids, segments = minibert_ids("a crane is flying", None)
+    with torch.no_grad():
+        got = hf(torch.tensor([ids]), token_type_ids=torch.tensor([segments])).last_hidden_state
+        want = bert.encode(torch.tensor([ids]), torch.tensor([segments]), torch.tensor([len(ids)]))
+    assert (got - want).abs().max().item() < TOL
+    bad = CliRunner().invoke(app, ["export", "hf", "x", "--checkpoint", "nowhere"])
+    assert bad.exit_code == 1 and "nowhere/bert.json: missing" in bad.output and not (tmp_path / "x").exists()

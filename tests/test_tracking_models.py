@@ -105,6 +105,11 @@ def test_encode_from_the_registered_champion(registered):
     local = cli(registered, "encode", "--checkpoint", "models", "w5 w6 w7")
     assert via_registry.returncode == 0, via_registry.stderr
     assert via_registry.stdout == local.stdout and "w6" in local.stdout
+    run_id = json.loads((registered / "metrics/train.json").read_text())["mlflow_run_id"]
+    export = cli(registered, "export", "hf", "hf-run", "--run", run_id)  # weights + figures from the run
+    assert export.returncode == 0, export.stderr
+    loss = json.loads((registered / "metrics/eval.json").read_text())["mlm_loss"]
+    assert f"| mlm_loss | {loss:.4f} |" in (registered / "hf-run/README.md").read_text()
     bad = cli(registered, "encode", "--model", f"models:/{NAME}@nope", "w5")
     assert bad.returncode == 1 and bad.stderr.startswith("error: encode: ") and len(bad.stderr.splitlines()) == 1
 

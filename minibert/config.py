@@ -8,6 +8,7 @@ stage can print one line and exit. Components receive only their own section
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -213,9 +214,15 @@ class TrackingConfig:
     """MLflow experiment holding the runs."""
     enabled: bool = True
     """False: a do-nothing tracker (no MLflow at all)."""
+    registered_model: str = "minibert-encoder"
+    """Model Registry name the pretrain stage registers its text model under (a new version per run);
+    the evaluate stage points its `champion` alias at the best held-out version. Empty: no registration."""
 
     def __post_init__(self):
         _require(bool(self.experiment.strip()), "experiment", self.experiment, "a non-empty string")
+        _require(self.registered_model == "" or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.registered_model)
+                 is not None, "registered_model", self.registered_model,
+                 "empty (no registration) or a name of letters, digits, '_', '.', '-'")
 
 
 @dataclass(frozen=True)

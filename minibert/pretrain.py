@@ -22,7 +22,7 @@ from minibert.heap import release_cpu_memory, tune_cpu_malloc
 from minibert.model import Encoder, build_model, save_pretrained
 from minibert.pairs import load_pairs
 from minibert.progress import Progress
-from minibert.tracking import NullTracker, start_run
+from minibert.tracking import NullTracker, log_text_model, register_version, start_run
 from minibert.train import fit, make_optimizer, resolve_device, resolve_precision, to_tensors
 from minibert.vocab import Vocab
 
@@ -134,6 +134,9 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
             tracker.log_artifact(f, "weights")  # enough to rebuild the encoder: `minibert encode --run ID`
         tracker.log_model(Encoder(model).cpu(), example=encoder_example(pairs),
                           pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"])
+        # Text in, vectors out (mlflow models serve), registered as a new version of tracking.registered_model.
+        register_version(tracker, tracking_cfg.registered_model, log_text_model(tracker, paths.models, paths.vocab),
+                         {"train_pairs_sha256": data_sha, "vocab_sha256": vocab.sha256})
         for f in (paths.curve_csv, paths.curve_png, paths.metrics, paths.params_file):
             if f is not None and f.is_file():
                 tracker.log_artifact(f)

@@ -421,3 +421,17 @@ def pretrain_run(cfg: TrackingConfig, train_metrics: str | Path, root: Path = Pa
     tracking is off or the pretrain recorded no run."""
     run_id = pretrain_run_id(train_metrics) if cfg.enabled else None
     return start_run(cfg, root, run_id=run_id) if run_id else NullTracker()
+
+
+# The text-in pyfunc, the Model Registry and the `champion` alias live in tracking_models.py (this
+# file was already over 400 lines); re-exported here lazily, so importing tracking stays cheap and
+# `minibert.tracking` remains the one door to MLflow.
+_MODEL_API = ("log_text_model", "register_version", "set_champion", "download_model", "run_metrics", "CHAMPION")
+
+
+def __getattr__(name: str):
+    if name in _MODEL_API:
+        from minibert import tracking_models
+
+        return getattr(tracking_models, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

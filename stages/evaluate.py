@@ -7,12 +7,12 @@ from pathlib import Path
 
 import typer
 
-from minibert.artifacts import write_json
+from minibert.artifacts import sha256_file, write_json
 from minibert.config import load_config
 from minibert.errors import stage_errors
 from minibert.evaluate import check_vocab, evaluate, load_pairs
 from minibert.model import load_pretrained
-from minibert.tracking import pretrain_run
+from minibert.tracking import pretrain_run, set_champion
 from minibert.train import resolve_device
 
 app = typer.Typer(add_completion=False)
@@ -36,9 +36,11 @@ def main(params: Path = typer.Option("params.yaml", help="params file"),
         with pretrain_run(cfg.tracking, train_metrics) as tracker:
             tracker.log_metrics({f"valid_{k}": v for k, v in m.items()})
             tracker.log_artifact(out)
+            champion = set_champion(tracker, cfg.tracking.registered_model, sha256_file(pairs), m["mlm_loss"])
         print(f"evaluate: {m['examples']} valid pairs: MLM loss {m['mlm_loss']:.3f} (ppl {m['mlm_perplexity']:.1f}), "
               f"MLM acc {m['mlm_accuracy']:.1%}, NSP loss {m['nsp_loss']:.3f}, NSP acc {m['nsp_accuracy']:.1%}; "
-              f"MLflow run {tracker.run_id or '-'}")
+              f"MLflow run {tracker.run_id or '-'}"
+              + (f"; {cfg.tracking.registered_model}@champion = version {champion}" if champion else ""))
 
 
 if __name__ == "__main__":

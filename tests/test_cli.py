@@ -100,7 +100,8 @@ def test_encode_pair_segments_and_unknown_word(checkpoint, tmp_path):
 def test_encode_errors_are_one_line(checkpoint, tmp_path):
     for args, needle in [(("encode", "w1", "--checkpoint", "nowhere"), "nowhere/bert.json: missing"),
                          (("encode", "  "), "empty sentence"),
-                         (("encode", "w1", "--run", "abc", "--checkpoint", "models"), "not both"),
+                         (("encode", "w1", "--run", "abc", "--checkpoint", "models"), "give one of"),
+                         (("encode", "w1", "--run", "abc", "--model", "models:/m@champion"), "give one of"),
                          (("encode", " ".join(["w1"] * 40)), "exceed model.max_len")]:
         result = invoke(*args)
         assert result.exit_code == 1, args

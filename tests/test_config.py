@@ -17,6 +17,8 @@ def test_project_params_load_and_match_the_book():
     assert (cfg.model.dropout, cfg.pairs.max_len, cfg.train.batch_size, cfg.train.lr) == (0.2, 64, 512, 1e-3)
     assert cfg.vocab.min_freq == 5 and cfg.pairs.max_preds == 10
     assert [p.name for p in cfg.probe.sentences] == ["crane_flying", "crane_driver"]
+    assert cfg.tracking.registered_model == "minibert-encoder"
+    assert config_from_dict({"tracking": {"registered_model": ""}}).tracking.registered_model == ""  # off
 
 
 def test_missing_sections_take_defaults():
@@ -37,6 +39,8 @@ def test_missing_sections_take_defaults():
     ({"probe": {"sentences": [{"name": "x", "a": "a crane", "word": "bird"}]}}, "probe.sentences[0].word", "bird"),
     ({"probe": {"sentences": [{"name": "x"}]}}, "probe.sentences[0]", "missing"),
     ({"data": {"parquet_urls": {"train": "u"}}}, "data.parquet_urls", "train, valid, test"),
+    ({"tracking": {"registered_model": "it's"}}, "tracking.registered_model", "empty (no registration)"),
+    ({"tracking": {"registered_model": 3}}, "tracking.registered_model", "a string"),
 ])
 def test_bad_values_name_the_key(raw, key, fragment):
     with pytest.raises(ConfigError) as err:

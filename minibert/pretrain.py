@@ -6,6 +6,7 @@ only rank 0 writes files and talks to MLflow.
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -65,7 +66,7 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
         ckpt_dir = paths.checkpoints / run_fingerprint(model_cfg, cfg, data_sha, vocab.sha256, d.world)
         model = build_model(model_cfg, len(vocab), seed=cfg.seed).to(device)
         opt = make_optimizer(model.parameters(), cfg, device)
-        latest = checkpoint.latest(ckpt_dir)
+        latest, damaged = checkpoint.latest(ckpt_dir)
         resumed = checkpoint.load(latest, model, opt) if latest else {}
         tracker = NullTracker()
         if d.is_main:
@@ -74,6 +75,8 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
                 tracker.log_params(params)
             tracker.set_tags({"train_pairs_sha256": data_sha, "vocab_sha256": vocab.sha256,
                               "device": str(device)})  # start_run adds the git and DVC tags
+            for line in damaged:
+                print(f"warning: pretrain: {line}", file=sys.stderr, flush=True)
             if latest:
                 print(f"pretrain: resuming from {latest} (step {resumed['step']})", flush=True)
         logged = tracker.last_step("mlm_loss") or 0
@@ -93,10 +96,10 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
             r = rows[-1]
             bar.update(r["step"], f"mlm {r['mlm_loss']:.3f}  nsp {r['nsp_loss']:.3f}  {r['pairs_per_sec']:.0f} pairs/s")
 
-        def on_checkpoint(step, history):
+        def on_checkpoint(step, history, scaler_state):
             if d.is_main:
                 return checkpoint.save(ckpt_dir, step, model, opt,
-                                       {"history": history, "mlflow_run_id": tracker.run_id})
+                                       {"history": history, "mlflow_run_id": tracker.run_id}, scaler_state)
             return None
 
         if d.is_main:
@@ -105,7 +108,7 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
         try:
             result = fit(net, opt, cfg, to_tensors(pairs, device), device, d,
                          start_step=resumed.get("step", 0), history=resumed.get("history"),
-                         on_log=on_log, on_checkpoint=on_checkpoint)
+                         on_log=on_log, on_checkpoint=on_checkpoint, scaler_state=resumed.get("scaler"))
         except (MinibertError, KeyboardInterrupt):
             tracker.close("KILLED")
             raise

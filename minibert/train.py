@@ -207,14 +207,18 @@ class FitResult:
 
 def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, data: dict[str, torch.Tensor],
         device: torch.device, d: distributed.Dist, *, start_step: int = 0, history: list | None = None,
-        on_log=None, on_checkpoint=None) -> FitResult:
+        on_log=None, on_checkpoint=None, scaler_state: dict | None = None) -> FitResult:
     """Train from `start_step` to `cfg.max_steps`.
 
     `on_log(rows)` receives new history rows after every host sync (rank 0 logs them);
-    `on_checkpoint(step, history)` is called every `checkpoint_every` steps and on SIGTERM/SIGINT
-    (then `fit` raises). Both run on every rank; the callee decides what rank 0 alone does."""
+    `on_checkpoint(step, history, scaler_state)` is called every `checkpoint_every` steps and on
+    SIGTERM/SIGINT (then `fit` raises); `scaler_state` is the fp16 GradScaler's (None otherwise),
+    given back as `scaler_state` on resume. Both run on every rank; the callee decides what rank 0
+    alone does."""
     amp_dtype = resolve_precision(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    if scaler is not None and scaler_state:  # the loss scale it had learnt, not the initial 2**16
+        scaler.load_state_dict(scaler_state)
     n = len(data["nsp_labels"])
     weights_all, lens_all = data["mlm_weights"].sum(1).cpu().numpy(), data["valid_lens"].cpu().numpy()
     history = list(history or [])
@@ -257,7 +261,7 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, da
                     on_log(rows)
                 interval = Interval()
                 if (ckpt_due or stopping) and not last and on_checkpoint:
-                    last_ckpt = on_checkpoint(step + 1, history)
+                    last_ckpt = on_checkpoint(step + 1, history, scaler.state_dict() if scaler else None)
                 if stopping and not last:  # on the last step: finish normally, outputs get written
                     raise MinibertError(f"stopped by signal at step {step + 1} of {cfg.max_steps}; checkpoint "
                                         f"saved ({last_ckpt}); rerun the stage to resume")

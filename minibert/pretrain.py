@@ -18,7 +18,7 @@ import torch
 from minibert import checkpoint, distributed, plots
 from minibert.artifacts import atomic_path, sha256_file, write_json
 from minibert.config import ModelConfig, TrackingConfig, TrainConfig
-from minibert.errors import MinibertError
+from minibert.errors import Interrupted
 from minibert.heap import release_cpu_memory, tune_cpu_malloc
 from minibert.model import Encoder, build_model, save_pretrained
 from minibert.pairs import load_pairs
@@ -60,6 +60,7 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
     if device.type == "cpu":
         tune_cpu_malloc()  # reuse the big per-step buffers instead of page-faulting them in every step
     d = distributed.init(device)
+    tracker = NullTracker()
     try:
         pairs, vocab = load_pairs(paths.pairs)[0], Vocab.load(paths.vocab)
         data_sha = sha256_file(paths.pairs)
@@ -68,7 +69,6 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
         opt = make_optimizer(model.parameters(), cfg, device)
         latest, damaged = checkpoint.latest(ckpt_dir)
         resumed = checkpoint.load(latest, model, opt) if latest else {}
-        tracker = NullTracker()
         if d.is_main:
             tracker = start_run(tracking_cfg, paths.root, run_id=resumed.get("mlflow_run_id"))
             if not resumed:
@@ -105,13 +105,9 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
         if d.is_main:
             print(f"pretrain: training steps {resumed.get('step', 0) + 1}..{cfg.max_steps} on {device} "
                   f"x{d.world}", flush=True)
-        try:
-            result = fit(net, opt, cfg, to_tensors(pairs, device), device, d,
-                         start_step=resumed.get("step", 0), history=resumed.get("history"),
-                         on_log=on_log, on_checkpoint=on_checkpoint, scaler_state=resumed.get("scaler"))
-        except (MinibertError, KeyboardInterrupt):
-            tracker.close("KILLED")
-            raise
+        result = fit(net, opt, cfg, to_tensors(pairs, device), device, d,
+                     start_step=resumed.get("step", 0), history=resumed.get("history"),
+                     on_log=on_log, on_checkpoint=on_checkpoint, scaler_state=resumed.get("scaler"))
         if not d.is_main:
             return {}
         opt.zero_grad(set_to_none=True)  # training's gradients and heap pages are not needed any more
@@ -143,8 +139,16 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
         tracker.close()
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # complete: nothing left to resume
         return metrics
+    except BaseException as e:  # anything at all: never leave the MLflow run RUNNING
+        tracker.close(run_status(e))
+        raise
     finally:
         distributed.shutdown()
+
+
+def run_status(e: BaseException) -> str:
+    """MLflow's end state for a run stopped by `e`: KILLED when asked to stop, FAILED otherwise (NaN too)."""
+    return "KILLED" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "FAILED"
 
 
 def encoder_example(pairs: dict) -> dict:

@@ -19,7 +19,7 @@ import torch
 
 from minibert import distributed
 from minibert.config import TrainConfig
-from minibert.errors import MinibertError
+from minibert.errors import Interrupted, MinibertError
 from minibert.pairs import FIELDS
 
 
@@ -263,7 +263,7 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, da
                 if (ckpt_due or stopping) and not last and on_checkpoint:
                     last_ckpt = on_checkpoint(step + 1, history, scaler.state_dict() if scaler else None)
                 if stopping and not last:  # on the last step: finish normally, outputs get written
-                    raise MinibertError(f"stopped by signal at step {step + 1} of {cfg.max_steps}; checkpoint "
+                    raise Interrupted(f"stopped by signal at step {step + 1} of {cfg.max_steps}; checkpoint "
                                         f"saved ({last_ckpt}); rerun the stage to resume")
                 interval.t0 = time.perf_counter()
     return FitResult(history=history, train_s=train_s, pairs=pairs, tokens=tokens)

@@ -24,8 +24,8 @@ from minibert.evaluate import evaluate
 from minibert.heap import tune_cpu_malloc
 from minibert.model import build_model
 from minibert.pretrain import Paths
-from minibert.train import (batch_indices, get_lr, make_optimizer, resolve_precision, step_seed, take, to_tensors,
-                            train_step)
+from minibert.batches import take, to_tensors
+from minibert.train import batch_indices, get_lr, make_optimizer, resolve_precision, step_seed, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -27,13 +27,12 @@ from minibert.evaluate import evaluate
 from minibert.heap import tune_cpu_malloc
 from minibert.model import build_model
 from minibert.pretrain import Paths
+from minibert.batches import take, to_tensors
 from minibert.train import (
     batch_indices,
     make_optimizer,
     resolve_precision,
     step_seed,
-    take,
-    to_tensors,
     train_step,
 )
 

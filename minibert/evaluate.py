@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from minibert.errors import DataError, MinibertError
 from minibert.pairs import load_pairs  # noqa: F401 (re-exported: the evaluate stage reads valid pairs)
 from minibert.progress import Progress
-from minibert.train import take, to_tensors
+from minibert.batches import take, to_tensors
 
 
 def check_vocab(model_meta: dict, pairs_meta: dict[str, str], pairs_path: str | Path) -> None:

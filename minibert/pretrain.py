@@ -17,6 +17,7 @@ import torch
 
 from minibert import checkpoint, distributed, plots
 from minibert.artifacts import atomic_path, sha256_file, write_json
+from minibert.batches import resolve_device, to_tensors
 from minibert.config import ModelConfig, TrackingConfig, TrainConfig
 from minibert.errors import Interrupted
 from minibert.heap import release_cpu_memory, tune_cpu_malloc
@@ -24,7 +25,7 @@ from minibert.model import Encoder, build_model, save_pretrained
 from minibert.pairs import load_pairs
 from minibert.progress import Progress
 from minibert.tracking import NullTracker, start_run
-from minibert.train import fit, make_optimizer, resolve_device, resolve_precision, to_tensors
+from minibert.train import fit, make_optimizer, resolve_precision
 from minibert.vocab import Vocab
 
 # Settings that do not change the numbers: a run may resume across a change of these.

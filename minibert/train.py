@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from minibert import distributed
+from minibert.batches import take
 from minibert.config import TrainConfig
 from minibert.errors import Interrupted, MinibertError
-from minibert.pairs import FIELDS
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:
@@ -47,16 +47,6 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        name = f"cuda:{local_rank}"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MinibertError(f"train.device = {name!r} but no CUDA device is visible; set train.device: cpu or auto")
-    return torch.device(name)
-
-
 def cpu_has_fast_bf16() -> bool:
     """AMX or AVX512-BF16: the CPU multiplies bf16 natively."""
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch.cpu's private probes
@@ -69,27 +59,6 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()
         precision = "bf16" if fast else "fp32"
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def to_tensors(pairs: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-    """Pre-stacked tensors, converted once: ids and positions as int32 (the model widens a batch's own
-    ids; int64 copies of the whole split cost 50 MB of RSS here), weights as float32. On CPU the
-    tensors share memory with `pairs` when the dtypes already match."""
-    out = {k: torch.from_numpy(np.asarray(pairs[k], dtype=np.float32 if k == "mlm_weights" else np.int32))
-           for k in FIELDS}
-    if device.type == "cuda":
-        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in out.items()}
-    return out
-
-
-def take(data: dict[str, torch.Tensor], idx: np.ndarray) -> dict[str, torch.Tensor]:
-    """One batch, trimmed to its longest sequence (pad columns beyond it change nothing)."""
-    i = torch.from_numpy(idx).to(data["valid_lens"].device)
-    batch = {k: v.index_select(0, i) for k, v in data.items()}
-    t = int(batch["valid_lens"].max())
-    batch["token_ids"] = batch["token_ids"][:, :t]  # (b, t)
-    batch["segments"] = batch["segments"][:, :t]    # (b, t)
-    return batch
 
 
 @dataclass

@@ -13,7 +13,7 @@ from minibert.errors import stage_errors
 from minibert.evaluate import check_vocab, evaluate, load_pairs
 from minibert.model import load_pretrained
 from minibert.tracking import pretrain_run
-from minibert.train import resolve_device
+from minibert.batches import resolve_device
 
 app = typer.Typer(add_completion=False)
 

@@ -17,7 +17,7 @@ from minibert.model import load_pretrained
 from minibert.plots import similarity_heatmap
 from minibert.probes import check_model_vocab, flat_metrics, run_probes
 from minibert.tracking import pretrain_run
-from minibert.train import resolve_device
+from minibert.batches import resolve_device
 from minibert.vocab import Vocab
 
 app = typer.Typer(add_completion=False)

@@ -18,7 +18,8 @@ from minibert.artifacts import save_arrays
 from minibert.config import ModelConfig, PairsConfig, TrainConfig
 from minibert.model import build_model
 from minibert.pairs import make_pairs
-from minibert.train import make_optimizer, take, to_tensors, train_step
+from minibert.batches import take, to_tensors
+from minibert.train import make_optimizer, train_step
 from minibert.vocab import build_vocab, encode_paragraphs
 
 ROOT = Path(__file__).resolve().parents[1]

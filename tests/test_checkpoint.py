@@ -14,7 +14,8 @@ from minibert import checkpoint, distributed
 from minibert.artifacts import load_arrays
 from minibert.config import ModelConfig, TrainConfig
 from minibert.model import build_model
-from minibert.train import fit, make_optimizer, to_tensors
+from minibert.batches import to_tensors
+from minibert.train import fit, make_optimizer
 from tiny_project import TINY_MODEL, make_workspace, popen_stage, stage
 
 CPU = torch.device("cpu")

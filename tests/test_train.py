@@ -190,7 +190,8 @@ def test_mixed_precision_trains_on_cpu(tmp_path, precision):
     from minibert.artifacts import load_arrays
     from minibert.config import ModelConfig
     from minibert.model import build_model
-    from minibert.train import fit, make_optimizer, to_tensors
+    from minibert.batches import to_tensors
+    from minibert.train import fit, make_optimizer
     from tiny_project import TINY_MODEL
 
     root = make_workspace(tmp_path)

@@ -23,7 +23,7 @@ from rich.table import Table
 
 from minibert.artifacts import atomic_path
 from minibert.config import ProbeSpec, TrackingConfig
-from minibert.errors import DataError, MinibertError, stage_errors
+from minibert.errors import MinibertError, stage_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="minibert: BERT pretraining on WikiText-2 (the d2l chapter) as a DVC + MLflow pipeline.")
@@ -114,8 +114,7 @@ def _table(df, title: str, mark: list[bool] | None = None) -> Table:
 
 def _load(checkpoint: Path | None, run: str | None, vocab: Path | None, tmp: Path):
     """(model, vocabulary) from a folder or from the `weights/` artifacts of an MLflow run."""
-    from minibert.model import load_pretrained
-    from minibert.probes import check_model_vocab
+    from minibert.model import check_vocab, load_pretrained
     from minibert.vocab import Vocab
 
     if run and checkpoint:
@@ -128,10 +127,7 @@ def _load(checkpoint: Path | None, run: str | None, vocab: Path | None, tmp: Pat
     vocab = vocab or (folder / "vocab.txt" if run else Path("data/tokens/vocab.txt"))
     model, meta = load_pretrained(folder)
     voc = Vocab.load(vocab)
-    check_model_vocab(meta, voc, vocab)
-    if len(voc) != model.vocab_size:
-        raise DataError(f"{vocab}: {len(voc)} entries but the model has {model.vocab_size}; "
-                        "pass the vocab.txt the model was trained with (--vocab)")
+    check_vocab(meta, voc.sha256, vocab)
     return model, voc
 
 

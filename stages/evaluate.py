@@ -10,8 +10,8 @@ import typer
 from minibert.artifacts import write_json
 from minibert.config import load_config
 from minibert.errors import stage_errors
-from minibert.evaluate import check_vocab, evaluate, load_pairs
-from minibert.model import load_pretrained
+from minibert.evaluate import evaluate, load_pairs
+from minibert.model import check_vocab, load_pretrained
 from minibert.tracking import pretrain_run
 from minibert.batches import resolve_device
 
@@ -29,7 +29,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file"),
         device = resolve_device("auto")
         model, meta = load_pretrained(models, device)
         arrays, pairs_meta = load_pairs(pairs)
-        check_vocab(meta, pairs_meta, pairs)
+        check_vocab(meta, pairs_meta.get("vocab_sha256"), pairs)
         m = evaluate(model, arrays, cfg.eval.batch_size, device)
         m = {k: round(v, 6) if isinstance(v, float) else v for k, v in m.items()}
         write_json(out, m)

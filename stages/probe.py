@@ -13,9 +13,9 @@ import typer
 from minibert.artifacts import atomic_path, write_json
 from minibert.config import load_config
 from minibert.errors import stage_errors
-from minibert.model import load_pretrained
+from minibert.model import check_vocab, load_pretrained
 from minibert.plots import similarity_heatmap
-from minibert.probes import check_model_vocab, flat_metrics, run_probes
+from minibert.probes import flat_metrics, run_probes
 from minibert.tracking import pretrain_run
 from minibert.batches import resolve_device
 from minibert.vocab import Vocab
@@ -36,7 +36,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file"),
         device = resolve_device("auto")
         model, meta = load_pretrained(models, device)
         voc = Vocab.load(vocab)
-        check_model_vocab(meta, voc, vocab)
+        check_vocab(meta, voc.sha256, vocab)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             df, metrics, sim, labels = run_probes(model, voc, cfg.probe, device)

@@ -37,7 +37,7 @@ def time_to_target(name: str, raw: dict, train: dict, valid: dict, vocab_size: i
     amp = resolve_precision(tcfg.precision, DEVICE)
     data = to_tensors(train, DEVICE)
     model = build_model(cfg.model, vocab_size, seed=tcfg.seed).to(DEVICE)
-    opt = make_optimizer(model.parameters(), tcfg, DEVICE)
+    opt = make_optimizer(model.parameters(), tcfg)
     train_s, loss, step = 0.0, float("inf"), 0
     while step < max_steps and loss > target:
         model.train()

@@ -47,7 +47,7 @@ def train_and_evaluate(train: dict, valid: dict, vocab_size: int, seed: int, pre
     data = to_tensors(train, DEVICE)
     n = len(data["nsp_labels"])
     model = build_model(ModelConfig(), vocab_size, seed=cfg.seed).to(DEVICE).train()
-    opt = make_optimizer(model.parameters(), cfg, DEVICE)
+    opt = make_optimizer(model.parameters(), cfg)
     out, train_s = [], 0.0
     for step in range(cfg.max_steps):  # fit's single-process loop (constant lr: the book's schedule)
         t0 = time.perf_counter()

@@ -145,7 +145,7 @@ def run_precision(precision: str, pairs_file: Path, vocab_size: int, steps: int,
     data = to_tensors(load_arrays(pairs_file), DEVICE)
     n = len(data["nsp_labels"])
     model = build_model(model_cfg, vocab_size, seed=cfg.seed).to(DEVICE).train()
-    opt = make_optimizer(model.parameters(), cfg, DEVICE)
+    opt = make_optimizer(model.parameters(), cfg)
     rows = []
     with phase_marks(opt) as marks:
         for step in range(warmup + steps):

@@ -67,7 +67,7 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
         data_sha = sha256_file(paths.pairs)
         ckpt_dir = paths.checkpoints / run_fingerprint(model_cfg, cfg, data_sha, vocab.sha256, d.world)
         model = build_model(model_cfg, len(vocab), seed=cfg.seed).to(device)
-        opt = make_optimizer(model.parameters(), cfg, device)
+        opt = make_optimizer(model.parameters(), cfg)
         latest, damaged = checkpoint.latest(ckpt_dir)
         resumed = checkpoint.load(latest, model, opt) if latest else {}
         if d.is_main:

@@ -108,7 +108,7 @@ class StopFlag:
         self.signum = signum
 
 
-def make_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     # fused Adam: one kernel over all parameters (CUDA, and CPU since torch 2.4: ~5 ms/step saved here)
     return torch.optim.Adam(params, lr=cfg.lr, fused=True)
 

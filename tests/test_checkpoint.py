@@ -88,7 +88,7 @@ def tiny_state(precision="fp32"):
     cfg = TrainConfig(batch_size=1, max_steps=7, lr=3e-3, device="cpu", precision=precision, checkpoint_every=3,
                       threads=1)
     model = build_model(ModelConfig(**TINY_MODEL), 99, seed=5)
-    return cfg, model, make_optimizer(model.parameters(), cfg, CPU)
+    return cfg, model, make_optimizer(model.parameters(), cfg)
 
 
 def test_json_records_size_and_sha256_of_the_tensors(tmp_path):

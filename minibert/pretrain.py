@@ -8,7 +8,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,6 @@ from minibert.tracking import NullTracker, start_run
 from minibert.train import fit, make_optimizer, resolve_precision
 from minibert.vocab import Vocab
 
-# Settings that do not change the numbers: a run may resume across a change of these.
-NOT_NUMERIC = ("log_every", "checkpoint_every", "rdzv_endpoint", "rdzv_id", "nodes", "devices")
-
-
 @dataclass(frozen=True)
 class Paths:
     root: Path = Path(".")
@@ -46,7 +42,8 @@ class Paths:
 
 
 def run_fingerprint(model_cfg: ModelConfig, cfg: TrainConfig, data_sha: str, vocab_sha: str, world: int) -> str:
-    train = {k: v for k, v in asdict(cfg).items() if k not in NOT_NUMERIC}
+    """Hash of everything that changes the numbers: train fields not marked `config.NOT_NUMERIC`, and more."""
+    train = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.metadata.get("numeric", True)}
     return checkpoint.fingerprint({"model": asdict(model_cfg), "train": train, "data": data_sha,
                                    "vocab": vocab_sha, "world": world})
 

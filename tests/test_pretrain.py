@@ -1,11 +1,12 @@
 """run_pretrain's MLflow run ends FINISHED only on success, FAILED on any error, KILLED on a signal (real sqlite)."""
 import signal
 import time
+from dataclasses import field, make_dataclass, replace
 
 import pytest
 
 from minibert import pretrain
-from minibert.config import load_config
+from minibert.config import NOT_NUMERIC, ModelConfig, TrainConfig, load_config
 from minibert.errors import MinibertError
 from tiny_project import make_workspace, popen_stage
 
@@ -68,3 +69,24 @@ def test_signal_is_killed(tmp_path, signum):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1 and "stopped by signal at step" in err, err
     assert statuses(root) == ["KILLED"]
+
+
+def fingerprint(cfg):
+    return pretrain.run_fingerprint(ModelConfig(), cfg, "d" * 64, "v" * 64, 1)
+
+
+def test_fingerprint_ignores_only_fields_marked_not_numeric():
+    base = fingerprint(TrainConfig())
+    for change in ({"threads": 1}, {"compile": True}, {"log_every": 7}, {"checkpoint_every": 13}, {"nodes": 2},
+                   {"devices": 2}, {"rdzv_id": "x"}, {"rdzv_endpoint": "h:1"}):
+        assert fingerprint(replace(TrainConfig(), **change)) == base, change
+    for change in ({"lr": 0.002}, {"seed": 1}, {"micro_batches": 3}, {"precision": "bf16"}, {"max_steps": 99}):
+        assert fingerprint(replace(TrainConfig(), **change)) != base, change
+
+
+def test_a_new_train_field_is_fingerprinted_unless_marked():
+    Newer = make_dataclass("Newer", [("knob", int, field(default=0)),
+                                     ("verbosity", int, field(default=0, metadata=NOT_NUMERIC))],
+                           bases=(TrainConfig,), frozen=True)
+    assert fingerprint(Newer(knob=1)) != fingerprint(Newer(knob=0))
+    assert fingerprint(Newer(verbosity=1)) == fingerprint(Newer(verbosity=0))

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 from bench.train import DEFAULT_DATA, DEVICE, load_splits
+from minibert import layout
+from minibert.batches import take, to_tensors
 from minibert.config import EvalConfig, ModelConfig, TrainConfig
 from minibert.evaluate import evaluate
 from minibert.heap import tune_cpu_malloc
 from minibert.model import build_model
-from minibert.pretrain import Paths
-from minibert.batches import take, to_tensors
 from minibert.train import (
     batch_indices,
     make_optimizer,
@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated train seeds")
     ap.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16")
     ap.add_argument("--data", default=DEFAULT_DATA, help="WikiText-2 folder or zip (pairs built in-process)")
-    ap.add_argument("--pairs", type=Path, default=Paths().pairs.parent, help="pipeline pairs folder, used if present")
+    ap.add_argument("--pairs", type=Path, default=layout.PAIRS, help="pipeline pairs folder, used if present")
     a = ap.parse_args()
     steps, seeds, precisions = int_list(a.steps, "--steps"), int_list(a.seeds, "--seeds"), a.precision.split(",")
     if bad := [p for p in precisions if p not in ("fp32", "bf16")]:

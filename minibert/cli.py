@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from minibert import layout
 from minibert.artifacts import atomic_path
 from minibert.config import ProbeSpec, TrackingConfig
 from minibert.errors import MinibertError, stage_errors
@@ -119,12 +120,12 @@ def _load(checkpoint: Path | None, run: str | None, vocab: Path | None, tmp: Pat
 
     if run and checkpoint:
         raise MinibertError("give either --checkpoint or --run, not both")
-    folder = checkpoint or Path("models")
+    folder = checkpoint or layout.MODELS
     if run:
         from minibert.tracking import download_artifacts
 
         folder = download_artifacts(run, "weights", tmp, Path("."))
-    vocab = vocab or (folder / "vocab.txt" if run else Path("data/tokens/vocab.txt"))
+    vocab = vocab or (folder / layout.VOCAB.name if run else layout.VOCAB)
     model, meta = load_pretrained(folder)
     voc = Vocab.load(vocab)
     check_vocab(meta, voc.sha256, vocab)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from minibert import layout
 from minibert.errors import MinibertError
 
 
@@ -334,7 +335,7 @@ def config_from_dict(raw: dict, source: str = "params") -> Config:
         raise ConfigError(f"{source}: {e.key} = {e.value!r} is invalid{via}: expected {e.allowed}") from None
 
 
-def load_config(path: str | Path = "params.yaml") -> Config:
+def load_config(path: str | Path = layout.PARAMS) -> Config:
     """Read `params.yaml`; missing sections take their defaults, anything unknown is an error."""
     path = Path(path)
     if not path.is_file():

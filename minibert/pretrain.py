@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from minibert import checkpoint, distributed, plots
+from minibert import checkpoint, distributed, layout, plots
 from minibert.artifacts import atomic_path, sha256_file, write_json
 from minibert.batches import resolve_device, to_tensors
 from minibert.config import ModelConfig, TrackingConfig, TrainConfig
@@ -31,14 +31,14 @@ from minibert.vocab import Vocab
 @dataclass(frozen=True)
 class Paths:
     root: Path = Path(".")
-    pairs: Path = Path("data/pairs/train.safetensors")
-    vocab: Path = Path("data/tokens/vocab.txt")
-    models: Path = Path("models")
-    metrics: Path = Path("metrics/train.json")
-    curve_csv: Path = Path("plots/train_loss.csv")
-    curve_png: Path = Path("plots/train_loss.png")
-    checkpoints: Path = Path("checkpoints")
-    params_file: Path | None = Path("params.yaml")
+    pairs: Path = layout.TRAIN_PAIRS
+    vocab: Path = layout.VOCAB
+    models: Path = layout.MODELS
+    metrics: Path = layout.TRAIN_METRICS
+    curve_csv: Path = layout.TRAIN_CURVE_CSV
+    curve_png: Path = layout.TRAIN_CURVE_PNG
+    checkpoints: Path = layout.CHECKPOINTS
+    params_file: Path | None = layout.PARAMS
 
 
 def run_fingerprint(model_cfg: ModelConfig, cfg: TrainConfig, data_sha: str, vocab_sha: str, world: int) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from minibert import layout
 from minibert.artifacts import write_json
 from minibert.config import load_config
 from minibert.errors import stage_errors
@@ -19,11 +20,11 @@ app = typer.Typer(add_completion=False)
 
 
 @app.command()
-def main(params: Path = typer.Option("params.yaml", help="params file"),
-         models: Path = typer.Option("models", help="folder with bert.safetensors and bert.json"),
-         pairs: Path = typer.Option("data/pairs/valid.safetensors", help="held-out pairs"),
-         train_metrics: Path = typer.Option("metrics/train.json", help="pretrain metrics (MLflow run id)"),
-         out: Path = typer.Option("metrics/eval.json", help="output metrics file")) -> None:
+def main(params: Path = typer.Option(layout.PARAMS, help="params file"),
+         models: Path = typer.Option(layout.MODELS, help="folder with bert.safetensors and bert.json"),
+         pairs: Path = typer.Option(layout.VALID_PAIRS, help="held-out pairs"),
+         train_metrics: Path = typer.Option(layout.TRAIN_METRICS, help="pretrain metrics (MLflow run id)"),
+         out: Path = typer.Option(layout.EVAL_METRICS, help="output metrics file")) -> None:
     with stage_errors("evaluate"):
         cfg = load_config(params)
         device = resolve_device("auto")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import typer
 
+from minibert import layout
 from minibert.artifacts import atomic_path, write_json
 from minibert.config import load_config
 from minibert.errors import stage_errors
@@ -24,13 +25,13 @@ app = typer.Typer(add_completion=False)
 
 
 @app.command()
-def main(params: Path = typer.Option("params.yaml", help="params file"),
-         models: Path = typer.Option("models", help="folder with bert.safetensors and bert.json"),
-         vocab: Path = typer.Option("data/tokens/vocab.txt", help="vocabulary"),
-         train_metrics: Path = typer.Option("metrics/train.json", help="pretrain metrics (MLflow run id)"),
-         table: Path = typer.Option("probes/probe_table.parquet", help="probe table (a .csv is written beside it)"),
-         heatmap: Path = typer.Option("plots/probe_similarity.png", help="similarity heatmap"),
-         out: Path = typer.Option("metrics/probe.json", help="output metrics file")) -> None:
+def main(params: Path = typer.Option(layout.PARAMS, help="params file"),
+         models: Path = typer.Option(layout.MODELS, help="folder with bert.safetensors and bert.json"),
+         vocab: Path = typer.Option(layout.VOCAB, help="vocabulary"),
+         train_metrics: Path = typer.Option(layout.TRAIN_METRICS, help="pretrain metrics (MLflow run id)"),
+         table: Path = typer.Option(layout.PROBE_TABLE, help="probe table (a .csv is written beside it)"),
+         heatmap: Path = typer.Option(layout.PROBE_HEATMAP, help="similarity heatmap"),
+         out: Path = typer.Option(layout.PROBE_METRICS, help="output metrics file")) -> None:
     with stage_errors("probe"):
         cfg = load_config(params)
         device = resolve_device("auto")

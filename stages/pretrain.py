@@ -24,7 +24,8 @@ def main(params: Path = typer.Option(layout.PARAMS, help="params file"),
          models: Path = typer.Option(layout.MODELS, help="output folder for bert.safetensors/bert.json"),
          metrics: Path = typer.Option(layout.METRICS, help="metrics folder"),
          plots: Path = typer.Option(layout.PLOTS, help="plots folder"),
-         checkpoints: Path = typer.Option(layout.CHECKPOINTS, help="resumable state (kept until a run completes)")) -> None:
+         checkpoints: Path = typer.Option(layout.CHECKPOINTS,
+                                          help="resumable state (kept until a run completes)")) -> None:
     with stage_errors("pretrain"):
         cfg = load_config(params)
         cmd = distributed.launch_command(cfg.train, sys.argv[1:])

@@ -22,7 +22,7 @@ PLUMBING = {
     "minibert/artifacts.py": "temp file then rename, sha256: writes the callers' bytes unchanged",
     "minibert/progress.py": "progress bars on stderr",
     "minibert/heap.py": "glibc malloc settings: speed and memory, never values",
-    "minibert/layout.py": "default paths; dvc.yaml spells the same paths itself (test_layout.py), so a move shows there",
+    "minibert/layout.py": "default paths; dvc.yaml spells them out itself (test_layout.py), so a move shows there",
 }
 
 

@@ -19,25 +19,25 @@ import torch
 import yaml
 
 from bench.train import DEFAULT_DATA, DEVICE, load_splits
+from minibert import layout
+from minibert.batches import take, to_tensors
 from minibert.config import config_from_dict
 from minibert.evaluate import evaluate
 from minibert.heap import tune_cpu_malloc
 from minibert.model import build_model
-from minibert.pretrain import Paths
-from minibert.train import (batch_indices, get_lr, make_optimizer, resolve_precision, step_seed, take, to_tensors,
-                            train_step)
+from minibert.train import batch_indices, get_lr, make_optimizer, resolve_precision, step_seed, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def time_to_target(name: str, raw: dict, train: dict, valid: dict, vocab_size: int, target: float,
                    every: int, max_steps: int) -> dict:
-    cfg = config_from_dict({**raw, "preset": name}, "params.yaml")
+    cfg = config_from_dict({**raw, "preset": name}, str(layout.PARAMS))
     tcfg = cfg.train
     amp = resolve_precision(tcfg.precision, DEVICE)
     data = to_tensors(train, DEVICE)
     model = build_model(cfg.model, vocab_size, seed=tcfg.seed).to(DEVICE)
-    opt = make_optimizer(model.parameters(), tcfg, DEVICE)
+    opt = make_optimizer(model.parameters(), tcfg)
     train_s, loss, step = 0.0, float("inf"), 0
     while step < max_steps and loss > target:
         model.train()
@@ -62,9 +62,9 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=6.77)
     ap.add_argument("--every", type=int, default=5)
     ap.add_argument("--max-steps", type=int, default=100)
-    ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    ap.add_argument("--params", type=Path, default=ROOT / layout.PARAMS)
     ap.add_argument("--data", default=DEFAULT_DATA)
-    ap.add_argument("--pairs", type=Path, default=Paths().pairs.parent)
+    ap.add_argument("--pairs", type=Path, default=layout.PAIRS)
     a = ap.parse_args()
     tune_cpu_malloc()
     splits, vocab_size, _ = load_splits(("train", "valid"), a.data, a.pairs)

@@ -22,18 +22,17 @@ from pathlib import Path
 import torch
 
 from bench.train import DEFAULT_DATA, DEVICE, load_splits
+from minibert import layout
+from minibert.batches import take, to_tensors
 from minibert.config import EvalConfig, ModelConfig, TrainConfig
 from minibert.evaluate import evaluate
 from minibert.heap import tune_cpu_malloc
 from minibert.model import build_model
-from minibert.pretrain import Paths
 from minibert.train import (
     batch_indices,
     make_optimizer,
     resolve_precision,
     step_seed,
-    take,
-    to_tensors,
     train_step,
 )
 
@@ -48,7 +47,7 @@ def train_and_evaluate(train: dict, valid: dict, vocab_size: int, seed: int, pre
     data = to_tensors(train, DEVICE)
     n = len(data["nsp_labels"])
     model = build_model(ModelConfig(), vocab_size, seed=cfg.seed).to(DEVICE).train()
-    opt = make_optimizer(model.parameters(), cfg, DEVICE)
+    opt = make_optimizer(model.parameters(), cfg)
     out, train_s = [], 0.0
     for step in range(cfg.max_steps):  # fit's single-process loop (constant lr: the book's schedule)
         t0 = time.perf_counter()
@@ -111,7 +110,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated train seeds")
     ap.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16")
     ap.add_argument("--data", default=DEFAULT_DATA, help="WikiText-2 folder or zip (pairs built in-process)")
-    ap.add_argument("--pairs", type=Path, default=Paths().pairs.parent, help="pipeline pairs folder, used if present")
+    ap.add_argument("--pairs", type=Path, default=layout.PAIRS, help="pipeline pairs folder, used if present")
     a = ap.parse_args()
     steps, seeds, precisions = int_list(a.steps, "--steps"), int_list(a.seeds, "--seeds"), a.precision.split(",")
     if bad := [p for p in precisions if p not in ("fp32", "bf16")]:

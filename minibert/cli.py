@@ -23,9 +23,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from minibert import layout
 from minibert.artifacts import atomic_path
 from minibert.config import ProbeSpec, TrackingConfig
-from minibert.errors import DataError, MinibertError, stage_errors
+from minibert.errors import MinibertError, stage_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="minibert: BERT pretraining on WikiText-2 (the d2l chapter) as a DVC + MLflow pipeline.")
@@ -117,13 +118,12 @@ def _table(df, title: str, mark: list[bool] | None = None) -> Table:
 def _load(checkpoint: Path | None, run: str | None, vocab: Path | None, tmp: Path, model: str | None = None):
     """(model, vocabulary, bert.json) from a folder, the `weights/` artifacts of an MLflow run, or a
     registered model (`models:/minibert-encoder@champion`)."""
-    from minibert.model import load_pretrained
-    from minibert.probes import check_model_vocab
+    from minibert.model import check_vocab, load_pretrained
     from minibert.vocab import Vocab
 
     if sum(x is not None for x in (checkpoint, run, model)) > 1:
         raise MinibertError("give one of --checkpoint, --run, --model")
-    folder = checkpoint or Path("models")
+    folder = checkpoint or layout.MODELS
     if run:
         from minibert.tracking import download_artifacts
 
@@ -132,13 +132,10 @@ def _load(checkpoint: Path | None, run: str | None, vocab: Path | None, tmp: Pat
         from minibert.tracking import download_model
 
         folder = download_model(model, tmp, Path("."))
-    vocab = vocab or (folder / "vocab.txt" if run or model else Path("data/tokens/vocab.txt"))
+    vocab = vocab or (folder / layout.VOCAB.name if run or model else layout.VOCAB)
     model, meta = load_pretrained(folder)
     voc = Vocab.load(vocab)
-    check_model_vocab(meta, voc, vocab)
-    if len(voc) != model.vocab_size:
-        raise DataError(f"{vocab}: {len(voc)} entries but the model has {model.vocab_size}; "
-                        "pass the vocab.txt the model was trained with (--vocab)")
+    check_vocab(meta, voc.sha256, vocab)
     return model, voc, meta
 
 

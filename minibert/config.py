@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
+from minibert import layout
 from minibert.errors import MinibertError
 
 
@@ -114,6 +115,13 @@ class ModelConfig:
         _require(self.max_len >= 5, "max_len", self.max_len, "an integer >= 5")
 
 
+# Field metadata of a train setting that cannot change what a run computes, only how it runs (logging,
+# checkpoint cadence, process layout, thread count, compilation: the last two may move the last bits, as
+# another machine would). A checkpoint fingerprint leaves these out, so a run resumes across a change of
+# them; every other field, including one added later without this mark, is fingerprinted.
+NOT_NUMERIC = {"numeric": False}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     lr: float = 1e-3
@@ -135,21 +143,21 @@ class TrainConfig:
     """`auto` (cuda when available, else cpu), `cpu`, `cuda` or `cuda:N`."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     """Autocast dtype; losses stay fp32. `auto`: bf16 where the hardware runs it fast."""
-    log_every: int = 1
+    log_every: int = field(default=1, metadata=NOT_NUMERIC)
     """Steps between loss syncs to the host (and MLflow points)."""
-    checkpoint_every: int = 25
+    checkpoint_every: int = field(default=25, metadata=NOT_NUMERIC)
     """Steps between resumable checkpoints (0: only on SIGTERM/SIGINT)."""
-    devices: int | Literal["auto"] = 1
+    devices: int | Literal["auto"] = field(default=1, metadata=NOT_NUMERIC)  # the world size is fingerprinted
     """Processes per node: a number, or `auto` (one per visible GPU, else 1)."""
-    nodes: int = 1
+    nodes: int = field(default=1, metadata=NOT_NUMERIC)
     """Machines taking part; > 1 needs a rendezvous endpoint every node can reach."""
-    rdzv_endpoint: str = "localhost:29500"
+    rdzv_endpoint: str = field(default="localhost:29500", metadata=NOT_NUMERIC)
     """host:port of the c10d rendezvous used when the stage launches itself."""
-    rdzv_id: str = "minibert"
+    rdzv_id: str = field(default="minibert", metadata=NOT_NUMERIC)
     """Job id shared by every node of one run."""
-    threads: int = 0
+    threads: int = field(default=0, metadata=NOT_NUMERIC)
     """torch intra-op threads (0: torch's default)."""
-    compile: bool = False
+    compile: bool = field(default=False, metadata=NOT_NUMERIC)
     """Wrap the model in torch.compile (pays off on long runs only)."""
 
     def __post_init__(self):
@@ -334,7 +342,7 @@ def config_from_dict(raw: dict, source: str = "params") -> Config:
         raise ConfigError(f"{source}: {e.key} = {e.value!r} is invalid{via}: expected {e.allowed}") from None
 
 
-def load_config(path: str | Path = "params.yaml") -> Config:
+def load_config(path: str | Path = layout.PARAMS) -> Config:
     """Read `params.yaml`; missing sections take their defaults, anything unknown is an error."""
     path = Path(path)
     if not path.is_file():

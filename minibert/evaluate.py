@@ -7,8 +7,6 @@ short last batch like a full one). Accuracy is top-1 over the real masked slots 
 from __future__ import annotations
 
 import math
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -16,18 +14,7 @@ import torch.nn.functional as F
 from minibert.errors import DataError, MinibertError
 from minibert.pairs import load_pairs  # noqa: F401 (re-exported: the evaluate stage reads valid pairs)
 from minibert.progress import Progress
-from minibert.train import take, to_tensors
-
-
-def check_vocab(model_meta: dict, pairs_meta: dict[str, str], pairs_path: str | Path) -> None:
-    """Fail when the model was trained on another vocabulary than the pairs were encoded with."""
-    want, got = model_meta.get("vocab_sha256"), pairs_meta.get("vocab_sha256")
-    if not want or not got:
-        which = "model metadata (bert.json)" if not want else f"{pairs_path} metadata"
-        raise DataError(f"{which} has no vocab_sha256; re-run the pairs and pretrain stages")
-    if want != got:
-        raise DataError(f"{pairs_path}: vocabulary {got[:12]}… differs from the model's {want[:12]}…; "
-                        "re-run `dvc repro` so pairs and model share one vocabulary")
+from minibert.batches import take, to_tensors
 
 
 def evaluate(model: torch.nn.Module, pairs: dict[str, np.ndarray], batch_size: int,

@@ -6,45 +6,44 @@ only rank 0 writes files and talks to MLflow.
 from __future__ import annotations
 
 import shutil
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
-from minibert import checkpoint, distributed, plots
+from minibert import checkpoint, distributed, layout, plots
 from minibert.artifacts import atomic_path, sha256_file, write_json
+from minibert.batches import resolve_device, to_tensors
 from minibert.config import ModelConfig, TrackingConfig, TrainConfig
-from minibert.errors import MinibertError
+from minibert.errors import Interrupted
 from minibert.heap import release_cpu_memory, tune_cpu_malloc
 from minibert.model import Encoder, build_model, save_pretrained
 from minibert.pairs import load_pairs
 from minibert.progress import Progress
 from minibert.tracking import NullTracker, log_text_model, register_version, start_run
-from minibert.train import fit, make_optimizer, resolve_device, resolve_precision, to_tensors
+from minibert.train import fit, make_optimizer, resolve_precision
 from minibert.vocab import Vocab
-
-# Settings that do not change the numbers: a run may resume across a change of these.
-NOT_NUMERIC = ("log_every", "checkpoint_every", "rdzv_endpoint", "rdzv_id", "nodes", "devices")
-
 
 @dataclass(frozen=True)
 class Paths:
     root: Path = Path(".")
-    pairs: Path = Path("data/pairs/train.safetensors")
-    vocab: Path = Path("data/tokens/vocab.txt")
-    models: Path = Path("models")
-    metrics: Path = Path("metrics/train.json")
-    curve_csv: Path = Path("plots/train_loss.csv")
-    curve_png: Path = Path("plots/train_loss.png")
-    checkpoints: Path = Path("checkpoints")
-    params_file: Path | None = Path("params.yaml")
+    pairs: Path = layout.TRAIN_PAIRS
+    vocab: Path = layout.VOCAB
+    models: Path = layout.MODELS
+    metrics: Path = layout.TRAIN_METRICS
+    curve_csv: Path = layout.TRAIN_CURVE_CSV
+    curve_png: Path = layout.TRAIN_CURVE_PNG
+    checkpoints: Path = layout.CHECKPOINTS
+    params_file: Path | None = layout.PARAMS
 
 
 def run_fingerprint(model_cfg: ModelConfig, cfg: TrainConfig, data_sha: str, vocab_sha: str, world: int) -> str:
-    train = {k: v for k, v in asdict(cfg).items() if k not in NOT_NUMERIC}
+    """Hash of everything that changes the numbers: train fields not marked `config.NOT_NUMERIC`, and more."""
+    train = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.metadata.get("numeric", True)}
     return checkpoint.fingerprint({"model": asdict(model_cfg), "train": train, "data": data_sha,
                                    "vocab": vocab_sha, "world": world})
 
@@ -59,21 +58,23 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
     if device.type == "cpu":
         tune_cpu_malloc()  # reuse the big per-step buffers instead of page-faulting them in every step
     d = distributed.init(device)
+    tracker = NullTracker()
     try:
         pairs, vocab = load_pairs(paths.pairs)[0], Vocab.load(paths.vocab)
         data_sha = sha256_file(paths.pairs)
         ckpt_dir = paths.checkpoints / run_fingerprint(model_cfg, cfg, data_sha, vocab.sha256, d.world)
         model = build_model(model_cfg, len(vocab), seed=cfg.seed).to(device)
-        opt = make_optimizer(model.parameters(), cfg, device)
-        latest = checkpoint.latest(ckpt_dir)
+        opt = make_optimizer(model.parameters(), cfg)
+        latest, damaged = checkpoint.latest(ckpt_dir)
         resumed = checkpoint.load(latest, model, opt) if latest else {}
-        tracker = NullTracker()
         if d.is_main:
             tracker = start_run(tracking_cfg, paths.root, run_id=resumed.get("mlflow_run_id"))
             if not resumed:
                 tracker.log_params(params)
             tracker.set_tags({"train_pairs_sha256": data_sha, "vocab_sha256": vocab.sha256,
                               "device": str(device)})  # start_run adds the git and DVC tags
+            for line in damaged:
+                print(f"warning: pretrain: {line}", file=sys.stderr, flush=True)
             if latest:
                 print(f"pretrain: resuming from {latest} (step {resumed['step']})", flush=True)
         logged = tracker.last_step("mlm_loss") or 0
@@ -93,22 +94,18 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
             r = rows[-1]
             bar.update(r["step"], f"mlm {r['mlm_loss']:.3f}  nsp {r['nsp_loss']:.3f}  {r['pairs_per_sec']:.0f} pairs/s")
 
-        def on_checkpoint(step, history):
+        def on_checkpoint(step, history, scaler_state):
             if d.is_main:
                 return checkpoint.save(ckpt_dir, step, model, opt,
-                                       {"history": history, "mlflow_run_id": tracker.run_id})
+                                       {"history": history, "mlflow_run_id": tracker.run_id}, scaler_state)
             return None
 
         if d.is_main:
             print(f"pretrain: training steps {resumed.get('step', 0) + 1}..{cfg.max_steps} on {device} "
                   f"x{d.world}", flush=True)
-        try:
-            result = fit(net, opt, cfg, to_tensors(pairs, device), device, d,
-                         start_step=resumed.get("step", 0), history=resumed.get("history"),
-                         on_log=on_log, on_checkpoint=on_checkpoint)
-        except (MinibertError, KeyboardInterrupt):
-            tracker.close("KILLED")
-            raise
+        result = fit(net, opt, cfg, to_tensors(pairs, device), device, d,
+                     start_step=resumed.get("step", 0), history=resumed.get("history"),
+                     on_log=on_log, on_checkpoint=on_checkpoint, scaler_state=resumed.get("scaler"))
         if not d.is_main:
             return {}
         opt.zero_grad(set_to_none=True)  # training's gradients and heap pages are not needed any more
@@ -143,8 +140,16 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
         tracker.close()
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # complete: nothing left to resume
         return metrics
+    except BaseException as e:  # anything at all: never leave the MLflow run RUNNING
+        tracker.close(run_status(e))
+        raise
     finally:
         distributed.shutdown()
+
+
+def run_status(e: BaseException) -> str:
+    """MLflow's end state for a run stopped by `e`: KILLED when asked to stop, FAILED otherwise (NaN too)."""
+    return "KILLED" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "FAILED"
 
 
 def encoder_example(pairs: dict) -> dict:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 
+from minibert import layout
 from minibert.config import load_config
 from minibert.corpus import fetch_wikitext
 from minibert.errors import stage_errors
@@ -21,8 +22,8 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 @app.command()
 def main(
-    params: Path = typer.Option(Path("params.yaml"), help="The params file (its `data` section)."),
-    out: Path = typer.Option(Path("data/raw/wikitext-2"), help="Output folder (replaced whole)."),
+    params: Path = typer.Option(layout.PARAMS, help="The params file (its `data` section)."),
+    out: Path = typer.Option(layout.RAW, help="Output folder (replaced whole)."),
 ) -> None:
     """Fetch, verify and place WikiText-2 (v1, tokenized)."""
     with stage_errors("download"):

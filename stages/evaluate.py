@@ -7,29 +7,30 @@ from pathlib import Path
 
 import typer
 
+from minibert import layout
 from minibert.artifacts import sha256_file, write_json
+from minibert.batches import resolve_device
 from minibert.config import load_config
 from minibert.errors import stage_errors
-from minibert.evaluate import check_vocab, evaluate, load_pairs
-from minibert.model import load_pretrained
+from minibert.evaluate import evaluate, load_pairs
+from minibert.model import check_vocab, load_pretrained
 from minibert.tracking import pretrain_run, set_champion
-from minibert.train import resolve_device
 
 app = typer.Typer(add_completion=False)
 
 
 @app.command()
-def main(params: Path = typer.Option("params.yaml", help="params file"),
-         models: Path = typer.Option("models", help="folder with bert.safetensors and bert.json"),
-         pairs: Path = typer.Option("data/pairs/valid.safetensors", help="held-out pairs"),
-         train_metrics: Path = typer.Option("metrics/train.json", help="pretrain metrics (MLflow run id)"),
-         out: Path = typer.Option("metrics/eval.json", help="output metrics file")) -> None:
+def main(params: Path = typer.Option(layout.PARAMS, help="params file"),
+         models: Path = typer.Option(layout.MODELS, help="folder with bert.safetensors and bert.json"),
+         pairs: Path = typer.Option(layout.VALID_PAIRS, help="held-out pairs"),
+         train_metrics: Path = typer.Option(layout.TRAIN_METRICS, help="pretrain metrics (MLflow run id)"),
+         out: Path = typer.Option(layout.EVAL_METRICS, help="output metrics file")) -> None:
     with stage_errors("evaluate"):
         cfg = load_config(params)
         device = resolve_device("auto")
         model, meta = load_pretrained(models, device)
         arrays, pairs_meta = load_pairs(pairs)
-        check_vocab(meta, pairs_meta, pairs)
+        check_vocab(meta, pairs_meta.get("vocab_sha256"), pairs)
         m = evaluate(model, arrays, cfg.eval.batch_size, device)
         m = {k: round(v, 6) if isinstance(v, float) else v for k, v in m.items()}
         write_json(out, m)

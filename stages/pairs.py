@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import typer
 
+from minibert import layout
 from minibert.artifacts import atomic_dir, load_arrays, save_arrays, write_json
 from minibert.config import load_config
 from minibert.corpus import SPLITS
@@ -20,10 +21,10 @@ app = typer.Typer(add_completion=False)
 
 
 @app.command()
-def main(params: Path = typer.Option("params.yaml", help="params file"),
-         tokens: Path = typer.Option("data/tokens", help="output folder of the tokenize stage"),
-         out: Path = typer.Option("data/pairs", help="output folder"),
-         metrics: Path = typer.Option("metrics", help="metrics folder")) -> None:
+def main(params: Path = typer.Option(layout.PARAMS, help="params file"),
+         tokens: Path = typer.Option(layout.TOKENS, help="output folder of the tokenize stage"),
+         out: Path = typer.Option(layout.PAIRS, help="output folder"),
+         metrics: Path = typer.Option(layout.METRICS, help="metrics folder")) -> None:
     with stage_errors("pairs"):
         cfg = load_config(params).pairs
         vocab = Vocab.load(tokens / "vocab.txt")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import typer
 
+from minibert import layout
 from minibert.artifacts import atomic_dir, atomic_path, save_arrays, write_json
 from minibert.config import load_config
 from minibert.corpus import SPLITS, read_paragraphs, split_file
@@ -28,10 +29,10 @@ def read(raw: Path, split: str) -> list:
 
 
 @app.command()
-def main(params: Path = typer.Option("params.yaml", help="params file"),
-         raw: Path = typer.Option("data/raw/wikitext-2", help="folder with wiki.*.tokens"),
-         out: Path = typer.Option("data/tokens", help="output folder"),
-         metrics: Path = typer.Option("metrics", help="metrics folder")) -> None:
+def main(params: Path = typer.Option(layout.PARAMS, help="params file"),
+         raw: Path = typer.Option(layout.RAW, help="folder with wiki.*.tokens"),
+         out: Path = typer.Option(layout.TOKENS, help="output folder"),
+         metrics: Path = typer.Option(layout.METRICS, help="metrics folder")) -> None:
     with stage_errors("tokenize"):
         cfg = load_config(params)
         paragraphs = {split: read(raw, split) for split in SPLITS}

@@ -18,7 +18,8 @@ from minibert.artifacts import save_arrays
 from minibert.config import ModelConfig, PairsConfig, TrainConfig
 from minibert.model import build_model
 from minibert.pairs import make_pairs
-from minibert.train import make_optimizer, take, to_tensors, train_step
+from minibert.batches import take, to_tensors
+from minibert.train import make_optimizer, train_step
 from minibert.vocab import build_vocab, encode_paragraphs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ def test_forward_flops_match_torch_flop_counter_over_a_train_step(monkeypatch):
     cfg, V = ModelConfig(num_layers=2, hidden=14, heads=2, ffn_hidden=13, max_len=13), 37
     batch = take(to_tensors(tiny_pairs(V=V), CPU), np.arange(13))
     model = build_model(cfg, V, seed=0).train()
-    opt = make_optimizer(model.parameters(), TrainConfig(), CPU)
+    opt = make_optimizer(model.parameters(), TrainConfig())
     with FlopCounterMode(display=False) as counter:
         train_step(model, opt, None, batch, 1.0, 1.0, None, CPU)
     counted, analytic = counter.get_total_flops(), 3 * forward_flops(batch, cfg, V)

@@ -16,7 +16,7 @@ import yaml
 from minibert.artifacts import save_arrays
 from minibert.config import ModelConfig, PairsConfig, TrackingConfig
 from minibert.errors import DataError
-from minibert.evaluate import check_vocab, evaluate, load_pairs
+from minibert.evaluate import evaluate, load_pairs
 from minibert.tracking import pretrain_run_id
 from minibert.model import build_model, load_pretrained, save_pretrained
 from minibert.pairs import make_pairs
@@ -106,15 +106,6 @@ def test_dropout_off_and_mode_restored(model, pairs):
         assert model.training
     finally:
         model.eval()
-
-
-def test_vocab_mismatch_errors():
-    check_vocab({"vocab_sha256": SHA}, {"vocab_sha256": SHA}, "valid.safetensors")
-    with pytest.raises(DataError, match="differs") as e:
-        check_vocab({"vocab_sha256": SHA}, {"vocab_sha256": "cd" * 32}, "valid.safetensors")
-    assert "\n" not in str(e.value)
-    with pytest.raises(DataError, match="no vocab_sha256"):
-        check_vocab({"vocab_sha256": SHA}, {}, "valid.safetensors")
 
 
 def test_load_pairs_and_run_id(tmp_path, pairs):

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from minibert.config import ModelConfig
-from minibert.errors import MinibertError
-from minibert.model import BERT, build_model, load_pretrained, pretrain_loss, save_pretrained
+from minibert.errors import DataError, MinibertError
+from minibert.model import BERT, build_model, check_vocab, load_pretrained, pretrain_loss, save_pretrained
 from minibert.ops import achieved_drop_prob, dropout, keep_mask
 
 V, H, HEADS, FFN, T, B, P = 99, 12, 3, 37, 13, 7, 5
@@ -285,3 +285,15 @@ def test_mlm_head_shapes_repeat_across_batches():
     for slots in ([2, 1, 2, 3, 2, 1, 2], [3] * 7):
         model(*tiny_batch([13, 5, 9, 7, 12, 6, 11], slots))
     assert rows == [mm.SLOT_BUCKET, mm.SLOT_BUCKET]
+
+
+def test_one_vocabulary_check_for_pairs_and_vocab_files():
+    sha = "ab" * 32
+    check_vocab({"vocab_sha256": sha}, sha, "vocab.txt")
+    with pytest.raises(DataError, match="differs from the model's") as e:
+        check_vocab({"vocab_sha256": sha}, "cd" * 32, "valid.safetensors")
+    assert "valid.safetensors" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(DataError, match="valid.safetensors has no vocab_sha256"):
+        check_vocab({"vocab_sha256": sha}, None, "valid.safetensors")
+    with pytest.raises(DataError, match="bert.json.* has no vocab_sha256"):  # strict both ways
+        check_vocab({}, sha, "vocab.txt")

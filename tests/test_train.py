@@ -190,13 +190,14 @@ def test_mixed_precision_trains_on_cpu(tmp_path, precision):
     from minibert.artifacts import load_arrays
     from minibert.config import ModelConfig
     from minibert.model import build_model
-    from minibert.train import fit, make_optimizer, to_tensors
+    from minibert.batches import to_tensors
+    from minibert.train import fit, make_optimizer
     from tiny_project import TINY_MODEL
 
     root = make_workspace(tmp_path)
     cfg = TrainConfig(batch_size=16, max_steps=30, lr=3e-3, device="cpu", precision=precision, checkpoint_every=0)
     model = build_model(ModelConfig(**TINY_MODEL), 99, seed=0)
-    opt = make_optimizer(model.parameters(), cfg, torch.device("cpu"))
+    opt = make_optimizer(model.parameters(), cfg)
     data = to_tensors(load_arrays(root / "data/pairs/train.safetensors"), torch.device("cpu"))
     res = fit(model, opt, cfg, data, torch.device("cpu"), distributed.Dist())
     assert len(res.history) == 30

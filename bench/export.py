@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minibert import layout
 from minibert.config import ModelConfig, TrackingConfig
 from minibert.model import build_model, save_pretrained
 from minibert.vocab import SPECIALS, Vocab
@@ -92,11 +93,11 @@ def serve_latency(requests: int) -> dict[str, float]:
     bert, vocab = book_model("post")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        save_pretrained(bert, root / "models", {"vocab_sha256": vocab.sha256})
+        save_pretrained(bert, root / layout.MODELS, {"vocab_sha256": vocab.sha256})
         vocab.save(root / "vocab.txt")
         os.environ.pop("MLFLOW_TRACKING_URI", None)
         with start_run(TrackingConfig(experiment="bench"), root) as tracker:
-            uri = log_text_model(tracker, root / "models", root / "vocab.txt")
+            uri = log_text_model(tracker, root / layout.MODELS, root / "vocab.txt")
             register_version(tracker, "bench-encoder", uri, {})
         port = free_port()
         env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db"}

@@ -197,8 +197,8 @@ def export_hf(
         with tempfile.TemporaryDirectory(prefix="minibert-export-") as tmp:
             bert, voc, meta = _load(checkpoint, run, vocab, Path(tmp))
         figures = None
-        if metrics is not None or (run is None and Path("metrics/eval.json").is_file()):
-            path = metrics or Path("metrics/eval.json")
+        if metrics is not None or (run is None and layout.EVAL_METRICS.is_file()):
+            path = metrics or layout.EVAL_METRICS
             if not path.is_file():
                 raise MinibertError(f"{path}: not found; run the evaluate stage or leave out --metrics")
             figures = json.loads(path.read_text())

@@ -53,11 +53,16 @@ def test_dvc_paths_are_the_stage_defaults(name):
         assert d in NOT_IN_DVC or any(covers(d, p) for p in named), f"stage {name}: --{arg} {d} is not in dvc.yaml"
 
 
+# Literals that equal a layout path but are no path: (file, value) -> why.
+NOT_PATHS = {("bench/export.py", "models"): "the `mlflow models serve` subcommand"}
+
+
 def test_no_stage_path_literals_outside_layout():
     values = {str(p) for p in PATHS}
     files = [f for d in ("minibert", "stages", "bench") for f in sorted((ROOT / d).glob("*.py"))]
     hits = [f"{f.relative_to(ROOT)}:{n.lineno} {n.value!r}" for f in files if f.name != "layout.py"
-            for n in ast.walk(ast.parse(f.read_text())) if isinstance(n, ast.Constant) and n.value in values]
+            for n in ast.walk(ast.parse(f.read_text())) if isinstance(n, ast.Constant) and n.value in values
+            and (f.relative_to(ROOT).as_posix(), n.value) not in NOT_PATHS]
     assert not hits, hits
 
 

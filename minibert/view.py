@@ -27,6 +27,7 @@ METRICS = ("valid_mlm_loss", "valid_mlm_accuracy", "valid_nsp_accuracy", "mlm_lo
 PARAMS = ("preset", "train.lr", "train.max_steps", "train.batch_size", "train.schedule", "model.num_layers",
           "model.hidden", "model.heads", "model.norm", "model.dropout")
 TAGS = ("params_diff",)
+CHARTS = "loss"  # chart view filter: mlm_loss, nsp_loss, valid_mlm_loss, … (the loss curves)
 
 
 def column(kind: str, key: str) -> str:
@@ -43,6 +44,7 @@ def view_state() -> dict:
         "lifecycleFilter": "Active", "modelVersionFilter": "All Runs", "datasetsFilter": [],
         "selectedColumns": columns, "columnOrder": columns,  # the table sorts by name without an order
         "runsHiddenMode": "SHOW_ALL",  # the chart view plots every run, not only the first 10
+        "chartsSearchFilter": CHARTS,  # the chart view opens on the loss curves, not 23 charts A-Z
     }
 
 

@@ -7,6 +7,7 @@ from the committed `params.yaml` (`lr=0.002 steps=20`), else `baseline`.
 """
 from __future__ import annotations
 
+import functools
 import getpass
 import os
 import re
@@ -53,8 +54,10 @@ def committed_params(params_file: Path, rev: str | None = None) -> dict | None:
     rel = params_file.resolve().relative_to(Path(top).resolve()).as_posix()
     rev = rev or os.environ.get("DVC_EXP_BASELINE_REV") or "HEAD"
     text = _git(folder, "show", f"{rev}:{rel}")
+    if text is None:
+        return None
     try:
-        return yaml.safe_load(text) or {} if text is not None else None
+        return yaml.safe_load(text) or {}
     except yaml.YAMLError:
         return None
 
@@ -75,13 +78,15 @@ def _value(v: Any) -> str:
     return "default" if v is None else str(v)
 
 
+@functools.cache
+def _leaves() -> tuple[str, ...]:
+    return tuple(k.rsplit(".", 1)[-1] for k in flatten(Config()) if is_hyperparam(k))
+
+
 def _short_key(key: str) -> str:
     """`lr` for train.lr; the dotted key when another section has the same last part (pairs.seed)."""
-    if key in SHORT:
-        return SHORT[key]
-    leaves = [k.rsplit(".", 1)[-1] for k in flatten(Config()) if is_hyperparam(k)]
     leaf = key.rsplit(".", 1)[-1]
-    return leaf if leaves.count(leaf) == 1 else key
+    return SHORT.get(key) or (leaf if _leaves().count(leaf) == 1 else key)
 
 
 def short_name(diff: dict[str, Any]) -> str:

@@ -30,15 +30,11 @@ TAGS = ("params_diff",)
 CHARTS = "loss"  # chart view filter: mlm_loss, nsp_loss, valid_mlm_loss, … (the loss curves)
 
 
-def column(kind: str, key: str) -> str:
-    """A runs-table column id as the UI writes it: metrics.`valid_mlm_loss`."""
-    return f"{kind}.`{key}`"
-
-
 def view_state() -> dict:
     """Search facets (newest first, active runs) and the table columns of the saved view."""
-    columns = ([column("metrics", k) for k in METRICS] + [column("tags", k) for k in TAGS]
-               + [column("params", k) for k in PARAMS])
+    # Column ids as the UI writes them: metrics.`valid_mlm_loss`, params.`train.lr`, tags.`params_diff`.
+    columns = ([f"metrics.`{k}`" for k in METRICS] + [f"tags.`{k}`" for k in TAGS]
+               + [f"params.`{k}`" for k in PARAMS])
     return {
         "searchFilter": "", "orderByKey": "attributes.start_time", "orderByAsc": False, "startTime": "ALL",
         "lifecycleFilter": "Active", "modelVersionFilter": "All Runs", "datasetsFilter": [],

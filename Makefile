@@ -32,8 +32,11 @@ bench: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m bench.data
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m bench.train --reference
 
+# Prints the URL of the experiment's training-runs table (MLflow 3 opens a GenAI overview otherwise).
+UI_PORT ?= 5000
 ui: install
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+	@$(PY) -m minibert.cli ui-url --base http://127.0.0.1:$(UI_PORT) | sed 's/^/open: /' || true
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
 
 clean:
 	rm -rf data models checkpoints metrics plots probes mlflow.db mlartifacts .dvc/cache .dvc/tmp

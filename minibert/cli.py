@@ -6,6 +6,7 @@
     minibert runs --compare ID ID                   # params and metrics side by side
     minibert encode "a crane is flying" --model models:/minibert-encoder@champion
     minibert export hf OUT [--run RUN_ID]           # a folder Hugging Face transformers loads
+    minibert ui-url                                 # the MLflow UI's training-runs table of the experiment
 """
 from __future__ import annotations
 
@@ -269,6 +270,20 @@ def runs(
         **{short: _numeric(df[col]) if col in df else None for col, short in RUN_COLUMNS.items()},
     })
     _console().print(_table(shown, f"{len(df)} newest runs of {experiment!r} ({uri})"))
+
+
+@app.command("ui-url")
+def ui_url(
+    base: str = typer.Option("http://127.0.0.1:5000", help="Where the MLflow UI is served (`make ui`)."),
+    experiment: str = typer.Option("minibert", help="MLflow experiment (params.yaml tracking.experiment)."),
+    chart: bool = typer.Option(False, "--chart", help="The chart view (metric curves of all runs) instead of the table."),
+) -> None:
+    """Print the URL of the experiment's training-runs table, with the columns worth comparing."""
+    from minibert.tracking import ui_url as url
+
+    with stage_errors("ui-url"):
+        _runs_frame(experiment, 1)  # one clear line when there is no store or no run yet
+        print(url(TrackingConfig(experiment=experiment), Path("."), base, chart=chart))
 
 
 if __name__ == "__main__":

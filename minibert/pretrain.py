@@ -68,9 +68,8 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
         latest, damaged = checkpoint.latest(ckpt_dir)
         resumed = checkpoint.load(latest, model, opt) if latest else {}
         if d.is_main:
-            tracker = start_run(tracking_cfg, paths.root, run_id=resumed.get("mlflow_run_id"))
-            if not resumed:
-                tracker.log_params(params)
+            tracker = start_run(tracking_cfg, paths.root, run_id=resumed.get("mlflow_run_id"),
+                                params=params, params_file=paths.params_file)  # a new run logs params
             tracker.set_tags({"train_pairs_sha256": data_sha, "vocab_sha256": vocab.sha256,
                               "device": str(device)})  # start_run adds the git and DVC tags
             for line in damaged:

@@ -76,9 +76,14 @@ def read_paragraphs(path: str | Path) -> list[list[list[str]]]:
     (The separating '.' tokens are dropped, the last sentence keeps its final '.'.)
     """
     with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    return [[s.split() for s in line.strip().lower().split(" . ")]
-            for line in lines if len(line.split(" . ")) >= 2]
+        return [p for line in f if (p := paragraph(line)) is not None]
+
+
+def paragraph(line: str) -> list[list[str]] | None:
+    """One line by the book's rule (`read_paragraphs`): its sentences' tokens, or None."""
+    if len(line.split(" . ")) < 2:
+        return None
+    return [s.split() for s in line.strip().lower().split(" . ")]
 
 
 # ---------------------------------------------------------------------------- verification

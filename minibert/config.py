@@ -38,6 +38,15 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
+    corpus: Literal["wikitext-2", "wikitext-103", "text"] = "wikitext-2"
+    """`wikitext-2` (the book), `wikitext-103` (same mirrors, its own pinned SHA-1s) or `text`: the
+    user's own `.txt` files named by `text_glob` (one paragraph per line; see minibert/text.py)."""
+    text_glob: str = ""
+    """For `corpus: text`: a folder (every `*.txt` below it) or a glob of `.txt` files."""
+    wikitext_103_zip_url: str = "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip"
+    """WikiText-103's archive at the book's mirror; tried first."""
+    wikitext_103_parquet_urls: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """WikiText-103's Hugging Face parquet copy: a list of URLs per split (train comes in two files)."""
     zip_url: str = "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip"
     """The archive the d2l book downloads; tried first."""
     parquet_urls: dict[str, str] = field(default_factory=dict)
@@ -52,6 +61,10 @@ class DataConfig:
     def __post_init__(self):
         _require(not self.parquet_urls or set(self.parquet_urls) == {"train", "valid", "test"},
                  "parquet_urls", sorted(self.parquet_urls), "exactly the keys train, valid, test")
+        _require(not self.wikitext_103_parquet_urls or set(self.wikitext_103_parquet_urls) == {"train", "valid", "test"},
+                 "wikitext_103_parquet_urls", sorted(self.wikitext_103_parquet_urls), "exactly the keys train, valid, test")
+        _require(self.corpus != "text" or bool(self.text_glob.strip()), "text_glob", self.text_glob,
+                 "a folder or glob of .txt files (corpus: text needs one)")
         _require(self.timeout_s > 0, "timeout_s", self.timeout_s, "a number > 0")
         _require(0 <= self.retries <= 10, "retries", self.retries, "an integer in [0, 10]")
         _require(self.workers >= 0, "workers", self.workers, "an integer >= 0 (0: every usable core)")

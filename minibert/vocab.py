@@ -9,17 +9,11 @@ special, so the set of entries is the book's (20256 on WikiText-2 with min_freq 
 A split on disk is three flat arrays instead of nested lists (loads in milliseconds, hashes the same
 everywhere): `ids` (all tokens, int32), `sentence_offsets` (n_sentences + 1) and
 `paragraph_offsets` (n_paragraphs + 1, in sentences).
-
-Streaming (the tokenize stage): `count_shard` counts one byte shard of the train file (the
-vocabulary is the merged counts: one pass, no token list kept), `encode_shard` writes one shard's
-ids and lengths as raw part files, and `write_split` concatenates the parts, in shard order, into
-the split's safetensors file, turning lengths into running offsets. Counting and encoding are per
-line, so the bytes are the same for any shard size or worker count.
+The tokenize stage streams these same arrays shard by shard: `minibert.encode`.
 """
 from __future__ import annotations
 
 import hashlib
-from array import array
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from minibert.artifacts import atomic_path
-from minibert.corpus import paragraph
 from minibert.errors import DataError
-from minibert.shards import ByteShard, shard_lines, write_safetensors
 
 SPECIALS = ("<pad>", "<unk>", "<mask>", "<cls>", "<sep>")
 PAD, UNK, MASK, CLS, SEP = range(len(SPECIALS))
@@ -119,57 +111,3 @@ def count_stats(paragraphs: int, sentences: int, tokens: int, unk: int) -> dict[
         "unk_rate": round(unk / tokens if tokens else 0.0, 6),
         "mean_sentence_len": round(tokens / sentences, 4) if sentences else 0.0,
     }
-
-
-# ---------------------------------------------------------------------------- streaming
-
-
-def count_shard(shard: ByteShard) -> Counter:
-    """Token counts of the paragraphs (book's rule) in one byte shard."""
-    counts: Counter = Counter()
-    for line in shard_lines(shard):
-        for sent in paragraph(line) or ():
-            counts.update(sent)
-    return counts
-
-
-def encode_shard(shard: ByteShard, vocab_path: str, prefix: str) -> dict[str, int]:
-    """Encode one byte shard: `<prefix>.ids` (int32), `.slen` (int64 tokens per sentence) and
-    `.plen` (int64 sentences per paragraph), raw little-endian; return its counts."""
-    index = Vocab.load(vocab_path)._index
-    ids, slen, plen = array("i"), array("q"), array("q")
-    for line in shard_lines(shard):
-        if (para := paragraph(line)) is None:
-            continue
-        plen.append(len(para))
-        for sent in para:
-            slen.append(len(sent))
-            ids.extend([index.get(t, UNK) for t in sent])
-    for suffix, arr in ((".ids", ids), (".slen", slen), (".plen", plen)):
-        with open(prefix + suffix, "wb") as f:
-            arr.tofile(f)  # native order: little-endian on every platform torch supports, like safetensors
-    return {"paragraphs": len(plen), "sentences": len(slen), "tokens": len(ids), "unk": ids.count(UNK)}
-
-
-def _offsets(prefixes: list[str], suffix: str):
-    """Running offsets over the shards' length files: 0, then each shard's cumsum plus the base."""
-    def chunks():
-        yield np.zeros(1, np.int64)
-        base = 0
-        for p in prefixes:
-            lengths = np.fromfile(p + suffix, dtype="<i8")
-            if len(lengths):
-                off = np.cumsum(lengths) + base
-                base = int(off[-1])
-                yield off
-    return chunks
-
-
-def write_split(path: str | Path, prefixes: list[str], counts: dict[str, int], vocab_sha256: str) -> None:
-    """Concatenate the shards' parts into `{ids, sentence_offsets, paragraph_offsets}` (module doc)."""
-    fields = {
-        "ids": (np.int32, (counts["tokens"],), lambda: (np.fromfile(p + ".ids", dtype="<i4") for p in prefixes)),
-        "sentence_offsets": (np.int64, (counts["sentences"] + 1,), _offsets(prefixes, ".slen")),
-        "paragraph_offsets": (np.int64, (counts["paragraphs"] + 1,), _offsets(prefixes, ".plen")),
-    }
-    write_safetensors(path, fields, {"vocab_sha256": vocab_sha256})

@@ -5,7 +5,7 @@ Reads data/raw/corpus/wiki.{train,valid,test}.tokens; writes data/tokens/ (vocab
 Streams: each split is cut into byte shards (`SHARD_BYTES`), a process pool (`data.workers`) counts
 the train shards (one pass, merged counts → vocabulary) then encodes every shard to part files that
 are concatenated in shard order. Memory is bounded by one shard per worker; the bytes do not depend
-on the shard size or the number of workers (`minibert.vocab`, "Streaming").
+on the shard size or the number of workers (`minibert.encode`).
 """
 import shutil
 from collections import Counter
@@ -19,7 +19,8 @@ from minibert.config import load_config
 from minibert.corpus import SPLITS, split_file
 from minibert.errors import DataError, stage_errors
 from minibert.shards import byte_shards, pool_map, workers
-from minibert.vocab import count_shard, count_stats, encode_shard, vocab_from_counts, write_split
+from minibert.encode import count_shard, encode_shard, write_split
+from minibert.vocab import count_stats, vocab_from_counts
 
 SHARD_BYTES = 16 << 20  # ~3M WikiText tokens: a few tens of MB per worker; WikiText-2's train file is one shard
 

@@ -46,15 +46,22 @@ def workers(n: int) -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def pool_map(fn: Callable, items: Sequence, n_workers: int) -> list:
-    """`[fn(*item) for item in items]` on `n_workers` processes; results in item order whatever the
-    scheduling. One worker (or one item) runs in-process: no pool to start."""
+def pool_imap(fn: Callable, items: Sequence, n_workers: int) -> Iterator:
+    """`fn(*item) for item in items` on `n_workers` processes, yielded lazily in item order whatever
+    the scheduling (so a caller can fold big results one at a time). One worker (or one item) runs
+    in-process: no pool to start."""
     if n_workers <= 1 or len(items) <= 1:
-        return [fn(*item) for item in items]
+        yield from (fn(*item) for item in items)
+        return
     # fork: workers inherit the imported modules (spawn would re-import numpy per worker); the data
     # stages start no threads before the pool exists.
     with ProcessPoolExecutor(min(n_workers, len(items)), mp_context=get_context("fork")) as pool:
-        return list(pool.map(fn, *zip(*items)))
+        yield from pool.map(fn, *zip(*items))
+
+
+def pool_map(fn: Callable, items: Sequence, n_workers: int) -> list:
+    """`list(pool_imap(...))`: results in item order."""
+    return list(pool_imap(fn, items, n_workers))
 
 
 # ---------------------------------------------------------------------------- text shards

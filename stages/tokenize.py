@@ -18,7 +18,7 @@ from minibert.artifacts import atomic_dir, atomic_path, write_json
 from minibert.config import load_config
 from minibert.corpus import SPLITS, split_file
 from minibert.errors import DataError, stage_errors
-from minibert.shards import byte_shards, pool_map, workers
+from minibert.shards import byte_shards, pool_imap, pool_map, workers
 from minibert.encode import count_shard, encode_shard, write_split
 from minibert.vocab import count_stats, vocab_from_counts
 
@@ -43,7 +43,9 @@ def main(params: Path = typer.Option("params.yaml", help="params file"),
         cfg = load_config(params)
         n = workers(cfg.data.workers)
         shards = {split: shards_of(raw, split) for split in SPLITS}
-        counts = sum(pool_map(count_shard, [(s,) for s in shards["train"]], n), Counter())
+        counts: Counter = Counter()
+        for shard_counts in pool_imap(count_shard, [(s,) for s in shards["train"]], n):
+            counts.update(shard_counts)  # folded as they come: one shard's Counter alive at a time
         if not counts:
             raise DataError(f"{split_file(raw, 'train')}: no paragraphs (a line with two ' . '-separated "
                             "sentences); is the file empty?")

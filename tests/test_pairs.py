@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from minibert.config import PairsConfig
+from minibert.errors import DataError
 from minibert.pairs import FIELDS, make_pairs, pair_stats
 from minibert.vocab import CLS, MASK, PAD, SEP, SPECIALS
 
@@ -228,3 +229,24 @@ def test_nsp_negatives_come_from_their_own_shard(tmp_path):
                 checked += 1
                 outside_anywhere += b in others
     assert len(shards) >= 3 and checked > 50
+
+
+def test_load_pairs_maps_the_file_and_training_tensors_share_the_map(tmp_path, pairs):
+    """pretrain/evaluate never copy the train set: `load_pairs` gives memmaps of the file, and
+    `to_tensors` on CPU wraps the very same memory (same address), so a step reads only its rows."""
+    import torch
+
+    from minibert.artifacts import save_arrays
+    from minibert.pairs import load_pairs
+    from minibert.train import to_tensors
+
+    save_arrays(tmp_path / "p.safetensors", pairs, {"vocab_sha256": "ab" * 32})
+    arrays, meta = load_pairs(tmp_path / "p.safetensors")
+    assert meta == {"vocab_sha256": "ab" * 32}
+    tensors = to_tensors(arrays, torch.device("cpu"))
+    for k in FIELDS:
+        assert isinstance(arrays[k], np.memmap) and np.array_equal(arrays[k], pairs[k])
+        assert tensors[k].data_ptr() == arrays[k].ctypes.data
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10" + b"\0" * 7 + b"{}")
+    with pytest.raises(DataError, match="bad.safetensors: not a safetensors file"):
+        load_pairs(tmp_path / "bad.safetensors")

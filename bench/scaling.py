@@ -118,7 +118,7 @@ def one_size(src: Path, work: Path, k: int, steps: int, workers: int, project: P
     params = yaml.safe_load((project / "params.yaml").read_text())
     if "workers" in params["data"]:
         params["data"]["workers"] = workers
-    params["train"].update({"max_steps": steps, "checkpoint_every": 0, "device": "cpu"})
+    params["train"].update({"max_steps": max(steps, 1), "checkpoint_every": 0, "device": "cpu"})
     params["tracking"]["enabled"] = False
     (w / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     py = [sys.executable, "-m"]

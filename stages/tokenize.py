@@ -22,7 +22,7 @@ from minibert.shards import byte_shards, pool_imap, pool_map, workers
 from minibert.encode import count_shard, encode_shard, write_split
 from minibert.vocab import count_stats, vocab_from_counts
 
-SHARD_BYTES = 16 << 20  # ~3M WikiText tokens: a few tens of MB per worker; WikiText-2's train file is one shard
+SHARD_BYTES = 4 << 20  # ~0.7M WikiText tokens: a few MB of ids per worker; WikiText-2's train file is 3 shards
 
 app = typer.Typer(add_completion=False)
 

@@ -61,8 +61,9 @@ class DataConfig:
     def __post_init__(self):
         _require(not self.parquet_urls or set(self.parquet_urls) == {"train", "valid", "test"},
                  "parquet_urls", sorted(self.parquet_urls), "exactly the keys train, valid, test")
-        _require(not self.wikitext_103_parquet_urls or set(self.wikitext_103_parquet_urls) == {"train", "valid", "test"},
-                 "wikitext_103_parquet_urls", sorted(self.wikitext_103_parquet_urls), "exactly the keys train, valid, test")
+        urls_103 = self.wikitext_103_parquet_urls
+        _require(not urls_103 or set(urls_103) == {"train", "valid", "test"},
+                 "wikitext_103_parquet_urls", sorted(urls_103), "exactly the keys train, valid, test")
         _require(self.corpus != "text" or bool(self.text_glob.strip()), "text_glob", self.text_glob,
                  "a folder or glob of .txt files (corpus: text needs one)")
         _require(self.timeout_s > 0, "timeout_s", self.timeout_s, "a number > 0")

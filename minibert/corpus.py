@@ -359,7 +359,8 @@ def _from_zip_url(cfg: DataConfig, work: Path, out: Path, pins: Pins) -> str:
 
 def _from_parquet_urls(cfg: DataConfig, work: Path, out: Path, pins: Pins) -> str:
     urls = mirrors(cfg)[1]
-    parquet = {split: [work / f"{split}-{i}-{u.rsplit('/', 1)[-1]}" for i, u in enumerate(urls[split])] for split in SPLITS}
+    parquet = {split: [work / f"{split}-{i}-{u.rsplit('/', 1)[-1]}" for i, u in enumerate(urls[split])]
+               for split in SPLITS}
     for split in SPLITS:
         for url, path in zip(urls[split], parquet[split]):
             download(url, path, cfg.timeout_s, cfg.retries)

@@ -129,7 +129,8 @@ def pair_stats(pairs: dict[str, np.ndarray]) -> dict[str, float]:
 # ---------------------------------------------------------------------------- shards
 
 
-def paragraph_shards(sentence_offsets: np.ndarray, paragraph_offsets: np.ndarray, shard_tokens: int) -> list[tuple[int, int]]:
+def paragraph_shards(sentence_offsets: np.ndarray, paragraph_offsets: np.ndarray,
+                     shard_tokens: int) -> list[tuple[int, int]]:
     """Paragraph ranges [lo, hi): shard k holds the paragraphs whose first token lies in
     [k * shard_tokens, (k + 1) * shard_tokens) (empty ranges dropped; one range for an empty split)."""
     starts = np.asarray(sentence_offsets[np.asarray(paragraph_offsets[:-1])]) // shard_tokens  # (P,)

@@ -42,7 +42,8 @@ def main(params: Path = typer.Option("params.yaml", help="params file"),
                 seed = cfg.seed if split == "train" else cfg.heldout_seed
                 for i, (lo, hi) in enumerate(paragraph_shards(arrays["sentence_offsets"], arrays["paragraph_offsets"],
                                                               cfg.shard_tokens)):
-                    jobs.append((split, (str(path), lo, hi, cfg, len(vocab), seed, i, str(tmp / f".parts/{split}-{i:05d}"))))
+                    prefix = str(tmp / f".parts/{split}-{i:05d}")
+                    jobs.append((split, (str(path), lo, hi, cfg, len(vocab), seed, i, prefix)))
             sums = pool_map(pairs_shard, [args for _, args in jobs], workers(root.data.workers))
             stats, shards = {}, {}
             for split in SPLITS:
@@ -53,7 +54,8 @@ def main(params: Path = typer.Option("params.yaml", help="params file"),
                 shards[split] = len(mine)
             shutil.rmtree(tmp / ".parts")
         write_json(metrics / "pairs.json", stats)
-        print("pairs: " + ", ".join(f"{s} {stats[f'{s}_pairs']} ({shards[s]} shard{'s' * (shards[s] > 1)})" for s in SPLITS))
+        print("pairs: " + ", ".join(f"{s} {stats[f'{s}_pairs']} ({shards[s]} shard{'s' * (shards[s] > 1)})"
+                                    for s in SPLITS))
 
 
 if __name__ == "__main__":

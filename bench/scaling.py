@@ -109,11 +109,11 @@ def run(cmd: list[str], cwd: Path, project: Path = ROOT) -> dict[str, float]:
             "peak_file_mb": mb(peak["Pss_File"]), "max_rss_mb": mb(peak["Rss"]), "log": out.strip().splitlines()[-1]}
 
 
-def one_size(src: Path, work: Path, k: int, steps: int, workers: int, project: Path) -> list[dict]:
+def one_size(src: Path, work: Path, k: int, steps: int, workers: int, project: Path, reuse: bool) -> list[dict]:
     w = work / f"x{k}"
     if not (w / "raw").is_dir():
         build_corpus(src, w / "raw", k)
-    for out in ("tokens", "pairs", "metrics", "models", "plots"):
+    for out in ("models", "plots") if reuse else ("tokens", "pairs", "metrics", "models", "plots"):
         shutil.rmtree(w / out, ignore_errors=True)
     params = yaml.safe_load((project / "params.yaml").read_text())
     if "workers" in params["data"]:
@@ -123,12 +123,16 @@ def one_size(src: Path, work: Path, k: int, steps: int, workers: int, project: P
     (w / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     py = [sys.executable, "-m"]
     rows = []
-    tok = run(py + ["stages.tokenize", "--raw", "raw", "--out", "tokens", "--metrics", "metrics"], w, project)
+    tok = None
+    if not (reuse and (w / "tokens").is_dir()):
+        tok = run(py + ["stages.tokenize", "--raw", "raw", "--out", "tokens", "--metrics", "metrics"], w, project)
     corpus = json.loads((w / "metrics/corpus.json").read_text())
     n_tok = sum(corpus[f"{s}_tokens"] for s in SPLITS)
-    rows.append({"stage": "tokenize", "size": k, "tokens": n_tok, "tokens_per_s": round(n_tok / tok["s"]), **tok})
-    pairs = run(py + ["stages.pairs", "--tokens", "tokens", "--out", "pairs", "--metrics", "metrics"], w, project)
-    rows.append({"stage": "pairs", "size": k, "tokens": n_tok, "tokens_per_s": round(n_tok / pairs["s"]), **pairs})
+    if tok:
+        rows.append({"stage": "tokenize", "size": k, "tokens": n_tok, "tokens_per_s": round(n_tok / tok["s"]), **tok})
+    if not (reuse and (w / "pairs").is_dir()):
+        pairs = run(py + ["stages.pairs", "--tokens", "tokens", "--out", "pairs", "--metrics", "metrics"], w, project)
+        rows.append({"stage": "pairs", "size": k, "tokens": n_tok, "tokens_per_s": round(n_tok / pairs["s"]), **pairs})
     if not steps:
         return rows
     pre = run(py + ["stages.pretrain", "--pairs", "pairs/train.safetensors", "--vocab", "tokens/vocab.txt"], w, project)
@@ -146,6 +150,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--workers", type=int, default=0, help="data.workers (0: every usable core)")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--reuse", action="store_true", help="keep tokens/pairs already under --work (rerun pretrain)")
     ap.add_argument("--project", default=str(ROOT), help="checkout whose stages run (default: this one)")
     a = ap.parse_args()
     src = data_dir(a.data)
@@ -156,7 +161,7 @@ def main() -> None:
     rows = []
     try:
         for k in map(int, a.sizes.split(",")):
-            for row in one_size(src, work, k, a.steps, a.workers, Path(a.project)):
+            for row in one_size(src, work, k, a.steps, a.workers, Path(a.project), a.reuse):
                 print(json.dumps(row), flush=True)
                 rows.append(row)
             if not a.keep:

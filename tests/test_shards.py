@@ -92,3 +92,28 @@ def test_byte_shard_is_picklable_for_the_pool():
     import pickle
     s = ByteShard("/x", 1, 2)
     assert pickle.loads(pickle.dumps(s)) == s
+
+
+def mapped_kb(path) -> int:
+    """This process's resident kB in the mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        if "-" in line.split(" ", 1)[0]:  # a mapping's header line
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+def test_release_drops_touched_pages_from_rss_and_keeps_values(tmp_path):
+    from minibert.shards import release
+
+    path = tmp_path / "big.safetensors"
+    big = {"x": np.arange(1 << 20, dtype=np.int32), "y": np.ones((1 << 18, 3), np.float32)}  # 4 MB + 3 MB
+    save_file(big, str(path))
+    arrays, _ = open_safetensors(path)
+    assert int(arrays["x"].sum()) == int(big["x"].sum()) and float(arrays["y"].sum()) == 3 * (1 << 18)
+    assert mapped_kb(path) > 6000  # touched: resident
+    release(arrays)
+    assert mapped_kb(path) < 100
+    assert np.array_equal(arrays["x"], big["x"]) and np.array_equal(arrays["y"], big["y"])  # faults back in

@@ -40,6 +40,15 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
+    corpus: Literal["wikitext-2", "wikitext-103", "text"] = "wikitext-2"
+    """`wikitext-2` (the book), `wikitext-103` (same mirrors, its own pinned SHA-1s) or `text`: the
+    user's own `.txt` files named by `text_glob` (one paragraph per line; see minibert/text.py)."""
+    text_glob: str = ""
+    """For `corpus: text`: a folder (every `*.txt` below it) or a glob of `.txt` files."""
+    wikitext_103_zip_url: str = "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip"
+    """WikiText-103's archive at the book's mirror; tried first."""
+    wikitext_103_parquet_urls: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """WikiText-103's Hugging Face parquet copy: a list of URLs per split (train comes in two files)."""
     zip_url: str = "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip"
     """The archive the d2l book downloads; tried first."""
     parquet_urls: dict[str, str] = field(default_factory=dict)
@@ -48,12 +57,20 @@ class DataConfig:
     """Seconds before an HTTP connection or read gives up."""
     retries: int = 2
     """Extra attempts per URL after the first fails."""
+    workers: int = 0
+    """Processes of the tokenize and pairs stages (0: every usable core); never changes their bytes."""
 
     def __post_init__(self):
         _require(not self.parquet_urls or set(self.parquet_urls) == {"train", "valid", "test"},
                  "parquet_urls", sorted(self.parquet_urls), "exactly the keys train, valid, test")
+        urls_103 = self.wikitext_103_parquet_urls
+        _require(not urls_103 or set(urls_103) == {"train", "valid", "test"},
+                 "wikitext_103_parquet_urls", sorted(urls_103), "exactly the keys train, valid, test")
+        _require(self.corpus != "text" or bool(self.text_glob.strip()), "text_glob", self.text_glob,
+                 "a folder or glob of .txt files (corpus: text needs one)")
         _require(self.timeout_s > 0, "timeout_s", self.timeout_s, "a number > 0")
         _require(0 <= self.retries <= 10, "retries", self.retries, "an integer in [0, 10]")
+        _require(self.workers >= 0, "workers", self.workers, "an integer >= 0 (0: every usable core)")
 
 
 @dataclass(frozen=True)
@@ -75,12 +92,16 @@ class PairsConfig:
     """Seeds the train split's paragraph shuffle, NSP choices and masks."""
     heldout_seed: int = 12345
     """Seeds valid/test pairs, kept apart from `seed` so held-out figures compare across runs."""
+    shard_tokens: int = 4_000_000
+    """Tokens per pairs shard: the paragraph shuffle and NSP negatives are drawn within a shard, and a
+    worker holds one shard (~100 MB per million tokens). WikiText-2's train split (1.9M) is one shard."""
 
     def __post_init__(self):
         _require(self.max_len >= 5, "max_len", self.max_len, "an integer >= 5 (<cls> a <sep> b <sep>)")
         _require(0.0 < self.mask_rate < 1.0, "mask_rate", self.mask_rate, "a number in (0, 1)")
         _require(self.seed >= 0, "seed", self.seed, "an integer >= 0")
         _require(self.heldout_seed >= 0, "heldout_seed", self.heldout_seed, "an integer >= 0")
+        _require(self.shard_tokens >= 1000, "shard_tokens", self.shard_tokens, "an integer >= 1000")
 
     @property
     def max_preds(self) -> int:

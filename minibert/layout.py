@@ -6,7 +6,7 @@ here; dvc.yaml has to spell them out itself, and tests/test_layout.py checks tha
 from pathlib import Path
 
 PARAMS = Path("params.yaml")
-RAW = Path("data/raw/wikitext-2")            # download -> tokenize: wiki.{train,valid,test}.tokens
+RAW = Path("data/raw/corpus")               # download -> tokenize: wiki.{train,valid,test}.tokens
 TOKENS = Path("data/tokens")                 # tokenize -> pairs: vocab.txt, {split}.safetensors
 VOCAB = TOKENS / "vocab.txt"                 # -> pretrain, probe, `minibert encode`
 PAIRS = Path("data/pairs")                   # pairs -> pretrain, evaluate: {split}.safetensors

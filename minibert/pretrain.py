@@ -24,6 +24,7 @@ from minibert.heap import release_cpu_memory, tune_cpu_malloc
 from minibert.model import Encoder, build_model, save_pretrained
 from minibert.pairs import load_pairs
 from minibert.progress import Progress
+from minibert.shards import release
 from minibert.tracking import NullTracker, log_text_model, register_version, start_run
 from minibert.train import fit, make_optimizer, resolve_precision
 from minibert.vocab import Vocab
@@ -92,6 +93,7 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
                     tracker.log_metrics({k: v for k, v in r.items() if k != "step"}, step=r["step"])
             r = rows[-1]
             bar.update(r["step"], f"mlm {r['mlm_loss']:.3f}  nsp {r['nsp_loss']:.3f}  {r['pairs_per_sec']:.0f} pairs/s")
+            release(pairs)  # the mapped rows these steps touched leave RSS (page cache keeps them)
 
         def on_checkpoint(step, history, scaler_state):
             if d.is_main:

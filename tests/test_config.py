@@ -94,3 +94,22 @@ def test_project_presets_are_valid():
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     for name in ["book", *raw["presets"]]:
         config_from_dict({**raw, "preset": name}, "params.yaml")
+
+
+@pytest.mark.parametrize("data,key,fragment", [
+    ({"corpus": "wikitext-5"}, "data.corpus", "one of 'wikitext-2', 'wikitext-103', 'text'"),
+    ({"corpus": "text"}, "data.text_glob", "a folder or glob of .txt files"),
+    ({"workers": -1}, "data.workers", "an integer >= 0"),
+    ({"wikitext_103_parquet_urls": {"train": "u"}}, "data.wikitext_103_parquet_urls.train", "a list"),
+])
+def test_corpus_keys_are_checked(data, key, fragment):
+    with pytest.raises(ConfigError, match=f"{key} = .*expected {fragment}"):
+        config_from_dict({"data": data})
+
+
+def test_project_params_choose_wikitext_2_and_one_pairs_shard_for_it():
+    cfg = load_config(Path(__file__).resolve().parents[1] / "params.yaml")
+    assert cfg.data.corpus == "wikitext-2" and cfg.pairs.shard_tokens > 1_926_788  # WikiText-2's train tokens
+    assert len(cfg.data.wikitext_103_parquet_urls["train"]) == 2
+    with pytest.raises(ConfigError, match="pairs.shard_tokens = 999"):
+        config_from_dict({"pairs": {"shard_tokens": 999}})

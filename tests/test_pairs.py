@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from minibert.config import PairsConfig
+from minibert.errors import DataError
 from minibert.pairs import FIELDS, make_pairs, pair_stats
 from minibert.vocab import CLS, MASK, PAD, SEP, SPECIALS
 
@@ -128,3 +129,124 @@ def test_stats(pairs):
     assert s["pairs"] == len(pairs["nsp_labels"])
     assert s["mean_preds"] == pytest.approx(pairs["mlm_weights"].sum(1).mean(), abs=1e-4)
     assert 0 < s["nsp_positive_rate"] < 1 and 5 <= s["mean_len"] <= 29
+
+
+# ---------------------------------------------------------------------------- shards (the pairs stage)
+
+
+def test_paragraph_shards_by_first_token_hand_case():
+    from minibert.pairs import paragraph_shards
+    # six paragraphs whose first tokens are at 0, 600, 1100, 1900, 2100, 3500 (one sentence each)
+    sent = np.array([0, 600, 1100, 1900, 2100, 3500, 3600])
+    para = np.arange(7)
+    assert paragraph_shards(sent, para, 1000) == [(0, 2), (2, 4), (4, 5), (5, 6)]
+    assert paragraph_shards(sent, para, 10_000) == [(0, 6)]
+    assert paragraph_shards(np.array([0]), np.array([0]), 1000) == [(0, 0)]
+
+
+def tokens_dir(root):
+    """data/tokens of a tiny corpus: vocab of 99 and three synthetic splits (~3000 train tokens)."""
+    from minibert.artifacts import save_arrays
+    from minibert.vocab import Vocab
+
+    vocab = Vocab(SPECIALS + tuple(f"w{i}" for i in range(99 - len(SPECIALS))))
+    (root / "tokens").mkdir(parents=True)
+    vocab.save(root / "tokens/vocab.txt")
+    for split, seed, n in (("train", 7, 99), ("valid", 8, 13), ("test", 9, 13)):
+        save_arrays(root / f"tokens/{split}.safetensors", synthetic_split(np.random.default_rng(seed), n, 99),
+                    {"vocab_sha256": vocab.sha256})
+    return vocab
+
+
+def run_pairs_stage(root, name, shard_tokens, workers):
+    import subprocess
+    import sys
+
+    import yaml
+    from tests.tiny_project import ROOT
+
+    (root / f"{name}.yaml").write_text(yaml.safe_dump(
+        {"data": {"workers": workers}, "pairs": {"max_len": 29, "shard_tokens": shard_tokens}, "model": {"max_len": 29}}))
+    out = subprocess.run([sys.executable, "-m", "stages.pairs", "--params", str(root / f"{name}.yaml"),
+                          "--tokens", str(root / "tokens"), "--out", str(root / name / "pairs"),
+                          "--metrics", str(root / name / "metrics")],
+                         cwd=ROOT, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    assert out.returncode == 0, out.stderr
+    return {p.relative_to(root / name).as_posix(): p.read_bytes() for p in sorted((root / name).rglob("*")) if p.is_file()}, out.stdout
+
+
+def test_stage_bytes_do_not_depend_on_the_worker_count(tmp_path):
+    tokens_dir(tmp_path)
+    one, log = run_pairs_stage(tmp_path, "w1", 1000, 1)
+    two, _ = run_pairs_stage(tmp_path, "w2", 1000, 2)
+    assert "train 363 (4 shards)" in log  # really sharded
+    assert sorted(one) == ["metrics/pairs.json", "pairs/test.safetensors", "pairs/train.safetensors",
+                           "pairs/valid.safetensors"]
+    assert one == two
+
+
+def test_one_shard_is_the_unsharded_make_pairs(tmp_path):
+    from minibert.artifacts import load_arrays, save_arrays
+
+    vocab = tokens_dir(tmp_path)
+    got, log = run_pairs_stage(tmp_path, "whole", 10_000_000, 2)
+    assert "(1 shard)" in log
+    cfg = PairsConfig(max_len=29)
+    for split, seed in (("train", cfg.seed), ("valid", cfg.heldout_seed)):
+        ref = make_pairs(load_arrays(tmp_path / f"tokens/{split}.safetensors"), cfg, len(vocab),
+                         np.random.default_rng(seed))
+        save_arrays(tmp_path / "ref.safetensors", ref, {"vocab_sha256": vocab.sha256})
+        assert got[f"pairs/{split}.safetensors"] == (tmp_path / "ref.safetensors").read_bytes()
+
+
+def test_nsp_negatives_come_from_their_own_shard(tmp_path):
+    """The documented rule: b of a random pair is a sentence of the same shard (checked on b's of
+    three or more tokens, so a chance collision with another shard's sentence is negligible)."""
+    from minibert.artifacts import save_arrays
+    from minibert.pairs import pairs_shard, paragraph_shards
+    from minibert.shards import open_safetensors
+
+    split = synthetic_split(np.random.default_rng(7), 99, 99)
+    save_arrays(tmp_path / "t.safetensors", split)
+    arrays, _ = open_safetensors(tmp_path / "t.safetensors")
+    shards = paragraph_shards(arrays["sentence_offsets"], arrays["paragraph_offsets"], 1000)
+    sents, po = sentences(split), split["paragraph_offsets"]
+    checked = outside_anywhere = 0
+    for i, (lo, hi) in enumerate(shards):
+        pairs_shard(str(tmp_path / "t.safetensors"), lo, hi, CFG, 99, 0, i, str(tmp_path / f"p{i}"))
+        p = {k: np.fromfile(tmp_path / f"p{i}.{k}", dtype=np.float32 if k == "mlm_weights" else np.int32)
+             for k in FIELDS}
+        n = len(p["nsp_labels"])
+        p = {k: v.reshape(n, -1) if v.size != n else v for k, v in p.items()}
+        mine = set(sents[po[lo]:po[hi]])
+        others = set(sents) - mine
+        for r in range(n):
+            tok, vl = unmasked(p, r), p["valid_lens"][r]
+            seps = np.flatnonzero(tok[:vl] == SEP)
+            b = tuple(tok[seps[0] + 1:vl - 1])
+            if p["nsp_labels"][r] == 0 and len(b) >= 3:
+                assert b in mine, (i, r)
+                checked += 1
+                outside_anywhere += b in others
+    assert len(shards) >= 3 and checked > 50
+
+
+def test_load_pairs_maps_the_file_and_training_tensors_share_the_map(tmp_path, pairs):
+    """pretrain/evaluate never copy the train set: `load_pairs` gives memmaps of the file, and
+    `to_tensors` on CPU wraps the very same memory (same address), so a step reads only its rows."""
+    import torch
+
+    from minibert.artifacts import save_arrays
+    from minibert.pairs import load_pairs
+    from minibert.train import to_tensors
+
+    save_arrays(tmp_path / "p.safetensors", pairs, {"vocab_sha256": "ab" * 32})
+    arrays, meta = load_pairs(tmp_path / "p.safetensors")
+    assert meta == {"vocab_sha256": "ab" * 32}
+    tensors = to_tensors(arrays, torch.device("cpu"))
+    for k in FIELDS:
+        assert isinstance(arrays[k], np.memmap) and np.array_equal(arrays[k], pairs[k])
+        assert tensors[k].data_ptr() == arrays[k].ctypes.data
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10" + b"\0" * 7 + b"{}")
+    with pytest.raises(DataError, match="bad.safetensors: not a safetensors file"):
+        load_pairs(tmp_path / "bad.safetensors")

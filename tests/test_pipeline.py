@@ -145,3 +145,37 @@ def test_dvc_exp_run_temp_lands_in_the_repository_mlflow_db(full_run):
     runs = client.search_runs([client.get_experiment_by_name("minibert").experiment_id],
                               filter_string="tags.dvc_exp_name = 'in-temp'")
     assert len(runs) == 1 and len(client.get_metric_history(runs[0].info.run_id, "mlm_loss")) == 3
+
+
+def test_own_text_corpus_through_dvc(tmp_path):
+    """corpus: text end to end through real `dvc repro`: the lock records the normalised corpus's
+    hash, the vocabulary is the text's lower-cased words, and a bad file stops the download stage
+    with one error line."""
+    import random
+
+    root = project_copy(tmp_path / "p")
+    rng = random.Random(13)
+    words = ["Alpha", "beta", "Gamma", "delta", "eps", "Zeta", "eta", "theta"]
+    para = lambda: " ".join(" ".join(rng.choices(words, k=rng.randint(3, 9))) + "." for _ in range(rng.randint(2, 4)))  # noqa: E731
+    (root / "mytext").mkdir()
+    (root / "mytext/a.txt").write_text("\n".join(para() for _ in range(70)) + "\n", encoding="utf-8")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"].update({"corpus": "text", "text_glob": "mytext"})
+    params["vocab"]["min_freq"] = 1
+    params["pairs"]["shard_tokens"] = 1000
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(root, "dvc", "repro", "pairs")
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert [o["path"] for o in lock["download"]["outs"]] == ["data/raw/corpus"] and lock["download"]["outs"][0]["md5"]
+    source = json.loads((root / "data/raw/corpus/source.json").read_text())
+    assert source["files"][0]["sha256"] == hashlib.sha256((root / "mytext/a.txt").read_bytes()).hexdigest()
+    vocab = (root / "data/tokens/vocab.txt").read_text().split("\n")[:-1]
+    assert sorted(vocab[5:]) == sorted({w.lower() for w in words} | {"."})
+    pairs = json.loads((root / "metrics/pairs.json").read_text())
+    assert pairs["train_pairs"] > 50 and pairs["valid_pairs"] > 0 and pairs["test_pairs"] > 0
+    (root / "mytext/b.txt").write_bytes(b"\xff\xfe l\x00a\x00t\x00i\x00n\x00")  # UTF-16: NUL bytes
+    proc = sh(root, "dvc", "repro", "-f", "download", check=False)
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error: download:")]
+    assert proc.returncode != 0 and errors == [f"error: download: mytext/b.txt: a binary file (NUL byte on line 1); "
+                                               "the text corpus takes UTF-8 .txt files, one paragraph per line"]
+    assert not (root / "data/raw/corpus").exists()  # DVC cleared the old output; no partial new one

@@ -238,7 +238,7 @@ def test_load_pairs_maps_the_file_and_training_tensors_share_the_map(tmp_path, p
 
     from minibert.artifacts import save_arrays
     from minibert.pairs import load_pairs
-    from minibert.train import to_tensors
+    from minibert.batches import to_tensors
 
     save_arrays(tmp_path / "p.safetensors", pairs, {"vocab_sha256": "ab" * 32})
     arrays, meta = load_pairs(tmp_path / "p.safetensors")

@@ -20,6 +20,7 @@ app = typer.Typer(add_completion=False)
 @app.command()
 def main(params: Path = typer.Option("params.yaml", help="params file"),
          pairs: Path = typer.Option("data/pairs/train.safetensors", help="train pairs"),
+         valid_pairs: Path = typer.Option("data/pairs/valid.safetensors", help="held-out pairs (train.eval_every)"),
          vocab: Path = typer.Option("data/tokens/vocab.txt", help="vocabulary"),
          models: Path = typer.Option("models", help="output folder for bert.safetensors/bert.json"),
          metrics: Path = typer.Option("metrics", help="metrics folder"),
@@ -32,8 +33,9 @@ def main(params: Path = typer.Option("params.yaml", help="params file"),
             print("pretrain: launching " + " ".join(cmd[1:]), flush=True)
             raise SystemExit(distributed.relaunch(cmd))
         paths = Paths(Path("."), pairs, vocab, models, metrics / "train.json", plots / "train_loss.csv",
-                      plots / "train_loss.png", checkpoints, params)
-        m = run_pretrain(cfg.model, cfg.train, cfg.tracking, flatten(cfg), paths)
+                      plots / "train_loss.png", checkpoints, params, valid_pairs=valid_pairs,
+                      valid_curve=plots / "valid_curve.csv")
+        m = run_pretrain(cfg.model, cfg.train, cfg.tracking, flatten(cfg), paths, eval_cfg=cfg.eval)
         if m:
             print(f"pretrain: {m['steps']} steps on {m['device']} ({m['precision']}): MLM loss {m['mlm_loss_avg']:.3f}, "
                   f"NSP loss {m['nsp_loss_avg']:.3f} (mean over steps), {m['pairs_per_sec']:.1f} sentence pairs/sec; "

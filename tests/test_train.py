@@ -260,6 +260,7 @@ def test_two_gloo_ranks_with_evaluation_neither_hang_nor_change_training(tmp_pat
             port = s.getsockname()[1]
         root = make_workspace(tmp_path / f"e{eval_every}", train={
             "max_steps": 5, "batch_size": 13, "checkpoint_every": 0, "devices": 2, "eval_every": eval_every,
+            "log_every": 3,  # eval steps 2 and 4 are not log steps: every rank must still sync there
             "rdzv_endpoint": f"127.0.0.1:{port}"})
         stage(root, "pretrain", timeout=300)  # a deadlock fails here instead of hanging the suite
         curves[eval_every] = (curve(root), weights(root), pd.read_csv(root / "plots/valid_curve.csv"))

@@ -117,8 +117,11 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
             print(f"pretrain: training steps {resumed.get('step', 0) + 1}..{cfg.max_steps} on {device} "
                   f"x{d.world}", flush=True)
         try:
-            # the bare model, not `net`: only rank 0 evaluates, and DDP's forward could wait for the others
-            on_eval = heldout_hook(model, heldout, eval_cfg.batch_size, device) if heldout else None
+            # the bare model, not `net`: only rank 0 evaluates, and DDP's forward could wait for the others.
+            # Batches no bigger than a training micro-batch: the (M, V) fp32 logits of 1024 pairs would
+            # add ~0.6 GB to the stage's peak; the figures do not depend on the batch size.
+            per_pass = max(1, cfg.batch_size // (cfg.micro_batches * d.world))
+            on_eval = heldout_hook(model, heldout, min(eval_cfg.batch_size, per_pass), device) if heldout else None
             result = fit(net, opt, cfg, to_tensors(pairs, device), device, d,
                          start_step=resumed.get("step", 0), history=resumed.get("history"),
                          on_log=on_log, on_checkpoint=on_checkpoint, on_eval=on_eval)

@@ -87,7 +87,8 @@ def heldout_subset(pairs: dict[str, np.ndarray], size: int) -> dict[str, np.ndar
     every seed is scored on the same pairs; the pairs stage shuffled paragraphs, so the rows are spread
     over the whole split rather than a few neighbouring paragraphs."""
     n = len(pairs["nsp_labels"])
-    rows = np.arange(min(size, n)) * n // min(size, n)
+    k = min(size, n)
+    rows = np.arange(k) * n // max(k, 1)
     return {k: v[rows] for k, v in pairs.items()}
 
 

@@ -180,6 +180,9 @@ class TrainConfig:
     """torch intra-op threads (0: torch's default)."""
     compile: bool = field(default=False, metadata=NOT_NUMERIC)
     """Wrap the model in torch.compile (pays off on long runs only)."""
+    eval_every: int = field(default=10, metadata=NOT_NUMERIC)  # evaluation never moves the training numbers
+    """Steps between held-out evaluations during training, plus always the last step (0: none); each scores
+    the fixed `eval.subset_pairs` valid pairs and logs `valid_*` per step (5 points on the book's 50 steps)."""
 
     def __post_init__(self):
         _require(self.lr > 0, "lr", self.lr, "a number > 0")
@@ -196,15 +199,20 @@ class TrainConfig:
         _require(self.nodes >= 1, "nodes", self.nodes, "an integer >= 1")
         _require(":" in self.rdzv_endpoint, "rdzv_endpoint", self.rdzv_endpoint, "host:port")
         _require(self.threads >= 0, "threads", self.threads, "an integer >= 0")
+        _require(self.eval_every >= 0, "eval_every", self.eval_every, "an integer >= 0 (0: no held-out curve)")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     batch_size: int = 1024
     """Pairs per forward pass when scoring the valid split."""
+    subset_pairs: int = 512
+    """Valid pairs scored during training (`train.eval_every`): evenly spaced rows of the valid split, the
+    same for every run; the evaluate stage always scores all of them."""
 
     def __post_init__(self):
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        _require(self.subset_pairs >= 1, "subset_pairs", self.subset_pairs, "an integer >= 1")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ PROBE_METRICS = METRICS / "probe.json"
 PLOTS = Path("plots")
 TRAIN_CURVE_CSV = PLOTS / "train_loss.csv"
 TRAIN_CURVE_PNG = PLOTS / "train_loss.png"
+VALID_CURVE_CSV = PLOTS / "valid_curve.csv"       # held-out curve during training (a DVC plot)
 PROBE_HEATMAP = PLOTS / "probe_similarity.png"
 PROBE_TABLE = Path("probes/probe_table.parquet")  # and probe_table.csv beside it
 CHECKPOINTS = Path("checkpoints")            # resumable pretrain state: outside DVC's outputs on purpose

@@ -18,10 +18,11 @@ import torch
 from minibert import checkpoint, distributed, layout, plots
 from minibert.artifacts import atomic_path, sha256_file, write_json
 from minibert.batches import resolve_device, to_tensors
-from minibert.config import ModelConfig, TrackingConfig, TrainConfig
+from minibert.config import EvalConfig, ModelConfig, TrackingConfig, TrainConfig
 from minibert.errors import Interrupted
+from minibert.evaluate import CURVE, heldout_hook, heldout_subset
 from minibert.heap import release_cpu_memory, tune_cpu_malloc
-from minibert.model import Encoder, build_model, save_pretrained
+from minibert.model import Encoder, build_model, check_vocab, save_pretrained
 from minibert.pairs import load_pairs
 from minibert.progress import Progress
 from minibert.shards import release
@@ -40,6 +41,8 @@ class Paths:
     curve_png: Path = layout.TRAIN_CURVE_PNG
     checkpoints: Path = layout.CHECKPOINTS
     params_file: Path | None = layout.PARAMS
+    valid_pairs: Path = layout.VALID_PAIRS
+    valid_curve: Path = layout.VALID_CURVE_CSV
 
 
 def run_fingerprint(model_cfg: ModelConfig, cfg: TrainConfig, data_sha: str, vocab_sha: str, world: int) -> str:
@@ -50,8 +53,13 @@ def run_fingerprint(model_cfg: ModelConfig, cfg: TrainConfig, data_sha: str, voc
 
 
 def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: TrackingConfig,
-                 params: dict[str, Any], paths: Paths = Paths()) -> dict[str, Any]:
-    """Train, write every pretrain output, return the metrics of `metrics/train.json`."""
+                 params: dict[str, Any], paths: Paths = Paths(), eval_cfg: EvalConfig = EvalConfig(),
+                 run_name: str | None = None) -> dict[str, Any]:
+    """Train, write every pretrain output, return the metrics of `metrics/train.json`.
+
+    With `train.eval_every` > 0, rank 0 scores `eval_cfg.subset_pairs` fixed valid pairs on the way
+    (the held-out curve: `valid_*` per step in MLflow and `paths.valid_curve`). `run_name` heads the
+    loss plot's title."""
     t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -63,6 +71,11 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
     try:
         pairs, vocab = load_pairs(paths.pairs)[0], Vocab.load(paths.vocab)
         data_sha = sha256_file(paths.pairs)
+        heldout = None
+        if cfg.eval_every and d.is_main:
+            valid, valid_meta = load_pairs(paths.valid_pairs)
+            check_vocab({"vocab_sha256": vocab.sha256}, valid_meta.get("vocab_sha256"), paths.valid_pairs)
+            heldout = heldout_subset(valid, eval_cfg.subset_pairs)
         ckpt_dir = paths.checkpoints / run_fingerprint(model_cfg, cfg, data_sha, vocab.sha256, d.world)
         model = build_model(model_cfg, len(vocab), seed=cfg.seed).to(device)
         opt = make_optimizer(model.parameters(), cfg)
@@ -92,7 +105,8 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
                 if r["step"] > logged:  # a resumed run re-trains steps already logged: skip them
                     tracker.log_metrics({k: v for k, v in r.items() if k != "step"}, step=r["step"])
             r = rows[-1]
-            bar.update(r["step"], f"mlm {r['mlm_loss']:.3f}  nsp {r['nsp_loss']:.3f}  {r['pairs_per_sec']:.0f} pairs/s")
+            held = f"  valid mlm {r['valid_mlm_loss']:.3f}" if "valid_mlm_loss" in r else ""
+            bar.update(r["step"], f"mlm {r['mlm_loss']:.3f}  nsp {r['nsp_loss']:.3f}{held}  {r['pairs_per_sec']:.0f} pairs/s")
             release(pairs)  # the mapped rows these steps touched leave RSS (page cache keeps them)
 
         def on_checkpoint(step, history, scaler_state):
@@ -104,9 +118,15 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
         if d.is_main:
             print(f"pretrain: training steps {resumed.get('step', 0) + 1}..{cfg.max_steps} on {device} "
                   f"x{d.world}", flush=True)
+        # the bare model, not `net`: only rank 0 evaluates, and DDP's forward could wait for the others.
+        # Batches no bigger than a training micro-batch: the (M, V) fp32 logits of 1024 pairs would
+        # add ~0.6 GB to the stage's peak; the figures do not depend on the batch size.
+        per_pass = max(1, cfg.batch_size // (cfg.micro_batches * d.world))
+        on_eval = heldout_hook(model, heldout, min(eval_cfg.batch_size, per_pass), device) if heldout else None
         result = fit(net, opt, cfg, to_tensors(pairs, device), device, d,
                      start_step=resumed.get("step", 0), history=resumed.get("history"),
-                     on_log=on_log, on_checkpoint=on_checkpoint, scaler_state=resumed.get("scaler"))
+                     on_log=on_log, on_checkpoint=on_checkpoint, scaler_state=resumed.get("scaler"),
+                     on_eval=on_eval)
         if not d.is_main:
             return {}
         opt.zero_grad(set_to_none=True)  # training's gradients and heap pages are not needed any more
@@ -125,7 +145,8 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
             "mlflow_run_id": tracker.run_id or "",
         }
         metrics = {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
-        write_outputs(model, hist, metrics, vocab, data_sha, paths)
+        write_outputs(model, hist, metrics, vocab, data_sha, paths,
+                      plots.run_title(run_name, asdict(model_cfg), asdict(cfg)))
         tracker.log_metrics({f"final_{k}": metrics[k] for k in ("mlm_loss_avg", "nsp_loss_avg",
                                                                   "pairs_per_sec", "tokens_per_sec")})
         for f in (paths.models / "bert.safetensors", paths.models / "bert.json", paths.vocab):
@@ -135,7 +156,7 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
         # Text in, vectors out (mlflow models serve), registered as a new version of tracking.registered_model.
         register_version(tracker, tracking_cfg.registered_model, log_text_model(tracker, paths.models, paths.vocab),
                          {"train_pairs_sha256": data_sha, "vocab_sha256": vocab.sha256})
-        for f in (paths.curve_csv, paths.curve_png, paths.metrics, paths.params_file):
+        for f in (paths.curve_csv, paths.curve_png, paths.valid_curve, paths.metrics, paths.params_file):
             if f is not None and f.is_file():
                 tracker.log_artifact(f)
         tracker.close()
@@ -160,10 +181,14 @@ def encoder_example(pairs: dict) -> dict:
             "valid_lens": pairs["valid_lens"][:2].astype("int64")}
 
 
-def write_outputs(model, history, metrics, vocab: Vocab, data_sha: str, paths: Paths) -> None:
+def write_outputs(model, history, metrics, vocab: Vocab, data_sha: str, paths: Paths,
+                  title: str = "minibert pretraining") -> None:
     save_pretrained(model, paths.models, {"vocab_sha256": vocab.sha256, "step": metrics["steps"],
                                           "train_pairs_sha256": data_sha, "mlflow_run_id": metrics["mlflow_run_id"]})
     with atomic_path(paths.curve_csv) as tmp:
         pd.DataFrame(history, columns=["step", "mlm_loss", "nsp_loss", "pairs_per_sec"]).to_csv(tmp, index=False)
-    plots.loss_curves(history, paths.curve_png)
+    heldout = [r for r in history if "valid_mlm_loss" in r]  # header only when eval_every is 0
+    with atomic_path(paths.valid_curve) as tmp:
+        pd.DataFrame(heldout, columns=["step", *(f"valid_{k}" for k in CURVE)]).to_csv(tmp, index=False)
+    plots.loss_curves(history, paths.curve_png, title, vocab_size=len(vocab), max_steps=history[-1]["step"])
     write_json(paths.metrics, metrics)

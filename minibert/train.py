@@ -176,14 +176,17 @@ class FitResult:
 
 def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, data: dict[str, torch.Tensor],
         device: torch.device, d: distributed.Dist, *, start_step: int = 0, history: list | None = None,
-        on_log=None, on_checkpoint=None, scaler_state: dict | None = None) -> FitResult:
+        on_log=None, on_checkpoint=None, on_eval=None, scaler_state: dict | None = None) -> FitResult:
     """Train from `start_step` to `cfg.max_steps`.
 
     `on_log(rows)` receives new history rows after every host sync (rank 0 logs them);
     `on_checkpoint(step, history, scaler_state)` is called every `checkpoint_every` steps and on
     SIGTERM/SIGINT (then `fit` raises); `scaler_state` is the fp16 GradScaler's (None otherwise),
-    given back as `scaler_state` on resume. Both run on every rank; the callee decides what rank 0
-    alone does."""
+    given back as `scaler_state` on resume. `on_eval(step)` runs every `eval_every` steps and at the
+    last, after the step's update: the dict it returns (held-out figures; None for nothing) joins that
+    step's history row. All run on every rank; the callee decides what rank 0 alone does. Evaluation
+    runs outside the timed interval (it does not lower pairs_per_sec) and cannot move the training
+    numbers: dropout is reseeded before every step."""
     amp_dtype = resolve_precision(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     if scaler is not None and scaler_state:  # the loss scale it had learnt, not the initial 2**16
@@ -213,8 +216,10 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, da
             tokens += int(lens_all[global_idx].sum())
             last = step + 1 == cfg.max_steps
             ckpt_due = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
+            # from the config alone, not from whether a rank was given a hook: every rank syncs at the same steps
+            eval_due = cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last)
             stopping = distributed.any_rank(stop.signum is not None, d, device)
-            if (step + 1) % cfg.log_every == 0 or last or ckpt_due or stopping:
+            if (step + 1) % cfg.log_every == 0 or last or ckpt_due or eval_due or stopping:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 elapsed = time.perf_counter() - interval.t0
@@ -225,6 +230,8 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, da
                         for s, (m, ns) in zip(interval.steps, losses)]
                 for r in rows:
                     check_finite(r["step"], r["mlm_loss"], r["nsp_loss"], last_ckpt)
+                if eval_due and on_eval:  # rows[-1] is this step: an eval step always syncs
+                    rows[-1].update(on_eval(step + 1) or {})
                 history += rows
                 if on_log:
                     on_log(rows)

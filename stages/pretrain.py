@@ -20,6 +20,7 @@ app = typer.Typer(add_completion=False)
 @app.command()
 def main(params: Path = typer.Option(layout.PARAMS, help="params file"),
          pairs: Path = typer.Option(layout.TRAIN_PAIRS, help="train pairs"),
+         valid_pairs: Path = typer.Option(layout.VALID_PAIRS, help="held-out pairs (train.eval_every)"),
          vocab: Path = typer.Option(layout.VOCAB, help="vocabulary"),
          models: Path = typer.Option(layout.MODELS, help="output folder for bert.safetensors/bert.json"),
          metrics: Path = typer.Option(layout.METRICS, help="metrics folder"),
@@ -33,8 +34,9 @@ def main(params: Path = typer.Option(layout.PARAMS, help="params file"),
             print("pretrain: launching " + " ".join(cmd[1:]), flush=True)
             raise SystemExit(distributed.relaunch(cmd))
         paths = Paths(Path("."), pairs, vocab, models, metrics / layout.TRAIN_METRICS.name,
-                      plots / layout.TRAIN_CURVE_CSV.name, plots / layout.TRAIN_CURVE_PNG.name, checkpoints, params)
-        m = run_pretrain(cfg.model, cfg.train, cfg.tracking, flatten(cfg), paths)
+                      plots / layout.TRAIN_CURVE_CSV.name, plots / layout.TRAIN_CURVE_PNG.name, checkpoints, params,
+                      valid_pairs=valid_pairs, valid_curve=plots / layout.VALID_CURVE_CSV.name)
+        m = run_pretrain(cfg.model, cfg.train, cfg.tracking, flatten(cfg), paths, eval_cfg=cfg.eval)
         if m:
             print(f"pretrain: {m['steps']} steps on {m['device']} ({m['precision']}): MLM loss {m['mlm_loss_avg']:.3f}, "
                   f"NSP loss {m['nsp_loss_avg']:.3f} (mean over steps), {m['pairs_per_sec']:.1f} sentence pairs/sec; "

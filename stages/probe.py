@@ -48,7 +48,10 @@ def main(params: Path = typer.Option(layout.PARAMS, help="params file"),
             df.to_parquet(tmp, index=False)
         with atomic_path(csv) as tmp:
             df.to_csv(tmp, index=False)
-        similarity_heatmap(sim, labels, heatmap, "minibert probes: cosine similarity of token encodings")
+        arch = meta["model"]  # the title names the run and its model, so heatmaps of two runs can be told apart
+        similarity_heatmap(sim, labels, heatmap, f"run {(meta.get('mlflow_run_id') or '-')[:8]}, "
+                           f"{arch['num_layers']} layers x {arch['hidden']}, step {meta.get('step', '?')}: "
+                           "cosine similarity of token encodings")
         write_json(out, metrics)
         with pretrain_run(cfg.tracking, train_metrics) as tracker:
             tracker.log_metrics(flat_metrics(metrics))

@@ -98,8 +98,11 @@ def test_full_pipeline_outputs(full_run):
     assert train["steps"] == 50 and train["pairs_per_sec"] > 0 and train["mlflow_run_id"]
     assert 5.0 < train["mlm_loss"] < 8.5 and 0.6 < train["nsp_loss"] < 0.8
     assert ev["examples"] > 4000 and 0 <= ev["mlm_accuracy"] <= 1 and ev["mlm_perplexity"] > 1
+    # "the" is ~7.5 % of the valid masked slots; NSP labels are fair coins
+    assert 0.05 < ev["baseline_unigram_mlm_accuracy"] < 0.1 and 0.45 < ev["baseline_majority_nsp_accuracy"] < 0.55
     assert json.dumps(probe).count("128") >= 2
     for f in ("models/bert.safetensors", "models/bert.json", "plots/train_loss.csv", "plots/train_loss.png",
+              "plots/valid_curve.csv",
               "probes/probe_table.parquet", "probes/probe_table.csv", "plots/probe_similarity.png"):
         assert (root / f).is_file(), f
     assert "up to date" in sh(root, "dvc", "status").stdout
@@ -117,7 +120,10 @@ def test_full_pipeline_mlflow_run(full_run):
     assert run.data.params["model.num_layers"] == "2" and run.data.params["train.batch_size"] == "512"
     assert len(client.get_metric_history(run.info.run_id, "mlm_loss")) == train["steps"]
     assert len(client.get_metric_history(run.info.run_id, "pairs_per_sec")) == train["steps"]
-    assert "valid_mlm_loss" in run.data.metrics
+    assert "valid_mlm_loss" in run.data.metrics and "baseline_unigram_mlm_loss" in run.data.metrics
+    # the subset curve every train.eval_every = 10 steps, then evaluate's full-set verdict at step 50
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "valid_mlm_loss")) == [10, 20, 30, 40,
+                                                                                                   50, 50]
     assert run.data.tags.get("mlflow.source.git.commit") and run.data.tags.get("train_pairs_sha256")
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"train_loss.csv", "train_loss.png", "params.yaml"} <= artifacts
@@ -179,3 +185,33 @@ def test_own_text_corpus_through_dvc(tmp_path):
     assert proc.returncode != 0 and errors == [f"error: download: mytext/b.txt: a binary file (NUL byte on line 1); "
                                                "the text corpus takes UTF-8 .txt files, one paragraph per line"]
     assert not (root / "data/raw/corpus").exists()  # DVC cleared the old output; no partial new one
+
+
+def test_heldout_curve_and_baselines_through_dvc(tmp_path):
+    """The project's dvc.yaml on tiny synthetic pairs (no real data needed): pretrain writes the held-out
+    curve DVC declares as a plot, `dvc plots show` overlays it on the train loss, evaluate adds the baselines."""
+    from tiny_project import make_workspace
+
+    root = project_copy(tmp_path / "p")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    tiny = yaml.safe_load((make_workspace(tmp_path / "tiny") / "params.yaml").read_text())
+    make_workspace(root)  # data/tokens/vocab.txt, data/pairs/{train,valid}.safetensors
+    for section, values in tiny.items():
+        params[section] = {**params.get(section, {}), **values}
+    params["train"].update(max_steps=9, eval_every=4, checkpoint_every=0)
+    params["eval"].update(subset_pairs=37)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(root, "git", "add", "-A")
+    sh(root, "git", "commit", "-qm", "tiny")
+    sh(root, "dvc", "repro", "--single-item", "pretrain")
+    sh(root, "dvc", "repro", "--single-item", "evaluate")
+    ev = json.loads((root / "metrics/eval.json").read_text())
+    for k in ("baseline_unigram_mlm_loss", "baseline_unigram_mlm_accuracy", "baseline_majority_nsp_loss",
+              "baseline_majority_nsp_accuracy"):
+        assert 0 <= ev[k] < 10, k
+    shown = json.loads(sh(root, "dvc", "plots", "show", "--json").stdout)["data"]
+    points = shown["heldout_mlm_loss"][0]["content"]["data"]["values"]  # one chart, two files overlaid
+    steps = {}
+    for p in points:
+        steps.setdefault(p["filename::field"], []).append(int(p["step"]))
+    assert steps == {"train_loss.csv::mlm_loss": list(range(1, 10)), "valid_curve.csv::valid_mlm_loss": [4, 8, 9]}

@@ -205,3 +205,96 @@ def test_mixed_precision_trains_on_cpu(tmp_path, precision):
     first, last = np.mean([r["mlm_loss"] for r in res.history[:5]]), np.mean([r["mlm_loss"] for r in res.history[-5:]])
     assert last < first  # it learns under autocast too
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+
+
+def _fit_tiny(root, eval_every, hook):
+    from minibert import distributed
+    from minibert.artifacts import load_arrays
+    from minibert.train import fit, make_optimizer, to_tensors
+
+    cfg = TrainConfig(batch_size=13, max_steps=11, lr=3e-3, device="cpu", precision="fp32", checkpoint_every=0,
+                      eval_every=eval_every, threads=1)
+    model = build_model(ModelConfig(**TINY_MODEL), 99, seed=0)  # dropout 0.1: eval mode must not leak
+    opt = make_optimizer(model.parameters(), cfg, torch.device("cpu"))
+    data = to_tensors(load_arrays(root / "data/pairs/train.safetensors"), torch.device("cpu"))
+    on_eval = hook(model) if hook else None
+    res = fit(model, opt, cfg, data, torch.device("cpu"), distributed.Dist(), on_eval=on_eval)
+    return res.history, model
+
+
+def test_evaluation_hook_runs_at_its_steps_and_leaves_training_bit_for_bit(tmp_path):
+    from minibert.artifacts import load_arrays
+    from minibert.evaluate import evaluate, heldout_hook
+
+    root = make_workspace(tmp_path)
+    valid = load_arrays(root / "data/pairs/valid.safetensors")
+    calls = []
+
+    def hook(model):
+        score = heldout_hook(model, valid, 7, "cpu")
+        return lambda step: calls.append(step) or score(step)
+
+    off, m_off = _fit_tiny(root, 0, None)
+    on, m_on = _fit_tiny(root, 4, hook)
+    assert calls == [4, 8, 11]  # every 4 steps, plus the last
+    for a, b in zip(off, on):  # the training numbers are the same bits with and without evaluation
+        assert (a["step"], a["mlm_loss"], a["nsp_loss"]) == (b["step"], b["mlm_loss"], b["nsp_loss"])
+    w_off, w_on = m_off.state_dict(), m_on.state_dict()
+    assert all(torch.equal(w_off[k], w_on[k]) for k in w_off)
+    assert [r["step"] for r in on if "valid_mlm_loss" in r] == [4, 8, 11]
+    final = evaluate(m_on, valid, 99, "cpu")  # the last row holds the final model's held-out figures
+    assert on[-1]["valid_mlm_loss"] == pytest.approx(final["mlm_loss"], abs=1e-6)
+    assert on[-1]["valid_nsp_accuracy"] == final["nsp_accuracy"]
+    assert m_on.training  # handed back in train mode
+    assert not any("valid_mlm_loss" in r for r in off)
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_with_evaluation_neither_hang_nor_change_training(tmp_path):
+    """Rank 0 alone evaluates (the other waits at the next all-reduce): the run finishes, its losses and
+    weights are those of the same 2-rank run without evaluation, and the held-out curve is written."""
+    import socket
+    curves = {}
+    for eval_every in (0, 2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        root = make_workspace(tmp_path / f"e{eval_every}", train={
+            "max_steps": 5, "batch_size": 13, "checkpoint_every": 0, "devices": 2, "eval_every": eval_every,
+            "log_every": 3,  # eval steps 2 and 4 are not log steps: every rank must still sync there
+            "rdzv_endpoint": f"127.0.0.1:{port}"})
+        stage(root, "pretrain", timeout=300)  # a deadlock fails here instead of hanging the suite
+        curves[eval_every] = (curve(root), weights(root), pd.read_csv(root / "plots/valid_curve.csv"))
+    (c0, w0, v0), (c2, w2, v2) = curves[0], curves[2]
+    pd.testing.assert_frame_equal(c0, c2, check_exact=True)
+    assert all(torch.equal(w0[k], w2[k]) for k in w0)
+    assert v0.empty and list(v2["step"]) == [2, 4, 5]
+    assert v2["valid_mlm_loss"].between(0, 10).all()
+
+
+def test_pretrain_stage_logs_the_heldout_curve_to_csv_and_mlflow(tmp_path):
+    import mlflow
+    import yaml
+
+    from minibert.artifacts import load_arrays
+    from minibert.evaluate import evaluate, heldout_subset
+
+    root = make_workspace(tmp_path, train={"eval_every": 5, "checkpoint_every": 0}, tracking=True)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump({**params, "eval": {"batch_size": 7, "subset_pairs": 37}}))
+    stage(root, "pretrain")
+    held = pd.read_csv(root / "plots/valid_curve.csv")
+    assert list(held.columns) == ["step", "valid_mlm_loss", "valid_mlm_accuracy", "valid_nsp_loss",
+                                  "valid_nsp_accuracy"]
+    assert list(held["step"]) == [5, 10, 12]  # every 5 steps of 12, plus the last
+    model, _ = load_pretrained(root / "models")
+    final = evaluate(model, heldout_subset(load_arrays(root / "data/pairs/valid.safetensors"), 37), 7, "cpu")
+    assert held["valid_mlm_loss"].iloc[-1] == pytest.approx(final["mlm_loss"], abs=1e-6)
+    assert final["examples"] == 37
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    run_id = json.loads((root / "metrics/train.json").read_text())["mlflow_run_id"]
+    for k in ("valid_mlm_loss", "valid_mlm_accuracy", "valid_nsp_accuracy"):
+        points = sorted((m.step, m.value) for m in client.get_metric_history(run_id, k))
+        assert [s for s, _ in points] == [5, 10, 12], k
+        assert [v for _, v in points] == pytest.approx(list(held[k])), k
+    assert "valid_curve.csv" in {a.path for a in client.list_artifacts(run_id)}

@@ -19,6 +19,7 @@ from minibert import checkpoint, distributed, layout, plots
 from minibert.artifacts import atomic_path, sha256_file, write_json
 from minibert.batches import resolve_device, to_tensors
 from minibert.config import EvalConfig, ModelConfig, TrackingConfig, TrainConfig
+from minibert.describe import DIFF_TAG, describe_run
 from minibert.errors import Interrupted
 from minibert.evaluate import CURVE, heldout_hook, heldout_subset
 from minibert.heap import release_cpu_memory, tune_cpu_malloc
@@ -145,6 +146,10 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
             "mlflow_run_id": tracker.run_id or "",
         }
         metrics = {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
+        if run_name is None:  # the MLflow run's own name and what differs, tracked or not
+            name, tags = describe_run(params, paths.params_file, paths.root)
+            diff = tags.get(DIFF_TAG)
+            run_name = name if not diff or diff == name else f"{name} ({diff})"
         write_outputs(model, hist, metrics, vocab, data_sha, paths,
                       plots.run_title(run_name, asdict(model_cfg), asdict(cfg)))
         tracker.log_metrics({f"final_{k}": metrics[k] for k in ("mlm_loss_avg", "nsp_loss_avg",

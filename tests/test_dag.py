@@ -23,7 +23,6 @@ PLUMBING = {
     "minibert/progress.py": "progress bars on stderr",
     "minibert/heap.py": "glibc malloc settings: speed and memory, never values",
     "minibert/layout.py": "default paths; dvc.yaml spells them out itself (test_layout.py), so a move shows there",
-    "minibert/describe.py": "an MLflow run's name, description and source tags: nothing a stage writes to disk",
     "minibert/view.py": "the MLflow UI's saved view (experiment tags) and its URL: nothing a stage writes to disk",
 }
 

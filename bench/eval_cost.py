@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 
 from bench.train import DEFAULT_DATA, DEVICE, load_splits
-from minibert import distributed
+from minibert import distributed, layout
 from minibert.config import EvalConfig, ModelConfig, TrainConfig
 from minibert.evaluate import heldout_hook, heldout_subset
 from minibert.heap import tune_cpu_malloc
 from minibert.model import build_model
-from minibert.pretrain import Paths
-from minibert.train import fit, make_optimizer, resolve_precision, to_tensors
+from minibert.batches import to_tensors
+from minibert.train import fit, make_optimizer, resolve_precision
 
 
 def main() -> None:
@@ -37,13 +37,13 @@ def main() -> None:
                     help="eval.batch_size (capped, as in the stage, at a training micro-batch)")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--data", default=DEFAULT_DATA)
-    ap.add_argument("--pairs", type=Path, default=Paths().pairs.parent)
+    ap.add_argument("--pairs", type=Path, default=layout.PAIRS)
     a = ap.parse_args()
     tune_cpu_malloc()
     splits, vocab_size, source = load_splits(("train", "valid"), a.data, a.pairs)
     cfg = TrainConfig(max_steps=a.steps, eval_every=a.eval_every, precision=a.precision, checkpoint_every=0)
     model = build_model(ModelConfig(), vocab_size, seed=cfg.seed).to(DEVICE)
-    opt = make_optimizer(model.parameters(), cfg, DEVICE)
+    opt = make_optimizer(model.parameters(), cfg)
     batch = min(a.batch_size, cfg.batch_size // cfg.micro_batches)  # as minibert.pretrain does
     score = heldout_hook(model, heldout_subset(splits["valid"], a.subset), batch, DEVICE)
     eval_s: list[float] = []

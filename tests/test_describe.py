@@ -28,12 +28,12 @@ BIN = Path(sys.executable).parent
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 # Written out by hand from params.yaml: the sections worth comparing, nothing else.
 HYPERPARAMS = {
-    "vocab.min_freq", "pairs.max_len", "pairs.mask_rate", "pairs.seed", "pairs.heldout_seed",
+    "vocab.min_freq", "pairs.max_len", "pairs.mask_rate", "pairs.seed", "pairs.heldout_seed", "pairs.shard_tokens",
     "model.num_layers", "model.hidden", "model.heads", "model.ffn_hidden", "model.dropout", "model.max_len",
     "model.norm", "train.lr", "train.schedule", "train.warmup_steps", "train.batch_size", "train.micro_batches",
     "train.max_steps", "train.seed", "train.device", "train.precision", "train.log_every",
     "train.checkpoint_every", "train.devices", "train.nodes", "train.threads", "train.compile",
-    "eval.batch_size", "preset"}
+    "train.eval_every", "eval.batch_size", "eval.subset_pairs", "preset"}
 
 
 def sh(cwd: Path, *cmd: str, env: dict | None = None) -> str:

@@ -23,7 +23,8 @@ def run_in_process(root, monkeypatch):
     cfg = load_config(root / "params.yaml")
     paths = pretrain.Paths(root, root / "data/pairs/train.safetensors", root / "data/tokens/vocab.txt",
                            root / "models", root / "metrics/train.json", root / "plots/train_loss.csv",
-                           root / "plots/train_loss.png", root / "checkpoints", root / "params.yaml")
+                           root / "plots/train_loss.png", root / "checkpoints", root / "params.yaml",
+                           valid_pairs=root / "data/pairs/valid.safetensors", valid_curve=root / "plots/valid_curve.csv")
     return pretrain.run_pretrain(cfg.model, cfg.train, cfg.tracking, {"train.max_steps": cfg.train.max_steps}, paths)
 
 

@@ -210,12 +210,13 @@ def test_mixed_precision_trains_on_cpu(tmp_path, precision):
 def _fit_tiny(root, eval_every, hook):
     from minibert import distributed
     from minibert.artifacts import load_arrays
-    from minibert.train import fit, make_optimizer, to_tensors
+    from minibert.batches import to_tensors
+    from minibert.train import fit, make_optimizer
 
     cfg = TrainConfig(batch_size=13, max_steps=11, lr=3e-3, device="cpu", precision="fp32", checkpoint_every=0,
                       eval_every=eval_every, threads=1)
     model = build_model(ModelConfig(**TINY_MODEL), 99, seed=0)  # dropout 0.1: eval mode must not leak
-    opt = make_optimizer(model.parameters(), cfg, torch.device("cpu"))
+    opt = make_optimizer(model.parameters(), cfg)
     data = to_tensors(load_arrays(root / "data/pairs/train.safetensors"), torch.device("cpu"))
     on_eval = hook(model) if hook else None
     res = fit(model, opt, cfg, data, torch.device("cpu"), distributed.Dist(), on_eval=on_eval)

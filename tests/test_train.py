@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from minibert.config import ModelConfig, TrainConfig
 from minibert.model import build_model, load_pretrained
+from minibert.pairs import FIELDS
 from minibert.train import batch_indices, get_lr, resolve_precision, split_batch, step_seed, train_step
 from tiny_project import TINY_MODEL, make_workspace, popen_stage, stage
 
@@ -149,6 +150,44 @@ def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
     assert not (root / "models/bert.safetensors").exists()
 
 
+def test_fingerprint_changes_with_every_number_of_the_run():
+    """Hand-listed settings that change the numbers must give another checkpoint folder; the
+    bookkeeping ones (how often to log or checkpoint) must not, so a run resumes across them."""
+    from minibert.pretrain import run_fingerprint
+
+    model, train = ModelConfig(**TINY_MODEL), TrainConfig(device="cpu")
+    base = run_fingerprint(model, train, "data", "vocab", 1)
+    numeric = {"lr": 3e-3, "seed": 7, "batch_size": 13, "micro_batches": 3, "schedule": "linear",
+               "warmup_steps": 7, "max_steps": 99, "precision": "bf16"}
+    for key, value in numeric.items():
+        assert run_fingerprint(model, TrainConfig(**{"device": "cpu", key: value}), "data", "vocab", 1) != base, key
+    other_model = ModelConfig(**{**TINY_MODEL, "dropout": 0.3})
+    assert len({base, run_fingerprint(other_model, train, "data", "vocab", 1),
+                run_fingerprint(model, train, "data2", "vocab", 1), run_fingerprint(model, train, "data", "v2", 1),
+                run_fingerprint(model, train, "data", "vocab", 2)}) == 5
+    for key, value in {"log_every": 7, "checkpoint_every": 13}.items():
+        assert run_fingerprint(model, TrainConfig(**{"device": "cpu", key: value}), "data", "vocab", 1) == base, key
+
+
+def test_rerun_with_another_lr_starts_fresh_instead_of_resuming(tmp_path):
+    """A run diverges (lr 1e30) and stops, keeping its last good checkpoint. The user lowers lr as the
+    error says: the rerun must not resume that foreign state but train from step 1, ending bit for bit
+    where a fresh run with the new lr ends."""
+    import yaml
+
+    root = make_workspace(tmp_path / "diverged", train={"lr": 1e30, "max_steps": 12, "checkpoint_every": 1})
+    assert stage(root, "pretrain", check=False).returncode == 1
+    assert list(root.glob("checkpoints/*/step-*/state.json"))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["lr"] = 1e-3
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    out = stage(root, "pretrain")
+    assert "resuming from" not in out.stdout and "training steps 1..12" in out.stdout
+    fresh = make_workspace(tmp_path / "fresh", train={"lr": 1e-3, "max_steps": 12, "checkpoint_every": 1})
+    stage(fresh, "pretrain")
+    assert_same_run(fresh, root)
+
+
 @pytest.mark.slow
 def test_two_gloo_processes_match_one(tmp_path):
     """Same global batch and order: 2 DDP ranks (launched by the stage through torch.distributed.run) == 1,
@@ -204,3 +243,33 @@ def test_mixed_precision_trains_on_cpu(tmp_path, precision):
     first, last = np.mean([r["mlm_loss"] for r in res.history[:5]]), np.mean([r["mlm_loss"] for r in res.history[-5:]])
     assert last < first  # it learns under autocast too
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+
+
+def test_every_step_draws_its_own_dropout_masks():
+    """One pair, so every step sees the same batch, and an optimizer that holds none of the model's
+    weights, so they never change: the loss of step s then varies only through the dropout masks.
+    Each step must draw fresh masks (all losses differ) from its own seed, step_seed(seed, 0, s)."""
+    from minibert import distributed
+    from minibert.config import PairsConfig
+    from minibert.pairs import make_pairs
+    from minibert.train import fit, to_tensors
+    from tiny_project import synthetic_split
+
+    pairs = make_pairs(synthetic_split(np.random.default_rng(5), n_para=7), PairsConfig(max_len=29), 99,
+                       np.random.default_rng(5))
+    data = to_tensors({k: v[:1] for k, v in pairs.items()}, torch.device("cpu"))
+    model = build_model(ModelConfig(**{**TINY_MODEL, "dropout": 0.3}), 99, seed=0)
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    bystander = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    cfg = TrainConfig(batch_size=13, max_steps=7, seed=3, device="cpu", checkpoint_every=0)
+    hist = fit(model, bystander, cfg, data, torch.device("cpu"), distributed.Dist()).history
+    assert all(torch.equal(v, frozen[k]) for k, v in model.state_dict().items())
+    losses = [(r["mlm_loss"], r["nsp_loss"]) for r in hist]
+    assert len(set(losses)) == 7, losses
+    batch = {k: v[:, :int(data["valid_lens"][0])] if v.dim() == 2 and k in ("token_ids", "segments") else v
+             for k, v in data.items()}
+    for s in (0, 4, 6):
+        torch.manual_seed(step_seed(3, 0, s))
+        with torch.no_grad():
+            mlm, nsp = model.train()(*(batch[k] for k in FIELDS))
+        assert (float(mlm), float(nsp)) == pytest.approx(losses[s], abs=1e-6), s

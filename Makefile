@@ -6,7 +6,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install repro test test-fast bench ui clean
+.PHONY: install repro test test-fast bench ui clean mutation
 
 install: $(STAMP)
 
@@ -32,8 +32,17 @@ bench: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m bench.data
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m bench.train --reference
 
+# Mutation testing of the core modules ([tool.mutmut] in pyproject.toml); slow, so never part of
+# `make test`. Narrow it with mutant-name globs: make mutation MUTANTS='minibert.pairs*'
+MUTANTS ?=
+MUTATION_JOBS ?= 1
+mutation: install
+	$(PY) -m pip install -q -e '.[dev,mutation]'
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/mutmut run --max-children $(MUTATION_JOBS) $(MUTANTS)
+	$(VENV)/bin/mutmut export-cicd-stats && cat mutants/mutmut-cicd-stats.json
+
 ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 clean:
-	rm -rf data models checkpoints metrics plots probes mlflow.db mlartifacts .dvc/cache .dvc/tmp
+	rm -rf data models checkpoints metrics plots probes mlflow.db mlartifacts .dvc/cache .dvc/tmp mutants

@@ -91,6 +91,7 @@ def tiny_fit(train: dict, out: Path | None = None):
     from minibert.train import fit, to_tensors
 
     cfg = TrainConfig(**{"device": "cpu", "checkpoint_every": 0, "threads": 1, **train})
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     pairs = make_pairs(synthetic_split(np.random.default_rng(13), n_para=13), PairsConfig(max_len=29), 99,
                        np.random.default_rng(13))
@@ -105,6 +106,7 @@ def tiny_fit(train: dict, out: Path | None = None):
         return model, hist
     finally:
         distributed.shutdown()
+        torch.set_num_threads(threads)
 
 
 def ddp_rank(rank: int, world: int, port: int, train: dict, out: Path) -> None:

@@ -100,9 +100,9 @@ def plain_accuracy(root: Path, valid: dict) -> float:
     hits = slots = 0
     with torch.no_grad():
         for lo in range(0, len(valid["nsp_labels"]), 256):
-            b = {k: torch.from_numpy(v[lo:lo + 256]).long() for k, v in valid.items()}
+            b = {k: torch.from_numpy(v[lo:lo + 256]) for k, v in valid.items()}
             logits, _ = model(b["token_ids"], b["segments"], b["valid_lens"], b["pred_positions"], b["mlm_weights"])
-            labels = b["mlm_labels"][b["mlm_weights"] > 0]  # row-major: the order of the logits' rows
+            labels = b["mlm_labels"][b["mlm_weights"] > 0].long()  # row-major: the order of the logits' rows
             hits += int((logits.argmax(-1) == labels).sum())
             slots += len(labels)
     return hits / slots

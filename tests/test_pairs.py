@@ -170,11 +170,15 @@ def test_pair_of_exactly_max_len_is_kept():
 
 def test_stats_on_a_hand_worked_case():
     """Five pairs worked by hand: NSP labels 1,0,0,1,1 -> 3/5; lengths 5,9,13,7,11 -> 45/5 = 9;
-    real MLM slots 1,2,2,1,2 -> 8/5 = 1.6."""
+    real MLM slots 1,2,2,1,2 -> 8/5 = 1.6. Then three, whose means are thirds."""
     w = np.array([[1, 0], [1, 1], [1, 1], [1, 0], [1, 1]], dtype=np.float32)
     pairs = {"nsp_labels": np.array([1, 0, 0, 1, 1], dtype=np.int32),
              "valid_lens": np.array([5, 9, 13, 7, 11], dtype=np.int32), "mlm_weights": w}
     assert pair_stats(pairs) == {"pairs": 5, "nsp_positive_rate": 0.6, "mean_len": 9.0, "mean_preds": 1.6}
+    # thirds pin the rounding of metrics/pairs.json: 2/3 -> 0.666667 (6 places), 17/3 -> 5.6667, 5/3 -> 1.6667
+    thirds = {"nsp_labels": np.array([1, 0, 1], dtype=np.int32), "valid_lens": np.array([5, 6, 6], dtype=np.int32),
+              "mlm_weights": w[[0, 1, 2]]}
+    assert pair_stats(thirds) == {"pairs": 3, "nsp_positive_rate": 0.666667, "mean_len": 5.6667, "mean_preds": 1.6667}
     none = {"nsp_labels": np.zeros(0, np.int32), "valid_lens": np.zeros(0, np.int32),
             "mlm_weights": np.zeros((0, 2), np.float32)}
     assert pair_stats(none) == {"pairs": 0, "nsp_positive_rate": 0.0, "mean_len": 0.0, "mean_preds": 0.0}

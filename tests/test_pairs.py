@@ -155,6 +155,25 @@ def test_nsp_negatives_are_rarely_the_true_next_sentence():
     assert true_next < len(neg) / 10, f"{true_next} of {len(neg)} negatives are the true next sentence"
 
 
+def test_nsp_negatives_are_uniform_over_paragraphs_and_positions():
+    """The book's negative: a uniform paragraph, then a uniform sentence in it. Read back through the
+    unique first tokens: (i + 1/2) / n_p of sentence i of n_p has mean exactly 1/2 and variance <= 1/12,
+    so over n0 ~ 1900 negatives a 6-sigma band is +-0.04 (false alarm ~ 2e-9); and 1900 uniform draws
+    over 999 paragraphs hit ~ 850 distinct ones (below 600 is a > 15-sigma event)."""
+    split = unique_sentence_split(n_para=999, seed=5)
+    p = make_pairs(split, PairsConfig(max_len=29), 37, np.random.default_rng(9))
+    po = split["paragraph_offsets"]
+    b_sent = []
+    for i in np.flatnonzero(p["nsp_labels"] == 0):
+        tok = unmasked(p, i)
+        b_sent.append(int(tok[int(np.flatnonzero(tok == SEP)[0]) + 1]) - len(SPECIALS))
+    para = np.searchsorted(po, b_sent, side="right") - 1
+    rel = (np.array(b_sent) - po[para] + 0.5) / (po[para + 1] - po[para])
+    assert len(b_sent) > 1500
+    assert abs(rel.mean() - 0.5) < 6 * np.sqrt(1 / 12 / len(b_sent)), rel.mean()
+    assert len(set(para.tolist())) > 600
+
+
 def test_pair_of_exactly_max_len_is_kept():
     """Hand-worked: 13 paragraphs of 4 sentences of 5 tokens. Every pair, true or random, is
     1 + 5 + 1 + 5 + 1 = 13 long: max_len 13 keeps all 13 * 3 = 39, max_len 12 keeps none."""

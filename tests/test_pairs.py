@@ -48,6 +48,7 @@ def test_shapes_and_dtypes(pairs):
     assert pairs["token_ids"].shape == pairs["segments"].shape == (n, 29)
     assert pairs["pred_positions"].shape == pairs["mlm_weights"].shape == pairs["mlm_labels"].shape == (n, 4)
     assert pairs["mlm_weights"].dtype == np.float32 and pairs["token_ids"].dtype == np.int32
+    assert pairs["nsp_labels"].dtype == pairs["valid_lens"].dtype == np.int32
 
 
 def test_layout_is_cls_a_sep_b_sep_with_true_or_random_next(split, pairs):

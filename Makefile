@@ -6,7 +6,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install repro test test-fast bench ui clean
+.PHONY: install repro test test-fast bench ui clean mutation
 
 install: $(STAMP)
 
@@ -34,9 +34,18 @@ bench: install
 
 # Prints the URL of the experiment's training-runs table (MLflow 3 opens a GenAI overview otherwise).
 UI_PORT ?= 5000
+# Mutation testing of the core modules ([tool.mutmut] in pyproject.toml); slow, so never part of
+# `make test`. Narrow it with mutant-name globs: make mutation MUTANTS='minibert.pairs*'
+MUTANTS ?=
+MUTATION_JOBS ?= 1
+mutation: install
+	$(PY) -m pip install -q -e '.[dev,mutation]'
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/mutmut run --max-children $(MUTATION_JOBS) $(MUTANTS)
+	$(VENV)/bin/mutmut export-cicd-stats && cat mutants/mutmut-cicd-stats.json
+
 ui: install
 	@$(PY) -m minibert.cli ui-url --base http://127.0.0.1:$(UI_PORT) | sed 's/^/open: /' || true
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
 
 clean:
-	rm -rf data models checkpoints metrics plots probes mlflow.db mlartifacts .dvc/cache .dvc/tmp
+	rm -rf data models checkpoints metrics plots probes mlflow.db mlartifacts .dvc/cache .dvc/tmp mutants

@@ -282,3 +282,37 @@ def test_wikitext_103_through_its_mirrors_zip_then_two_file_parquet(http_server,
     note = fetch_wikitext(cfg, tmp_path / "raw", checksums=sha1s(files))
     assert note.startswith("parquet http://127.0.0.1") and len(urls["train"]) == 2
     assert {s: split_file(tmp_path / "raw", s).read_bytes() for s in SPLITS} == files
+
+
+# ---------------------------------------------------------------------------- a valid zip, wrong text
+
+
+@pytest.fixture
+def wrong_text_zip(wikitext_folder, tmp_path):
+    """The official layout, every member intact for zip (CRCs match), but one byte of the valid
+    text changed: only the content hashes can tell."""
+    data = bytearray(split_file(wikitext_folder, "valid").read_bytes())
+    data[4099] ^= 0x01
+    members = {f"wikitext-2/wiki.{s}.tokens": split_file(wikitext_folder, s).read_bytes() for s in ("train", "test")}
+    members["wikitext-2/wiki.valid.tokens"] = bytes(data)
+    return _zip(tmp_path / "wikitext-2-v1.zip", members), hashlib.sha256(data).hexdigest()
+
+
+def test_local_zip_with_wrong_text_is_refused(wrong_text_zip, tmp_path):
+    archive, got = wrong_text_zip
+    dest = tmp_path / "raw" / "wikitext-2"
+    dest.parent.mkdir()
+    with pytest.raises(DataError, match=f"wiki.valid.tokens has sha256 {got}, expected {SHA256['valid']}"):
+        fetch_wikitext(DataConfig(), dest, local=archive)
+    assert list(dest.parent.iterdir()) == []  # no output, no temp folder
+
+
+def test_zip_url_with_wrong_text_is_refused(wrong_text_zip, http_server, tmp_path):
+    archive, got = wrong_text_zip
+    shutil.copyfile(archive, http_server.root / "wikitext-2-v1.zip")
+    cfg = DataConfig(zip_url=http_server.url("wikitext-2-v1.zip"), parquet_urls={}, timeout_s=5, retries=0)
+    dest = tmp_path / "raw" / "wikitext-2"
+    dest.parent.mkdir()
+    with pytest.raises(DataError, match=f"zip_url: .*wiki.valid.tokens has sha256 {got}"):
+        fetch_wikitext(cfg, dest)
+    assert http_server.hits["/wikitext-2-v1.zip"] == 1 and list(dest.parent.iterdir()) == []

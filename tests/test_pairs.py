@@ -49,6 +49,7 @@ def test_shapes_and_dtypes(pairs):
     assert pairs["token_ids"].shape == pairs["segments"].shape == (n, 29)
     assert pairs["pred_positions"].shape == pairs["mlm_weights"].shape == pairs["mlm_labels"].shape == (n, 4)
     assert pairs["mlm_weights"].dtype == np.float32 and pairs["token_ids"].dtype == np.int32
+    assert pairs["nsp_labels"].dtype == pairs["valid_lens"].dtype == np.int32
 
 
 def test_layout_is_cls_a_sep_b_sep_with_true_or_random_next(split, pairs):
@@ -124,11 +125,84 @@ def test_same_seed_same_bytes_other_seed_differs(split):
     assert any(a[k].tobytes() != c[k].tobytes() for k in FIELDS)
 
 
-def test_stats(pairs):
-    s = pair_stats(pairs)
-    assert s["pairs"] == len(pairs["nsp_labels"])
-    assert s["mean_preds"] == pytest.approx(pairs["mlm_weights"].sum(1).mean(), abs=1e-4)
-    assert 0 < s["nsp_positive_rate"] < 1 and 5 <= s["mean_len"] <= 29
+def unique_sentence_split(n_para=99, seed=13):
+    """Like `synthetic_split`, but sentence i starts with the token 5 + i: every sentence is unique,
+    so a pair's `b` names the one sentence it was cut from."""
+    rng = np.random.default_rng(seed)
+    n_sent = rng.integers(2, 8, n_para)
+    lens = rng.integers(1, 7, n_sent.sum())
+    ids = [np.concatenate([[len(SPECIALS) + i], rng.integers(len(SPECIALS), 37, n - 1)]) for i, n in enumerate(lens)]
+    return {"ids": np.concatenate(ids).astype(np.int32),
+            "sentence_offsets": np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+            "paragraph_offsets": np.concatenate([[0], np.cumsum(n_sent)]).astype(np.int64)}
+
+
+def test_nsp_negatives_are_rarely_the_true_next_sentence():
+    """A label-0 `b` is a random sentence of a random paragraph: it is the true next sentence only when
+    the draw lands on a's paragraph (1/99) and then on that very sentence (<= 1/2), so p <= 1/198.
+    With n0 = 186 negatives here, P(Binomial(186, 1/198) >= 19) < 1e-15: a bound, not a formula."""
+    split = unique_sentence_split()
+    p = make_pairs(split, PairsConfig(max_len=29), 37, np.random.default_rng(3))
+    neg = np.flatnonzero(p["nsp_labels"] == 0)
+    pos = np.flatnonzero(p["nsp_labels"] == 1)
+    assert len(neg) > 150 and len(pos) > 150
+
+    def sentence_ids(i):  # (a, b) sentence indices, read back from the unique first tokens
+        tok = unmasked(p, i)
+        sep = int(np.flatnonzero(tok == SEP)[0])
+        return int(tok[1]) - len(SPECIALS), int(tok[sep + 1]) - len(SPECIALS)
+
+    assert all(b == a + 1 for a, b in map(sentence_ids, pos))
+    true_next = sum(b == a + 1 for a, b in map(sentence_ids, neg))
+    assert true_next < len(neg) / 10, f"{true_next} of {len(neg)} negatives are the true next sentence"
+
+
+def test_nsp_negatives_are_uniform_over_paragraphs_and_positions():
+    """The book's negative: a uniform paragraph, then a uniform sentence in it. Read back through the
+    unique first tokens: (i + 1/2) / n_p of sentence i of n_p has mean exactly 1/2 and variance <= 1/12,
+    so over n0 ~ 1900 negatives a 6-sigma band is +-0.04 (false alarm ~ 2e-9); and 1900 uniform draws
+    over 999 paragraphs hit ~ 850 distinct ones (below 600 is a > 15-sigma event)."""
+    split = unique_sentence_split(n_para=999, seed=5)
+    p = make_pairs(split, PairsConfig(max_len=29), 37, np.random.default_rng(9))
+    po = split["paragraph_offsets"]
+    b_sent = []
+    for i in np.flatnonzero(p["nsp_labels"] == 0):
+        tok = unmasked(p, i)
+        b_sent.append(int(tok[int(np.flatnonzero(tok == SEP)[0]) + 1]) - len(SPECIALS))
+    para = np.searchsorted(po, b_sent, side="right") - 1
+    rel = (np.array(b_sent) - po[para] + 0.5) / (po[para + 1] - po[para])
+    assert len(b_sent) > 1500
+    assert abs(rel.mean() - 0.5) < 6 * np.sqrt(1 / 12 / len(b_sent)), rel.mean()
+    assert len(set(para.tolist())) > 600
+
+
+def test_pair_of_exactly_max_len_is_kept():
+    """Hand-worked: 13 paragraphs of 4 sentences of 5 tokens. Every pair, true or random, is
+    1 + 5 + 1 + 5 + 1 = 13 long: max_len 13 keeps all 13 * 3 = 39, max_len 12 keeps none."""
+    lens = np.full(13 * 4, 5)
+    split = {"ids": np.arange(len(SPECIALS), len(SPECIALS) + lens.sum()).astype(np.int32) % 37 + len(SPECIALS),
+             "sentence_offsets": np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+             "paragraph_offsets": np.arange(0, 13 * 4 + 1, 4).astype(np.int64)}
+    kept = make_pairs(split, PairsConfig(max_len=13), 99, np.random.default_rng(0))
+    assert len(kept["nsp_labels"]) == 39 and (kept["valid_lens"] == 13).all()
+    assert not (kept["token_ids"] == PAD).any()  # exactly full: no padding at all
+    assert len(make_pairs(split, PairsConfig(max_len=12), 99, np.random.default_rng(0))["nsp_labels"]) == 0
+
+
+def test_stats_on_a_hand_worked_case():
+    """Five pairs worked by hand: NSP labels 1,0,0,1,1 -> 3/5; lengths 5,9,13,7,11 -> 45/5 = 9;
+    real MLM slots 1,2,2,1,2 -> 8/5 = 1.6. Then three, whose means are thirds."""
+    w = np.array([[1, 0], [1, 1], [1, 1], [1, 0], [1, 1]], dtype=np.float32)
+    pairs = {"nsp_labels": np.array([1, 0, 0, 1, 1], dtype=np.int32),
+             "valid_lens": np.array([5, 9, 13, 7, 11], dtype=np.int32), "mlm_weights": w}
+    assert pair_stats(pairs) == {"pairs": 5, "nsp_positive_rate": 0.6, "mean_len": 9.0, "mean_preds": 1.6}
+    # thirds pin the rounding of metrics/pairs.json: 2/3 -> 0.666667 (6 places), 17/3 -> 5.6667, 5/3 -> 1.6667
+    thirds = {"nsp_labels": np.array([1, 0, 1], dtype=np.int32), "valid_lens": np.array([5, 6, 6], dtype=np.int32),
+              "mlm_weights": w[[0, 1, 2]]}
+    assert pair_stats(thirds) == {"pairs": 3, "nsp_positive_rate": 0.666667, "mean_len": 5.6667, "mean_preds": 1.6667}
+    none = {"nsp_labels": np.zeros(0, np.int32), "valid_lens": np.zeros(0, np.int32),
+            "mlm_weights": np.zeros((0, 2), np.float32)}
+    assert pair_stats(none) == {"pairs": 0, "nsp_positive_rate": 0.0, "mean_len": 0.0, "mean_preds": 0.0}
 
 
 # ---------------------------------------------------------------------------- shards (the pairs stage)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from minibert.config import ModelConfig, TrainConfig
 from minibert.model import build_model, load_pretrained
+from minibert.pairs import FIELDS
 from minibert.train import batch_indices, get_lr, resolve_precision, split_batch, step_seed, train_step
 from tiny_project import TINY_MODEL, make_workspace, popen_stage, stage
 
@@ -63,10 +64,22 @@ def test_micro_batches_give_the_one_pass_gradient_and_losses(parts):
         torch.testing.assert_close(g1[n], gk[n], atol=1e-6, rtol=1e-5, msg=n)
 
 
+def cpu_flags() -> set[str]:
+    """The kernel's CPU feature flags, read independently of torch's probes."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo: cannot read the CPU flags independently")
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+
+
 def test_precision_resolution_on_cpu():
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) is None and resolve_precision("bf16", cpu) == torch.bfloat16
-    assert resolve_precision("auto", cpu) in (None, torch.bfloat16)
+    assert resolve_precision("fp16", cpu) == torch.float16
+    # auto: bf16 exactly where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), else fp32
+    native_bf16 = bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    assert resolve_precision("auto", cpu) == (torch.bfloat16 if native_bf16 else None)
 
 
 def weights(root):
@@ -124,14 +137,15 @@ def test_kill_9_then_rerun_resumes_bit_for_bit(uninterrupted, tmp_path):
 def test_sigterm_checkpoints_and_resumes(uninterrupted, tmp_path):
     root = make_workspace(tmp_path, train={"max_steps": 150, "checkpoint_every": 1000})
     proc = popen_stage(root, "pretrain")
-    while "pretrain: training steps" not in proc.stdout.readline():  # training has started
-        assert proc.poll() is None
-    time.sleep(0.2)
+    # The signal goes out as soon as the progress line of step 15 (10 %) is read, inside the training
+    # loop with its handler installed and 135 steps still to go: no sleep, and never a silent skip.
+    while not (line := proc.stderr.readline()).startswith("pretrain: 15/150 steps"):
+        assert line or proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    if proc.returncode == 0:
-        pytest.skip("run finished before the signal arrived")
-    assert proc.returncode == 1 and "stopped by signal at step" in err and "rerun the stage to resume" in err
+    assert proc.returncode == 1, f"the run was not stopped by the signal (exit {proc.returncode}): signal too late?"
+    assert "stopped by signal at step" in err and "rerun the stage to resume" in err
+    assert 15 <= int(err.split("stopped by signal at step ")[1].split()[0]) < 150
     assert list(root.glob("checkpoints/*/step-*/state.safetensors"))
     stage(root, "pretrain")
     assert_same_run(uninterrupted, root)
@@ -147,6 +161,66 @@ def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
     kept = sorted(root.glob("checkpoints/*/step-*"))
     assert kept and int(kept[-1].name.split("-")[1]) == bad_step - 1
     assert not (root / "models/bert.safetensors").exists()
+
+
+def test_fingerprint_changes_with_every_number_of_the_run():
+    """Hand-listed settings that change the numbers must give another checkpoint folder; the
+    bookkeeping ones (how often to log or checkpoint) must not, so a run resumes across them."""
+    from minibert.pretrain import run_fingerprint
+
+    model, train = ModelConfig(**TINY_MODEL), TrainConfig(device="cpu")
+    base = run_fingerprint(model, train, "data", "vocab", 1)
+    numeric = {"lr": 3e-3, "seed": 7, "batch_size": 13, "micro_batches": 3, "schedule": "linear",
+               "warmup_steps": 7, "max_steps": 99, "precision": "bf16"}
+    for key, value in numeric.items():
+        assert run_fingerprint(model, TrainConfig(**{"device": "cpu", key: value}), "data", "vocab", 1) != base, key
+    other_model = ModelConfig(**{**TINY_MODEL, "dropout": 0.3})
+    assert len({base, run_fingerprint(other_model, train, "data", "vocab", 1),
+                run_fingerprint(model, train, "data2", "vocab", 1), run_fingerprint(model, train, "data", "v2", 1),
+                run_fingerprint(model, train, "data", "vocab", 2)}) == 5
+    for key, value in {"log_every": 7, "checkpoint_every": 13}.items():
+        assert run_fingerprint(model, TrainConfig(**{"device": "cpu", key: value}), "data", "vocab", 1) == base, key
+
+
+def test_rerun_with_another_lr_starts_fresh_instead_of_resuming(tmp_path):
+    """A run diverges (lr 1e30) and stops, keeping its last good checkpoint. The user lowers lr as the
+    error says: the rerun must not resume that foreign state but train from step 1, ending bit for bit
+    where a fresh run with the new lr ends."""
+    import yaml
+
+    root = make_workspace(tmp_path / "diverged", train={"lr": 1e30, "max_steps": 12, "checkpoint_every": 1})
+    assert stage(root, "pretrain", check=False).returncode == 1
+    assert list(root.glob("checkpoints/*/step-*/state.json"))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["lr"] = 1e-3
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    out = stage(root, "pretrain")
+    assert "resuming from" not in out.stdout and "training steps 1..12" in out.stdout
+    fresh = make_workspace(tmp_path / "fresh", train={"lr": 1e-3, "max_steps": 12, "checkpoint_every": 1})
+    stage(fresh, "pretrain")
+    assert_same_run(fresh, root)
+
+
+def test_two_gloo_ranks_train_disjoint_shards_like_one_process(tmp_path):
+    """Fast DDP check: 2 real gloo ranks (spawned, no launcher) must end with the single-process
+    weights. Ranks that trained on the same shard, or on overlapping ones, would average another
+    gradient. Plain SGD, dropout 0, batch 13 (odd: the shards differ in size), 3 steps."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from tiny_project import ddp_rank, tiny_fit
+
+    train = {"batch_size": 13, "max_steps": 3, "lr": 0.5, "micro_batches": 1}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(ddp_rank, args=(2, port, train, tmp_path / "ddp.safetensors"), nprocs=2)
+    one, _ = tiny_fit(train)
+    two = load_file(str(tmp_path / "ddp.safetensors"))
+    init = build_model(ModelConfig(**{**TINY_MODEL, "dropout": 0.0}), 99, seed=0).state_dict()
+    for k, v in one.state_dict().items():
+        torch.testing.assert_close(two[k], v, atol=1e-6, rtol=0, msg=k)
+    assert sum(not torch.equal(v, init[k]) for k, v in one.state_dict().items()) > 10  # it did train
 
 
 @pytest.mark.slow
@@ -299,3 +373,34 @@ def test_pretrain_stage_logs_the_heldout_curve_to_csv_and_mlflow(tmp_path):
         assert [s for s, _ in points] == [5, 10, 12], k
         assert [v for _, v in points] == pytest.approx(list(held[k])), k
     assert "valid_curve.csv" in {a.path for a in client.list_artifacts(run_id)}
+
+
+def test_every_step_draws_its_own_dropout_masks():
+    """One pair, so every step sees the same batch, and an optimizer that holds none of the model's
+    weights, so they never change: the loss of step s then varies only through the dropout masks.
+    Each step must draw fresh masks (all losses differ) from its own seed, step_seed(seed, 0, s)."""
+    from minibert import distributed
+    from minibert.config import PairsConfig
+    from minibert.pairs import make_pairs
+    from minibert.batches import to_tensors
+    from minibert.train import fit
+    from tiny_project import synthetic_split
+
+    pairs = make_pairs(synthetic_split(np.random.default_rng(5), n_para=7), PairsConfig(max_len=29), 99,
+                       np.random.default_rng(5))
+    data = to_tensors({k: v[:1] for k, v in pairs.items()}, torch.device("cpu"))
+    model = build_model(ModelConfig(**{**TINY_MODEL, "dropout": 0.3}), 99, seed=0)
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    bystander = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    cfg = TrainConfig(batch_size=13, max_steps=7, seed=3, device="cpu", checkpoint_every=0)
+    hist = fit(model, bystander, cfg, data, torch.device("cpu"), distributed.Dist()).history
+    assert all(torch.equal(v, frozen[k]) for k, v in model.state_dict().items())
+    losses = [(r["mlm_loss"], r["nsp_loss"]) for r in hist]
+    assert len(set(losses)) == 7, losses
+    batch = {k: v[:, :int(data["valid_lens"][0])] if v.dim() == 2 and k in ("token_ids", "segments") else v
+             for k, v in data.items()}
+    for s in (0, 4, 6):
+        torch.manual_seed(step_seed(3, 0, s))
+        with torch.no_grad():
+            mlm, nsp = model.train()(*(batch[k] for k in FIELDS))
+        assert (float(mlm), float(nsp)) == pytest.approx(losses[s], abs=1e-6), s

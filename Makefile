@@ -35,5 +35,11 @@ bench: install
 ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
+# The CI steps in one place (ci/pipeline.py), what .github/workflows/pipeline.yml runs: install, test,
+# pull if a DVC remote is configured, `dvc repro`, push on push events, metrics/params diff summary.
+.PHONY: ci
+ci:
+	python3 -m ci.pipeline
+
 clean:
 	rm -rf data models checkpoints metrics plots probes mlflow.db mlartifacts .dvc/cache .dvc/tmp

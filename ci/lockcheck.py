@@ -52,20 +52,22 @@ def data_mismatches(committed: dict, fresh: dict) -> list[str]:
     return problems
 
 
-def git_tracked_outs(dvc_yaml: dict) -> set[str]:
-    """Outputs declared `cache: false`: DVC leaves them to git, so the baseline commits them."""
-    paths = set()
+def outs_by_storage(dvc_yaml: dict) -> tuple[set[str], set[str]]:
+    """(cached, git-tracked) output paths. `cache: false` ones are left to git: the baseline commits
+    them. Cached ones (data/, models/) live in the DVC cache and remote, never in git."""
+    cached, tracked = set(), set()
     for stage in dvc_yaml.get("stages", {}).values():
         for section in ("outs", "metrics", "plots"):
             for out in stage.get(section, []):
-                if isinstance(out, dict):
-                    paths.update(p for p, opts in out.items() if (opts or {}).get("cache") is False)
-    return paths
+                path, opts = next(iter(out.items())) if isinstance(out, dict) else (out, {})
+                (tracked if (opts or {}).get("cache") is False else cached).add(path)
+    return cached, tracked
 
 
-def status_problems(status: dict, committed_outs: set[str] = frozenset()) -> list[str]:
-    """From `dvc status --json`: anything but cached outputs that are absent (nothing was trained
-    here) is stale; a `cache: false` output that is absent was not committed."""
+def status_problems(status: dict, dvc_yaml: dict) -> list[str]:
+    """From `dvc status --json` after the data stages: only absent cached files (the trained model,
+    as an output or as a later stage's dep) are expected; anything else means dvc.lock is stale."""
+    cached, _ = outs_by_storage(dvc_yaml)
     problems = []
     for stage, entries in sorted(status.items()):
         if stage in DATA_STAGES:
@@ -75,16 +77,14 @@ def status_problems(status: dict, committed_outs: set[str] = frozenset()) -> lis
                 problems.append(f"{stage}: {entry}")
                 continue
             for kind, items in entry.items():
-                if kind == "changed outs":
-                    items = {p: v for p, v in items.items()
-                             if p in committed_outs or v not in ("deleted", "not in cache")}
-                    if not items:
-                        continue
                 if isinstance(items, dict):
-                    detail = ", ".join(_describe(path, v) for path, v in sorted(items.items()))
+                    items = {p: v for p, v in items.items()
+                             if not (p in cached and v in ("deleted", "not in cache"))}
+                    if items:
+                        problems.append(f"{stage}: {kind}: "
+                                        + ", ".join(_describe(p, v) for p, v in sorted(items.items())))
                 else:
-                    detail = str(items)
-                problems.append(f"{stage}: {kind}: {detail}")
+                    problems.append(f"{stage}: {kind}: {items}")
     return problems
 
 
@@ -103,7 +103,7 @@ def check(root: Path) -> list[str]:
     dvc(root, "repro", "pairs")
     problems = data_mismatches(committed, lock_stages(lock.read_text()))
     status = json.loads(dvc(root, "status", "--json") or "{}")
-    return problems + status_problems(status, git_tracked_outs(yaml.safe_load((root / "dvc.yaml").read_text())))
+    return problems + status_problems(status, yaml.safe_load((root / "dvc.yaml").read_text()))
 
 
 def message(problems: list[str]) -> str:

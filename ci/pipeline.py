@@ -33,31 +33,42 @@ def env() -> dict[str, str]:
             "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
 
 
-def run(step: str, cmd: list[str], hint: str, capture: bool = False) -> str:
-    """Run `cmd`, echoing its output; on failure raise StepError naming DVC's own ERROR line."""
-    print(f"::group::{step}: {' '.join(cmd)}" if os.environ.get("GITHUB_ACTIONS") else f"$ {' '.join(cmd)}",
-          flush=True)
+def run(step: str, cmd: list[str], hint: str, capture: bool = False, tee: bool = True) -> str:
+    """Run `cmd`; raise StepError with its cause on failure. `capture`: return stdout instead of
+    echoing it. `tee`: echo stderr live (progress of long steps); else hold it back, so that a
+    failure shows only the one error line."""
+    shown = " ".join([Path(cmd[0]).name, *cmd[1:]])
+    gha = bool(os.environ.get("GITHUB_ACTIONS"))
+    print(f"::group::{step}: {shown}" if gha else f"$ {shown}", flush=True)
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), text=True, stdout=subprocess.PIPE if capture else None,
-                          stderr=subprocess.PIPE)
-    if os.environ.get("GITHUB_ACTIONS"):
-        print("::endgroup::")
-    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), text=True, stdout=subprocess.PIPE if capture else None,
+                            stderr=subprocess.PIPE)
+    if capture:  # both pipes at once: reading one to its end could block on the other's full buffer
+        stdout, err = proc.communicate()
+        lines = err.splitlines(keepends=True)
+    else:
+        stdout, lines = "", []
+        for line in proc.stderr:
+            lines.append(line)
+            if tee:
+                sys.stderr.write(line)
+        proc.wait()
+    if gha:
+        print("::endgroup::", flush=True)
     if proc.returncode != 0:
-        # Keep the step's own diagnostics (warnings, DVC's ERROR line); drop traceback pages.
-        if "Traceback (most recent call last)" not in proc.stderr:
-            sys.stderr.write(proc.stderr)
-        raise StepError(f"{step}: `{' '.join(cmd)}` exited {proc.returncode}: {cause(errors)}; {hint}")
-    sys.stderr.write(proc.stderr)
+        raise StepError(f"{step}: `{shown}` failed: {cause([x for x in lines if x.strip()])}; {hint}")
+    if not tee or capture:
+        sys.stderr.writelines(lines)
     print(f"{step}: {time.monotonic() - t0:.1f} s", flush=True)
-    return proc.stdout or ""
+    return stdout
 
 
 def cause(lines: list[str]) -> str:
     """The most telling line of a failed command's stderr: DVC's `ERROR:` line, else the last one."""
-    for line in lines:
-        if line.startswith("ERROR:"):
-            return line.removeprefix("ERROR:").strip()
+    for prefix in ("error:", "ERROR:"):  # a stage's own line first (`error: pretrain: ...`), then DVC's
+        for line in lines:
+            if line.startswith(prefix):
+                return line.removeprefix("ERROR:").strip().removeprefix("unexpected error - ")
     return lines[-1].strip() if lines else "no message"
 
 
@@ -100,15 +111,16 @@ def configure_remote() -> bool:
 
 
 def remote_hint() -> str:
-    where = os.environ.get("DVC_REMOTE_ENDPOINT") or "the remote's URL/endpointurl"
-    return (f"check that {where} answers and that AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or the "
-            f"remote's own credentials) are set and valid; `dvc remote list` shows the remote")
+    remotes = ", ".join(" ".join(line.split()) for line in remote_urls().splitlines())
+    where = os.environ.get("DVC_REMOTE_ENDPOINT") or "its endpointurl"
+    return (f"check that the DVC remote ({remotes}) and {where} answer, and that AWS_ACCESS_KEY_ID/"
+            f"AWS_SECRET_ACCESS_KEY (or the remote's own credentials) are set and valid")
 
 
 def pull() -> None:
     # --allow-missing: a first run (or a new branch) finds some outputs not pushed yet, which is fine;
     # --run-cache: stages whose deps+params were ever run and pushed are restored, not recomputed.
-    run("pull", dvc("pull", "--allow-missing", "--run-cache"), remote_hint())
+    run("pull", dvc("pull", "--allow-missing", "--run-cache"), remote_hint(), tee=False)
 
 
 def repro() -> None:
@@ -116,7 +128,7 @@ def repro() -> None:
 
 
 def push() -> None:
-    run("push", dvc("push", "--run-cache"), remote_hint())
+    run("push", dvc("push", "--run-cache"), remote_hint(), tee=False)
 
 
 # -------------------------------------------------------------------------------------------- summary
@@ -156,7 +168,7 @@ def params_table(diff: dict) -> list[str]:
 
 def diff_json(kind: str, base: str) -> dict:
     out = run(f"{kind} diff", dvc(kind, "diff", "--all", "--json", base), f"is `{base}` fetched "
-              f"(actions/checkout with fetch-depth: 0)?", capture=True)
+              f"(actions/checkout with fetch-depth: 0)?", capture=True, tee=False)
     return json.loads(out) if out.strip() else {}
 
 

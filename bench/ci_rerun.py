@@ -1,0 +1,52 @@
+"""CI-rerun wall time of the real default pipeline: `python -m ci.pipeline`'s pull + repro steps with a
+cold (empty) remote, then in a fresh clone with a warm one. `python -m bench.ci_rerun` (MINIBERT_DATA set).
+
+The remote is a real S3 server (moto_server) on 127.0.0.1; git's origin is a bare clone of HEAD, so
+commit first. Prints one line per run and the CI summary of the warm run.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.git_project import ROOT, sh
+from tests.s3_server import start_s3_server, stop_s3_server
+
+
+def ci_run(clone: Path, env: dict[str, str], *args: str) -> dict[str, float]:
+    t0 = time.monotonic()
+    proc = sh(clone, sys.executable, "-m", "ci.pipeline", "--skip-install", "--skip-test", "--base", "HEAD",
+              *args, env=env, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
+    steps = {m[0]: float(m[1]) for m in re.findall(r"^(pull|repro|push): ([\d.]+) s$", proc.stdout, re.M)}
+    steps["total"] = time.monotonic() - t0
+    steps["stages_run"] = len(re.findall(r"^Running stage", proc.stdout, re.M))
+    return steps
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="ci-rerun-") as tmp:
+        tmp = Path(tmp)
+        s3 = start_s3_server(tmp)
+        try:
+            env = {**s3.env(), "DVC_REMOTE_URL": s3.make_bucket("minibert") + "/dvc",
+                   "DVC_REMOTE_ENDPOINT": s3.endpoint}
+            sh(tmp, "git", "clone", "-q", "--bare", str(ROOT), str(tmp / "origin.git"))
+            results = {}
+            for name, extra in (("cold remote", ("--push",)), ("warm remote", ())):
+                clone = tmp / name.replace(" ", "-")
+                sh(tmp, "git", "clone", "-q", str(tmp / "origin.git"), str(clone))
+                results[name] = r = ci_run(clone, env, *extra)
+                print(f"{name}: pull {r.get('pull', 0):.1f} s + repro {r['repro']:.1f} s "
+                      f"= {r.get('pull', 0) + r['repro']:.1f} s ({r['stages_run']} stages run; "
+                      f"push {r.get('push', 0):.1f} s)", flush=True)
+        finally:
+            stop_s3_server(s3.proc)
+
+
+if __name__ == "__main__":
+    main()

@@ -119,12 +119,16 @@ def remote_hint() -> str:
 
 def pull() -> None:
     # --allow-missing: a first run (or a new branch) finds some outputs not pushed yet, which is fine;
-    # --run-cache: stages whose deps+params were ever run and pushed are restored, not recomputed.
+    # --run-cache: the entries of every stage run ever pushed (deps+params -> outputs), so that
+    # `dvc repro --pull` restores those stages instead of recomputing them.
     run("pull", dvc("pull", "--allow-missing", "--run-cache"), remote_hint(), tee=False)
 
 
-def repro() -> None:
-    run("repro", dvc("repro"), "fix the failing stage named above; `make repro` reruns it locally")
+def repro(remote: bool) -> None:
+    # --pull: a stage found in the (pulled) run cache gets its outputs from the remote; without it DVC
+    # finds the entry but not the files, and runs the stage again.
+    run("repro", dvc("repro", *(["--pull"] if remote else [])),
+        "fix the failing stage named above; `make repro` reruns it locally")
 
 
 def push() -> None:
@@ -223,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             pull()
         else:
             print("no DVC remote configured: every stage is computed here", flush=True)
-        repro()
+        repro(remote)
         if args.push and remote:
             push()
         text = summary(args.base or default_base())

@@ -99,7 +99,7 @@ def test_experiment_from_a_is_restored_in_b_without_training(origin, s3):
 
     c = clone(origin, "c-exp")  # by params: the same `exp run` in another clone is served by the run cache
     sh(c, "dvc", "pull", "--run-cache", env=s3.env())
-    out = sh(c, "dvc", "exp", "run", "-S", "train.max_steps=4", env=s3.env()).stdout
+    out = sh(c, "dvc", "exp", "run", "--pull", "-S", "train.max_steps=4", env=s3.env()).stdout
     assert "Running stage" not in out, out
     assert sha256(c / "models/bert.safetensors") == model
     assert (c / "metrics/train.json").read_text() == metrics

@@ -133,6 +133,11 @@ def repro(remote: bool) -> None:
 
 def push() -> None:
     run("push", dvc("push", "--run-cache"), remote_hint(), tee=False)
+    # The run-cache entries' `cache: false` outputs (metrics, plots), which `dvc push --run-cache`
+    # leaves out; without them no other machine can restore a stage from the run cache (ci/runcache.py).
+    python = VENV_BIN / "python"
+    run("push", [str(python) if python.exists() else sys.executable, "-m", "ci.runcache"], remote_hint(),
+        tee=False)
 
 
 # -------------------------------------------------------------------------------------------- summary

@@ -27,7 +27,9 @@ def ci_run(clone: Path, env: dict[str, str], *args: str) -> dict[str, float]:
               *args, env=env, check=False)
     if proc.returncode != 0:
         raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
-    steps = {m[0]: float(m[1]) for m in re.findall(r"^(pull|repro|push): ([\d.]+) s$", proc.stdout, re.M)}
+    steps: dict[str, float] = {}
+    for step, seconds in re.findall(r"^(pull|repro|push): ([\d.]+) s$", proc.stdout, re.M):
+        steps[step] = steps.get(step, 0.0) + float(seconds)  # push: dvc push, then ci.runcache
     steps["total"] = time.monotonic() - t0
     steps["stages_run"] = len(re.findall(r"^Running stage", proc.stdout, re.M))
     return steps

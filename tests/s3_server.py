@@ -68,12 +68,16 @@ def start_s3_server(tmp_path: Path, timeout_s: float = 60.0) -> S3Server:
                 stop_s3_server(proc)
                 raise RuntimeError(f"moto_server at {endpoint} did not answer in {timeout_s:.0f} s")
             time.sleep(0.2)
-    iam = boto3.client("iam", endpoint_url=endpoint, region_name=REGION, aws_access_key_id="bootstrap",
-                       aws_secret_access_key="bootstrap")
-    iam.create_user(UserName="ci")
-    key = iam.create_access_key(UserName="ci")["AccessKey"]
-    iam.put_user_policy(UserName="ci", PolicyName="all", PolicyDocument=(
-        '{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}'))
+    try:
+        iam = boto3.client("iam", endpoint_url=endpoint, region_name=REGION, aws_access_key_id="bootstrap",
+                           aws_secret_access_key="bootstrap")
+        iam.create_user(UserName="ci")
+        key = iam.create_access_key(UserName="ci")["AccessKey"]
+        iam.put_user_policy(UserName="ci", PolicyName="all", PolicyDocument=(
+            '{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}'))
+    except BaseException:
+        stop_s3_server(proc)  # its own session: nothing else would ever stop it
+        raise
     return S3Server(endpoint, key["AccessKeyId"], key["SecretAccessKey"], proc)
 
 

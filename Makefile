@@ -47,5 +47,11 @@ ui: install
 	@$(PY) -m minibert.cli ui-url --base http://127.0.0.1:$(UI_PORT) | sed 's/^/open: /' || true
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
 
+# The CI steps in one place (ci/pipeline.py), what .github/workflows/pipeline.yml runs: install, test,
+# pull if a DVC remote is configured, `dvc repro`, push on push events, metrics/params diff summary.
+.PHONY: ci
+ci:
+	python3 -m ci.pipeline
+
 clean:
 	rm -rf data models checkpoints metrics plots probes mlflow.db mlartifacts .dvc/cache .dvc/tmp mutants

@@ -146,8 +146,9 @@ class TrainConfig:
     """host:port of the c10d rendezvous used when the stage launches itself."""
     rdzv_id: str = "minibert"
     """Job id shared by every node of one run."""
-    threads: int = 0
-    """torch intra-op threads (0: torch's default)."""
+    threads: int | Literal["auto"] = 0
+    """torch intra-op threads: a number, 0 (torch's default: one per core), or `auto` (this process's
+    cores divided by the minibert trainings running on the machine, re-checked while training)."""
     compile: bool = False
     """Wrap the model in torch.compile (pays off on long runs only)."""
 
@@ -165,7 +166,7 @@ class TrainConfig:
         _require(self.devices == "auto" or self.devices >= 1, "devices", self.devices, "auto or an integer >= 1")
         _require(self.nodes >= 1, "nodes", self.nodes, "an integer >= 1")
         _require(":" in self.rdzv_endpoint, "rdzv_endpoint", self.rdzv_endpoint, "host:port")
-        _require(self.threads >= 0, "threads", self.threads, "an integer >= 0")
+        _require(self.threads == "auto" or self.threads >= 0, "threads", self.threads, "auto or an integer >= 0")
 
 
 @dataclass(frozen=True)

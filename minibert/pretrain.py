@@ -16,6 +16,7 @@ import torch
 
 from minibert import checkpoint, distributed, plots
 from minibert.artifacts import atomic_path, sha256_file, write_json
+from minibert.cpus import ThreadShare
 from minibert.config import ModelConfig, TrackingConfig, TrainConfig
 from minibert.errors import MinibertError
 from minibert.heap import release_cpu_memory, tune_cpu_malloc
@@ -53,9 +54,9 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
                  params: dict[str, Any], paths: Paths = Paths()) -> dict[str, Any]:
     """Train, write every pretrain output, return the metrics of `metrics/train.json`."""
     t_start = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device, distributed.int_env("LOCAL_RANK"))
+    threads = ThreadShare(cfg.threads, count_me=device.type == "cpu")
+    threads.start()  # every CPU training counts, so `auto` ones share the cores with it
     if device.type == "cpu":
         tune_cpu_malloc()  # reuse the big per-step buffers instead of page-faulting them in every step
     d = distributed.init(device)
@@ -87,6 +88,7 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
         bar = Progress("pretrain", cfg.max_steps, "steps", start=resumed.get("step", 0), enabled=d.is_main)
 
         def on_log(rows):
+            threads.refresh()  # `auto`: trainings may have started or ended since
             for r in rows:
                 if r["step"] > logged:  # a resumed run re-trains steps already logged: skip them
                     tracker.log_metrics({k: v for k, v in r.items() if k != "step"}, step=r["step"])
@@ -141,6 +143,7 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # complete: nothing left to resume
         return metrics
     finally:
+        threads.close()
         distributed.shutdown()
 
 

@@ -34,6 +34,8 @@ def test_missing_sections_take_defaults():
     ({"model": {"max_len": 32}}, "model.max_len", "pairs.max_len"),
     ({"train": {"precision": "fp8"}}, "train.precision", "'bf16'"),
     ({"train": {"devices": 0}}, "train.devices", "auto or an integer"),
+    ({"train": {"threads": "many"}}, "train.threads", "auto"),
+    ({"train": {"threads": -1}}, "train.threads", "auto or an integer >= 0"),
     ({"probe": {"sentences": [{"name": "x", "a": "a crane", "word": "bird"}]}}, "probe.sentences[0].word", "bird"),
     ({"probe": {"sentences": [{"name": "x"}]}}, "probe.sentences[0]", "missing"),
     ({"data": {"parquet_urls": {"train": "u"}}}, "data.parquet_urls", "train, valid, test"),

@@ -291,12 +291,13 @@ def test_server_killed_mid_run_buffers_then_flushes(mlflow_server, tmp_path, mon
     t._client = rec = ThreadRecorder(t._client)
     t.log_params({"hidden": 13})
     _log_steps(t, range(5))
+    _wait_for(lambda: _steps(MlflowClient(uri), t.run_id) == list(range(5)))  # the sender delivered them
     stop_mlflow_server(mlflow_server.proc, signal.SIGKILL)
 
-    _log_steps(t, range(5, 12))  # must neither raise nor stall training
-    t.set_tags({"late": "tag"})
+    _log_steps(t, range(5, 12))  # must neither raise nor stall training; the first failed send holds these
     _wait_for(lambda: any("not answering" in r.getMessage() for r in caplog.records))
     _log_steps(t, range(12, 15))  # known to be down now
+    t.set_tags({"late": "tag"})
     down = [r for r in caplog.records if "not answering" in r.getMessage()]
     assert len(down) == 1 and uri in down[0].getMessage() and "\n" not in down[0].getMessage()
     assert t.last_step("loss") == 14  # buffered points count

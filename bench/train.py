@@ -295,9 +295,9 @@ def main() -> None:
     peaks = {p: matmul_peak(resolve_precision(p, DEVICE) or torch.float32) for p in precisions}
     for p, pk in peaks.items():
         print(json.dumps({"bench": "matmul_peak", "precision": p, **pk}))
-        print(f"matmul peak {pk['dtype']}: {pk['gflops']:.0f} GFLOP/s ({pk['size']}^3, best of {pk['rounds']} rounds x "
-              f"{pk['repeats']} repeats over sizes {pk['sizes']}; that size's rounds: median {pk['median_gflops']:.0f}, "
-              f"min {pk['min_gflops']:.0f})", file=sys.stderr)
+        print(f"matmul peak {pk['dtype']}: {pk['gflops']:.0f} GFLOP/s ({pk['size']}^3, best of {pk['rounds']} rounds"
+              f" x {pk['repeats']} repeats over sizes {pk['sizes']}; that size's rounds: median "
+              f"{pk['median_gflops']:.0f}, min {pk['min_gflops']:.0f})", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="minibert-bench-") as tmp:
         splits, vocab_size, source = load_splits(("train",), a.data, a.pairs)
         pairs_file = Path(tmp) / "train.safetensors"  # children load only the arrays: their RSS is training's

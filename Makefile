@@ -6,7 +6,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install repro test test-fast bench ui clean
+.PHONY: install repro test test-fast bench ui clean mutation
 
 install: $(STAMP)
 
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,hf]'
 	touch $@
 
 repro: install
@@ -32,8 +32,20 @@ bench: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m bench.data
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m bench.train --reference
 
+# Prints the URL of the experiment's training-runs table (MLflow 3 opens a GenAI overview otherwise).
+UI_PORT ?= 5000
+# Mutation testing of the core modules ([tool.mutmut] in pyproject.toml); slow, so never part of
+# `make test`. Narrow it with mutant-name globs: make mutation MUTANTS='minibert.pairs*'
+MUTANTS ?=
+MUTATION_JOBS ?= 1
+mutation: install
+	$(PY) -m pip install -q -e '.[dev,mutation]'
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/mutmut run --max-children $(MUTATION_JOBS) $(MUTANTS)
+	$(VENV)/bin/mutmut export-cicd-stats && cat mutants/mutmut-cicd-stats.json
+
 ui: install
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+	@$(PY) -m minibert.cli ui-url --base http://127.0.0.1:$(UI_PORT) | sed 's/^/open: /' || true
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
 
 clean:
-	rm -rf data models checkpoints metrics plots probes mlflow.db mlartifacts .dvc/cache .dvc/tmp
+	rm -rf data models checkpoints metrics plots probes mlflow.db mlartifacts .dvc/cache .dvc/tmp mutants

@@ -3,9 +3,10 @@
     python -m bench.quality [--steps 50,500] [--seeds 0,1,2] [--precision fp32,bf16] [--data PATH] [--pairs DIR]
 
 For each seed x precision, trains the book's model (ModelConfig() defaults, batch 512, Adam 1e-3) from
-scratch with train.seed = seed on the fixed train pairs, with `fit`'s batch order and dropout seeding,
-and evaluates on the valid pairs (minibert.evaluate.evaluate, fp32, no dropout) at every requested step
-count on the way to the largest, so one run per seed x precision serves all step counts. Prints one
+scratch with train.seed = seed on the fixed train pairs with `fit` itself, and evaluates on all the
+valid pairs through fit's evaluation hook (minibert.evaluate.heldout_hook: `evaluate`, fp32, no
+dropout) at every requested step count on the way to the largest, so one run per seed x precision
+serves all step counts; `train_s` leaves the evaluations out. Prints one
 JSON line per evaluation, then a mean ± std table per (precision, steps) and one JSON line per cell.
 Expensive: each step takes seconds on 2 cores (the defaults are 6 runs of 500 steps).
 Data as in bench.train: `--pairs DIR` (the pipeline's data/pairs) when present, else built from `--data`.
@@ -14,28 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 from bench.train import DEFAULT_DATA, DEVICE, load_splits
+from minibert import distributed, layout
+from minibert.batches import to_tensors
 from minibert.config import EvalConfig, ModelConfig, TrainConfig
-from minibert.evaluate import evaluate
+from minibert.evaluate import heldout_hook
 from minibert.heap import tune_cpu_malloc
 from minibert.model import build_model
-from minibert.pretrain import Paths
-from minibert.train import (
-    batch_indices,
-    make_optimizer,
-    resolve_precision,
-    step_seed,
-    take,
-    to_tensors,
-    train_step,
-)
+from minibert.train import fit, make_optimizer
 
 METRICS = ("mlm_loss", "mlm_accuracy", "nsp_accuracy")
 
@@ -43,26 +36,34 @@ METRICS = ("mlm_loss", "mlm_accuracy", "nsp_accuracy")
 def train_and_evaluate(train: dict, valid: dict, vocab_size: int, seed: int, precision: str,
                        eval_at: list[int]) -> list[dict]:
     """One run to max(eval_at) steps; held-out metrics at each step count in `eval_at`."""
-    cfg = TrainConfig(seed=seed, precision=precision, max_steps=max(eval_at))
-    amp_dtype = resolve_precision(precision, DEVICE)
-    data = to_tensors(train, DEVICE)
-    n = len(data["nsp_labels"])
-    model = build_model(ModelConfig(), vocab_size, seed=cfg.seed).to(DEVICE).train()
-    opt = make_optimizer(model.parameters(), cfg, DEVICE)
-    out, train_s = [], 0.0
-    for step in range(cfg.max_steps):  # fit's single-process loop (constant lr: the book's schedule)
-        t0 = time.perf_counter()
-        batch = take(data, batch_indices(step, n, cfg.batch_size, cfg.seed))
-        torch.manual_seed(step_seed(cfg.seed, 0, step))
-        mlm, nsp = train_step(model, opt, None, batch, 1.0, 1.0, amp_dtype, DEVICE, cfg.micro_batches)
-        train_s += time.perf_counter() - t0  # training only: evaluations on the way are not counted
-        if step + 1 in eval_at:
-            m = evaluate(model, valid, EvalConfig().batch_size, DEVICE)
-            row = {"bench": "quality", "precision": precision, "seed": seed, "steps": step + 1,
-                   **{k: round(m[k], 5) for k in METRICS}, "train_mlm_loss": round(float(mlm.detach()), 4),
-                   "train_nsp_loss": round(float(nsp.detach()), 4), "train_s": round(train_s, 1)}
-            print(json.dumps(row), flush=True)
-            out.append(row)
+    # fit calls the hook every gcd(eval_at) steps; the hook scores only the requested ones
+    cfg = TrainConfig(seed=seed, precision=precision, max_steps=max(eval_at), eval_every=math.gcd(*eval_at),
+                      checkpoint_every=0)
+    model = build_model(ModelConfig(), vocab_size, seed=cfg.seed).to(DEVICE)
+    opt = make_optimizer(model.parameters(), cfg)
+    score = heldout_hook(model, valid, EvalConfig().batch_size, DEVICE)
+    out, t0, eval_s = [], time.perf_counter(), 0.0
+
+    def on_eval(step: int) -> dict | None:
+        nonlocal eval_s
+        if step not in eval_at:
+            return None
+        t = time.perf_counter()
+        m = score(step)
+        eval_s += time.perf_counter() - t
+        return m
+
+    def on_log(rows: list[dict]) -> None:
+        for r in rows:
+            if "valid_mlm_loss" in r:
+                row = {"bench": "quality", "precision": precision, "seed": seed, "steps": r["step"],
+                       **{k: round(r[f"valid_{k}"], 5) for k in METRICS}, "train_mlm_loss": round(r["mlm_loss"], 4),
+                       "train_nsp_loss": round(r["nsp_loss"], 4),
+                       "train_s": round(time.perf_counter() - t0 - eval_s, 1)}  # training only
+                print(json.dumps(row), flush=True)
+                out.append(row)
+
+    fit(model, opt, cfg, to_tensors(train, DEVICE), DEVICE, distributed.Dist(), on_log=on_log, on_eval=on_eval)
     return out
 
 
@@ -111,7 +112,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated train seeds")
     ap.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16")
     ap.add_argument("--data", default=DEFAULT_DATA, help="WikiText-2 folder or zip (pairs built in-process)")
-    ap.add_argument("--pairs", type=Path, default=Paths().pairs.parent, help="pipeline pairs folder, used if present")
+    ap.add_argument("--pairs", type=Path, default=layout.PAIRS, help="pipeline pairs folder, used if present")
     a = ap.parse_args()
     steps, seeds, precisions = int_list(a.steps, "--steps"), int_list(a.seeds, "--seeds"), a.precision.split(",")
     if bad := [p for p in precisions if p not in ("fp32", "bf16")]:

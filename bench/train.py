@@ -41,20 +41,19 @@ import numpy as np
 import torch
 
 from bench.data import SHARED, data_dir
+from minibert import layout
 from minibert.artifacts import load_arrays, save_arrays
+from minibert.batches import take, to_tensors
 from minibert.config import ModelConfig, PairsConfig, TrainConfig, VocabConfig
 from minibert.corpus import read_paragraphs, split_file
 from minibert.heap import tune_cpu_malloc
 from minibert.model import build_model
 from minibert.pairs import make_pairs
-from minibert.pretrain import Paths
 from minibert.train import (
     batch_indices,
     make_optimizer,
     resolve_precision,
     step_seed,
-    take,
-    to_tensors,
     train_step,
 )
 from minibert.vocab import Vocab, build_vocab, encode_paragraphs
@@ -69,7 +68,7 @@ DEVICE = torch.device("cpu")  # the issue compares against the book's code on th
 def load_splits(splits: tuple[str, ...], data: str, pairs_dir: Path) -> tuple[dict[str, dict], int, str]:
     """({split: pair arrays}, vocab size, where they came from): the pipeline's files when present,
     else built in-process exactly as the tokenize and pairs stages do with default params."""
-    vocab_file = pairs_dir.parent / "tokens" / Paths().vocab.name
+    vocab_file = pairs_dir.parent / layout.TOKENS.name / layout.VOCAB.name
     if all((pairs_dir / f"{s}.safetensors").is_file() for s in splits) and vocab_file.is_file():
         return {s: load_arrays(pairs_dir / f"{s}.safetensors") for s in splits}, len(Vocab.load(vocab_file)), \
             str(pairs_dir)
@@ -168,7 +167,7 @@ def run_precision(precision: str, pairs_file: Path, vocab_size: int, steps: int,
     data = to_tensors(load_arrays(pairs_file), DEVICE)
     n = len(data["nsp_labels"])
     model = build_model(model_cfg, vocab_size, seed=cfg.seed).to(DEVICE).train()
-    opt = make_optimizer(model.parameters(), cfg, DEVICE)
+    opt = make_optimizer(model.parameters(), cfg)
     rows = []
     with phase_marks(opt) as marks:
         for step in range(warmup + steps):
@@ -268,7 +267,7 @@ def main() -> None:
                     help="comma-separated train.micro_batches values to run (default: the config's)")
     ap.add_argument("--reference", action="store_true", help="also run d2l 1.0.3's code for --steps steps")
     ap.add_argument("--data", default=DEFAULT_DATA, help="WikiText-2 folder or zip (pairs built in-process)")
-    ap.add_argument("--pairs", type=Path, default=Paths().pairs.parent, help="pipeline pairs folder, used if present")
+    ap.add_argument("--pairs", type=Path, default=layout.PAIRS, help="pipeline pairs folder, used if present")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # internal: one precision, JSON on stdout
     ap.add_argument("--pairs-file", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--vocab-size", type=int, help=argparse.SUPPRESS)

@@ -1,57 +1,36 @@
-"""Resumable training state: tensors as safetensors, everything else as JSON, written atomically.
+"""Resumable training state: tensors as safetensors, everything else as JSON, written durably.
 
 Layout: `<root>/<fingerprint>/step-00000025/{state.safetensors,state.json}`. A step folder is
-built under a temp name and renamed into place, so a folder that exists is complete; a `kill -9`
-mid-write leaves only a temp folder, which is ignored and cleaned up. The fingerprint hashes
-everything that changes the numbers (model and train settings, data and vocabulary hashes), so a
-rerun with other params never resumes from a foreign state. Checkpoints live outside the DVC
+built under a temp name, its files fsynced, renamed into place and the parent folder fsynced, so a
+folder that exists is complete even after a power cut; a `kill -9` mid-write leaves only a temp
+folder, which is ignored and cleaned up. `state.json` records the size and sha256 of
+`state.safetensors`, so a file damaged afterwards (a full disk, a filesystem without data
+journaling) is detected on resume and the previous step folder is used instead. The fingerprint
+hashes everything that changes the numbers (model and train settings, data and vocabulary hashes),
+so a rerun with other params never resumes from a foreign state. Checkpoints live outside the DVC
 outputs (DVC deletes a stage's outputs before running it) and are removed once a run completes.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import random
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from minibert.artifacts import atomic_dir
+from minibert.artifacts import atomic_dir, sha256_file
 
-KEEP = 2  # step folders kept per fingerprint: the newest may be mid-rename only as a temp folder
+KEEP = 2  # step folders kept per fingerprint: when the newest is found damaged, the one before it resumes
+TENSORS, META = "state.safetensors", "state.json"
 
 
 def fingerprint(settings: dict[str, Any]) -> str:
     blob = json.dumps(settings, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """torch (CPU and every CUDA device), numpy legacy and python RNG states."""
-    tensors = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
-    np_state = np.random.get_state()
-    meta = {"numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
-    return tensors, meta
-
-
-def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    torch.set_rng_state(tensors["rng.torch"])
-    if torch.cuda.is_available():
-        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-    n = meta["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
-    p = meta["python"]
-    random.setstate((p[0], tuple(p[1]), p[2]))
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -78,19 +57,38 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> 
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to the disk (Linux/macOS allow opening folders)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save(root: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
          extra: dict[str, Any], scaler_state: dict[str, Any] | None = None) -> Path:
-    """Write step `step`; keep the newest `KEEP` step folders. `extra` must be JSON-able."""
+    """Write step `step` durably; keep the newest `KEEP` step folders. `extra` must be JSON-able.
+
+    Only what resume needs is saved: weights, Adam state, the fp16 GradScaler state. No RNG state:
+    `fit` reseeds torch (and with it every CUDA device) from (seed, rank, step) before each step and
+    draws batches from (seed, epoch), and nothing draws from numpy's or python's global generators."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     opt_tensors, opt_meta = _optimizer_tensors(opt)
     tensors.update({k: v.detach().cpu().contiguous() for k, v in opt_tensors.items()})
-    rng_tensors, rng_meta = rng_state()
-    tensors.update(rng_tensors)
-    meta = {"step": step, "optimizer": opt_meta, "rng": rng_meta, "scaler": scaler_state, **extra}
     final = root / f"step-{step:08d}"
     with atomic_dir(final) as tmp:
-        save_file(tensors, str(tmp / "state.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+        save_file(tensors, str(tmp / TENSORS))
+        files = {TENSORS: {"bytes": (tmp / TENSORS).stat().st_size, "sha256": sha256_file(tmp / TENSORS)}}
+        meta = {"step": step, "files": files, "optimizer": opt_meta, "scaler": scaler_state, **extra}
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+        for f in (TENSORS, META):
+            _fsync(tmp / f)
+        _fsync(tmp)
+    _fsync(root)  # the rename itself
+    for newer in root.glob("step-*"):  # a damaged checkpoint this run resumed before: superseded
+        if newer.name > final.name:
+            shutil.rmtree(newer, ignore_errors=True)
     for old in sorted(root.glob("step-*"))[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".step-*.tmp"):  # a temp folder left by a killed writer
@@ -98,16 +96,42 @@ def save(root: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimiz
     return final
 
 
-def latest(root: Path) -> Path | None:
-    steps = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
-    return steps[-1] if steps else None
+def verify(path: Path) -> str | None:
+    """None when the step folder is intact, else why not (one short phrase)."""
+    try:
+        meta = json.loads((path / META).read_text())
+        files = meta["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{META} unreadable ({type(e).__name__})"
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} missing"
+        if f.stat().st_size != want["bytes"]:
+            return f"{name} has {f.stat().st_size} bytes, {want['bytes']} recorded"
+        if sha256_file(f) != want["sha256"]:
+            return f"{name} sha256 differs from the recorded one"
+    return None
+
+
+def latest(root: Path) -> tuple[Path | None, list[str]]:
+    """The newest intact step folder (None if there is none) and one warning per damaged newer one."""
+    warnings = []
+    steps = sorted(root.glob("step-*"), reverse=True)
+    for path in steps:
+        problem = verify(path)
+        if problem is None:
+            return path, warnings
+        warnings.append(f"checkpoint {path} is damaged ({problem}); skipped")
+    if steps:
+        warnings.append(f"no intact checkpoint left in {root}; starting from step 0")
+    return None, warnings
 
 
 def load(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model, optimizer and RNG states in place; return the JSON part (step, history, …)."""
-    tensors = load_file(str(path / "state.safetensors"))
-    meta = json.loads((path / "state.json").read_text())
+    """Restore model and optimizer states in place; return the JSON part (step, history, scaler, …)."""
+    tensors = load_file(str(path / TENSORS))
+    meta = json.loads((path / META).read_text())
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     opt.load_state_dict(_optimizer_state(tensors, meta["optimizer"]))
-    set_rng_state(tensors, meta["rng"])
     return meta

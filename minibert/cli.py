@@ -4,6 +4,9 @@
     minibert encode "a crane is flying" --pair "he just left" [--run RUN_ID]
     minibert runs                                   # MLflow runs, newest first
     minibert runs --compare ID ID                   # params and metrics side by side
+    minibert encode "a crane is flying" --model models:/minibert-encoder@champion
+    minibert export hf OUT [--run RUN_ID]           # a folder Hugging Face transformers loads
+    minibert ui-url                                 # the MLflow UI's training-runs table of the experiment
 """
 from __future__ import annotations
 
@@ -21,9 +24,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from minibert import layout
 from minibert.artifacts import atomic_path
 from minibert.config import ProbeSpec, TrackingConfig
-from minibert.errors import DataError, MinibertError, stage_errors
+from minibert.errors import MinibertError, stage_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="minibert: BERT pretraining on WikiText-2 (the d2l chapter) as a DVC + MLflow pipeline.")
@@ -112,27 +116,28 @@ def _table(df, title: str, mark: list[bool] | None = None) -> Table:
 # ---------------------------------------------------------------------------- encode
 
 
-def _load(checkpoint: Path | None, run: str | None, vocab: Path | None, tmp: Path):
-    """(model, vocabulary) from a folder or from the `weights/` artifacts of an MLflow run."""
-    from minibert.model import load_pretrained
-    from minibert.probes import check_model_vocab
+def _load(checkpoint: Path | None, run: str | None, vocab: Path | None, tmp: Path, model: str | None = None):
+    """(model, vocabulary, bert.json) from a folder, the `weights/` artifacts of an MLflow run, or a
+    registered model (`models:/minibert-encoder@champion`)."""
+    from minibert.model import check_vocab, load_pretrained
     from minibert.vocab import Vocab
 
-    if run and checkpoint:
-        raise MinibertError("give either --checkpoint or --run, not both")
-    folder = checkpoint or Path("models")
+    if sum(x is not None for x in (checkpoint, run, model)) > 1:
+        raise MinibertError("give one of --checkpoint, --run, --model")
+    folder = checkpoint or layout.MODELS
     if run:
         from minibert.tracking import download_artifacts
 
         folder = download_artifacts(run, "weights", tmp, Path("."))
-    vocab = vocab or (folder / "vocab.txt" if run else Path("data/tokens/vocab.txt"))
+    if model:
+        from minibert.tracking import download_model
+
+        folder = download_model(model, tmp, Path("."))
+    vocab = vocab or (folder / layout.VOCAB.name if run or model else layout.VOCAB)
     model, meta = load_pretrained(folder)
     voc = Vocab.load(vocab)
-    check_model_vocab(meta, voc, vocab)
-    if len(voc) != model.vocab_size:
-        raise DataError(f"{vocab}: {len(voc)} entries but the model has {model.vocab_size}; "
-                        "pass the vocab.txt the model was trained with (--vocab)")
-    return model, voc
+    check_vocab(meta, voc.sha256, vocab)
+    return model, voc, meta
 
 
 @app.command()
@@ -141,6 +146,7 @@ def encode(
     pair: Optional[str] = typer.Option(None, help="Second sentence: encode `<cls> text <sep> pair <sep>`."),
     checkpoint: Optional[Path] = typer.Option(None, help="Folder with bert.safetensors + bert.json [default: models]."),
     run: Optional[str] = typer.Option(None, help="MLflow run id: use the weights its pretrain stage logged."),
+    model: Optional[str] = typer.Option(None, help="Registered model URI, e.g. models:/minibert-encoder@champion."),
     vocab: Optional[Path] = typer.Option(None, help="vocab.txt [default: data/tokens/vocab.txt, or the run's]."),
     out: Optional[Path] = typer.Option(None, help="Also write the table to this parquet file."),
 ) -> None:
@@ -153,10 +159,10 @@ def encode(
                 raise MinibertError(f"empty {what}; pass words, e.g. minibert encode \"a crane is flying\"")
         spec = ProbeSpec("input", text, pair)
         with tempfile.TemporaryDirectory(prefix="minibert-encode-") as tmp:
-            model, voc = _load(checkpoint, run, vocab, Path(tmp))
+            bert, voc, _ = _load(checkpoint, run, vocab, Path(tmp), model)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UnknownWordWarning)
-            tokens, segments, enc = encode_probe(model, voc, spec)  # enc (1, T, H)
+            tokens, segments, enc = encode_probe(bert, voc, spec)  # enc (1, T, H)
         for w in caught:  # one line, not Python's two-line warning format
             print(f"warning: encode: {w.message}", file=sys.stderr)
         df = probe_table([(spec, tokens, segments, enc[0].numpy().astype(np.float64))]).drop(columns="probe")
@@ -165,6 +171,45 @@ def encode(
                 df.to_parquet(tmp, index=False)
     _console().print(_table(df, f"{'pair' if pair else 'sentence'} encoding {tuple(enc.shape)}"
                                 + (f" -> {out}" if out else "")))
+
+
+# ---------------------------------------------------------------------------- export
+
+
+export_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Write a pretrained model in another format.")
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("hf")
+def export_hf(
+    out: Path = typer.Argument(..., help="Folder to write (replaced whole): config, weights, tokenizer, model card."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Folder with bert.safetensors + bert.json [default: models]."),
+    run: Optional[str] = typer.Option(None, help="MLflow run id: export the weights its pretrain stage logged."),
+    vocab: Optional[Path] = typer.Option(None, help="vocab.txt [default: data/tokens/vocab.txt, or the run's]."),
+    metrics: Optional[Path] = typer.Option(None, help="Held-out figures for the model card [default: metrics/eval.json "
+                                                      "when present; with --run, the run's valid_* metrics]."),
+) -> None:
+    """A folder Hugging Face transformers loads (AutoTokenizer; AutoModel* with trust_remote_code=True)."""
+    import json
+
+    from minibert.export_hf import export_hf as write_folder
+
+    with stage_errors("export hf"):
+        with tempfile.TemporaryDirectory(prefix="minibert-export-") as tmp:
+            bert, voc, meta = _load(checkpoint, run, vocab, Path(tmp))
+        figures = None
+        if metrics is not None or (run is None and layout.EVAL_METRICS.is_file()):
+            path = metrics or layout.EVAL_METRICS
+            if not path.is_file():
+                raise MinibertError(f"{path}: not found; run the evaluate stage or leave out --metrics")
+            figures = json.loads(path.read_text())
+        elif run:
+            from minibert.tracking import run_metrics
+
+            figures = {k.removeprefix("valid_"): v for k, v in run_metrics(run, Path(".")).items()
+                       if k.startswith("valid_")} or None
+        write_folder(bert, voc, meta, out, figures)
+    print(f"export hf: wrote {out} (load with AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True))")
 
 
 # ---------------------------------------------------------------------------- runs
@@ -225,6 +270,20 @@ def runs(
         **{short: _numeric(df[col]) if col in df else None for col, short in RUN_COLUMNS.items()},
     })
     _console().print(_table(shown, f"{len(df)} newest runs of {experiment!r} ({uri})"))
+
+
+@app.command("ui-url")
+def ui_url(
+    base: str = typer.Option("http://127.0.0.1:5000", help="Where the MLflow UI is served (`make ui`)."),
+    experiment: str = typer.Option("minibert", help="MLflow experiment (params.yaml tracking.experiment)."),
+    chart: bool = typer.Option(False, "--chart", help="The chart view (metric curves of all runs) instead of the table."),
+) -> None:
+    """Print the URL of the experiment's training-runs table, with the columns worth comparing."""
+    from minibert.tracking import ui_url as url
+
+    with stage_errors("ui-url"):
+        _runs_frame(experiment, 1)  # one clear line when there is no store or no run yet
+        print(url(TrackingConfig(experiment=experiment), Path("."), base, chart=chart))
 
 
 if __name__ == "__main__":

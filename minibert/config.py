@@ -8,6 +8,7 @@ stage can print one line and exit. Components receive only their own section
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
+from minibert import layout
 from minibert.errors import MinibertError
 
 
@@ -38,6 +40,15 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
+    corpus: Literal["wikitext-2", "wikitext-103", "text"] = "wikitext-2"
+    """`wikitext-2` (the book), `wikitext-103` (same mirrors, its own pinned SHA-1s) or `text`: the
+    user's own `.txt` files named by `text_glob` (one paragraph per line; see minibert/text.py)."""
+    text_glob: str = ""
+    """For `corpus: text`: a folder (every `*.txt` below it) or a glob of `.txt` files."""
+    wikitext_103_zip_url: str = "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip"
+    """WikiText-103's archive at the book's mirror; tried first."""
+    wikitext_103_parquet_urls: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """WikiText-103's Hugging Face parquet copy: a list of URLs per split (train comes in two files)."""
     zip_url: str = "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip"
     """The archive the d2l book downloads; tried first."""
     parquet_urls: dict[str, str] = field(default_factory=dict)
@@ -46,12 +57,20 @@ class DataConfig:
     """Seconds before an HTTP connection or read gives up."""
     retries: int = 2
     """Extra attempts per URL after the first fails."""
+    workers: int = 0
+    """Processes of the tokenize and pairs stages (0: every usable core); never changes their bytes."""
 
     def __post_init__(self):
         _require(not self.parquet_urls or set(self.parquet_urls) == {"train", "valid", "test"},
                  "parquet_urls", sorted(self.parquet_urls), "exactly the keys train, valid, test")
+        urls_103 = self.wikitext_103_parquet_urls
+        _require(not urls_103 or set(urls_103) == {"train", "valid", "test"},
+                 "wikitext_103_parquet_urls", sorted(urls_103), "exactly the keys train, valid, test")
+        _require(self.corpus != "text" or bool(self.text_glob.strip()), "text_glob", self.text_glob,
+                 "a folder or glob of .txt files (corpus: text needs one)")
         _require(self.timeout_s > 0, "timeout_s", self.timeout_s, "a number > 0")
         _require(0 <= self.retries <= 10, "retries", self.retries, "an integer in [0, 10]")
+        _require(self.workers >= 0, "workers", self.workers, "an integer >= 0 (0: every usable core)")
 
 
 @dataclass(frozen=True)
@@ -73,12 +92,16 @@ class PairsConfig:
     """Seeds the train split's paragraph shuffle, NSP choices and masks."""
     heldout_seed: int = 12345
     """Seeds valid/test pairs, kept apart from `seed` so held-out figures compare across runs."""
+    shard_tokens: int = 4_000_000
+    """Tokens per pairs shard: the paragraph shuffle and NSP negatives are drawn within a shard, and a
+    worker holds one shard (~100 MB per million tokens). WikiText-2's train split (1.9M) is one shard."""
 
     def __post_init__(self):
         _require(self.max_len >= 5, "max_len", self.max_len, "an integer >= 5 (<cls> a <sep> b <sep>)")
         _require(0.0 < self.mask_rate < 1.0, "mask_rate", self.mask_rate, "a number in (0, 1)")
         _require(self.seed >= 0, "seed", self.seed, "an integer >= 0")
         _require(self.heldout_seed >= 0, "heldout_seed", self.heldout_seed, "an integer >= 0")
+        _require(self.shard_tokens >= 1000, "shard_tokens", self.shard_tokens, "an integer >= 1000")
 
     @property
     def max_preds(self) -> int:
@@ -113,6 +136,13 @@ class ModelConfig:
         _require(self.max_len >= 5, "max_len", self.max_len, "an integer >= 5")
 
 
+# Field metadata of a train setting that cannot change what a run computes, only how it runs (logging,
+# checkpoint cadence, process layout, thread count, compilation: the last two may move the last bits, as
+# another machine would). A checkpoint fingerprint leaves these out, so a run resumes across a change of
+# them; every other field, including one added later without this mark, is fingerprinted.
+NOT_NUMERIC = {"numeric": False}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     lr: float = 1e-3
@@ -134,23 +164,26 @@ class TrainConfig:
     """`auto` (cuda when available, else cpu), `cpu`, `cuda` or `cuda:N`."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     """Autocast dtype; losses stay fp32. `auto`: bf16 where the hardware runs it fast."""
-    log_every: int = 1
+    log_every: int = field(default=1, metadata=NOT_NUMERIC)
     """Steps between loss syncs to the host (and MLflow points)."""
-    checkpoint_every: int = 25
+    checkpoint_every: int = field(default=25, metadata=NOT_NUMERIC)
     """Steps between resumable checkpoints (0: only on SIGTERM/SIGINT)."""
-    devices: int | Literal["auto"] = 1
+    devices: int | Literal["auto"] = field(default=1, metadata=NOT_NUMERIC)  # the world size is fingerprinted
     """Processes per node: a number, or `auto` (one per visible GPU, else 1)."""
-    nodes: int = 1
+    nodes: int = field(default=1, metadata=NOT_NUMERIC)
     """Machines taking part; > 1 needs a rendezvous endpoint every node can reach."""
-    rdzv_endpoint: str = "localhost:29500"
+    rdzv_endpoint: str = field(default="localhost:29500", metadata=NOT_NUMERIC)
     """host:port of the c10d rendezvous used when the stage launches itself."""
-    rdzv_id: str = "minibert"
+    rdzv_id: str = field(default="minibert", metadata=NOT_NUMERIC)
     """Job id shared by every node of one run."""
-    threads: int | Literal["auto"] = 0
+    threads: int | Literal["auto"] = field(default=0, metadata=NOT_NUMERIC)
     """torch intra-op threads: a number, 0 (torch's default: one per core), or `auto` (this process's
     cores divided by the minibert trainings running on the machine, re-checked while training)."""
-    compile: bool = False
+    compile: bool = field(default=False, metadata=NOT_NUMERIC)
     """Wrap the model in torch.compile (pays off on long runs only)."""
+    eval_every: int = field(default=10, metadata=NOT_NUMERIC)  # evaluation never moves the training numbers
+    """Steps between held-out evaluations during training, plus always the last step (0: none); each scores
+    the fixed `eval.subset_pairs` valid pairs and logs `valid_*` per step (5 points on the book's 50 steps)."""
 
     def __post_init__(self):
         _require(self.lr > 0, "lr", self.lr, "a number > 0")
@@ -167,15 +200,20 @@ class TrainConfig:
         _require(self.nodes >= 1, "nodes", self.nodes, "an integer >= 1")
         _require(":" in self.rdzv_endpoint, "rdzv_endpoint", self.rdzv_endpoint, "host:port")
         _require(self.threads == "auto" or self.threads >= 0, "threads", self.threads, "auto or an integer >= 0")
+        _require(self.eval_every >= 0, "eval_every", self.eval_every, "an integer >= 0 (0: no held-out curve)")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     batch_size: int = 1024
     """Pairs per forward pass when scoring the valid split."""
+    subset_pairs: int = 512
+    """Valid pairs scored during training (`train.eval_every`): evenly spaced rows of the valid split, the
+    same for every run; the evaluate stage always scores all of them."""
 
     def __post_init__(self):
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        _require(self.subset_pairs >= 1, "subset_pairs", self.subset_pairs, "an integer >= 1")
 
 
 @dataclass(frozen=True)
@@ -214,9 +252,15 @@ class TrackingConfig:
     """MLflow experiment holding the runs."""
     enabled: bool = True
     """False: a do-nothing tracker (no MLflow at all)."""
+    registered_model: str = "minibert-encoder"
+    """Model Registry name the pretrain stage registers its text model under (a new version per run);
+    the evaluate stage points its `champion` alias at the best held-out version. Empty: no registration."""
 
     def __post_init__(self):
         _require(bool(self.experiment.strip()), "experiment", self.experiment, "a non-empty string")
+        _require(self.registered_model == "" or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.registered_model)
+                 is not None, "registered_model", self.registered_model,
+                 "empty (no registration) or a name of letters, digits, '_', '.', '-'")
 
 
 @dataclass(frozen=True)
@@ -328,7 +372,7 @@ def config_from_dict(raw: dict, source: str = "params") -> Config:
         raise ConfigError(f"{source}: {e.key} = {e.value!r} is invalid{via}: expected {e.allowed}") from None
 
 
-def load_config(path: str | Path = "params.yaml") -> Config:
+def load_config(path: str | Path = layout.PARAMS) -> Config:
     """Read `params.yaml`; missing sections take their defaults, anything unknown is an error."""
     path = Path(path)
     if not path.is_file():

@@ -1,13 +1,17 @@
-"""WikiText-2 on disk: fetching it safely, and the book's paragraph rule.
+"""WikiText-2 and WikiText-103 on disk: fetching them safely, and the book's paragraph rule.
 
-`fetch_wikitext(cfg, dest, local)` fills `dest` with exactly `wiki.{train,valid,test}.tokens`.
+`fetch_wikitext(cfg, dest, local)` fills `dest` with exactly `wiki.{train,valid,test}.tokens` of the
+corpus `cfg.corpus` names (`PINS`: each corpus's pinned checksums; the user's own text is
+`minibert.text`).
 Sources, in order: `local` alone when given (a zip, a folder holding the three `.tokens` files,
 or a folder holding the three Hugging Face parquet files) — no network at all; otherwise the
 official archive `cfg.zip_url`, then the Hugging Face parquet copy `cfg.parquet_urls`.
 
 Verification is by content, not by archive, so any mirror that holds the same text passes:
 
-* exact: the sha256 of each file's bytes must equal `SHA256[split]` (the official files).
+* exact: the hash of each file's bytes must equal the pinned one: sha256 for WikiText-2
+  (`SHA256`), the published SHA-1s for WikiText-103 (`SHA1_103`, GluonNLP's dataset records,
+  whose WikiText-2 SHA-1s match the official WikiText-2 files too).
   The zip and `.tokens` folders must match exactly.
 * parquet: each row of the `text` column is one original line (Hugging Face keeps a line
   like `" = A = \\n"` as is and stores the blank line `" \\n"` as ""). Every line of the official files
@@ -19,7 +23,8 @@ Verification is by content, not by archive, so any mirror that holds the same te
   is checked instead: the sha256 of, for every line holding at least one token, its tokens
   joined by one space plus `"\\n"`, blank lines skipped. That pins every token and line
   (paragraph) boundary; as the lines are canonical, `read_paragraphs` returns the same
-  result. The source description then says "token-level match".
+  result. The source description then says "token-level match". (WikiText-103 has no
+  token-level pins: its files cannot be fetched here to compute them, so only exact passes.)
 
 Archives are extracted member by member after refusing the whole archive if any member has
 an absolute path, a `..` part, is a symlink, is over `MAX_MEMBER_BYTES` or inflates more than
@@ -39,6 +44,7 @@ import urllib.request
 import zipfile
 import zlib
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 
@@ -58,13 +64,37 @@ TOKENS_SHA256 = {  # `tokens_sha256` of the same files (see the module docstring
     "valid": "6494b600c71f9fb83b4eb389b661035f7ff67d1c628bfb17119300576cfcaa67",
     "test": "9c068e2fd7937b38b734ed5fe0439c5265f39091bce7c214f8a76e08026051ae",
 }
-MAX_MEMBER_BYTES = 1 << 30  # the real files are 1-11 MB; anything near 1 GiB is not WikiText-2
+SHA1_103 = {  # the official wikitext-103-v1 files (published SHA-1s)
+    "train": "b7497e2dfe77e72cfef5e3dbc61b7b53712ac211",
+    "valid": "c326ac59dc587676d58c422eb8a03e119582f92b",
+    "test": "8a5befc548865cec54ed4273cf87dbbad60d1e47",
+}
+MAX_MEMBER_BYTES = 1 << 30  # the real files are 1-540 MB; anything near 1 GiB is neither WikiText
 MAX_RATIO = 100  # text deflates ~4x; a zip bomb inflates thousands of times
-HINT = "set MINIBERT_DATA to a local wikitext-2-v1.zip or a folder holding wiki.{train,valid,test}.tokens"
+
+
+@dataclass(frozen=True)
+class Pins:
+    """What a corpus's files must hash to: `checksums[split] = (hashlib algorithm, hex digest)`;
+    `tokens[split]`: the token-level sha256 a re-spaced mirror may match instead (None: exact only)."""
+    name: str
+    checksums: dict[str, tuple[str, str]]
+    tokens: dict[str, str] | None = None
+
+    @property
+    def hint(self) -> str:
+        return f"set MINIBERT_DATA to a local {self.name}-v1.zip or a folder holding wiki.{{train,valid,test}}.tokens"
+
+
+PINS = {
+    "wikitext-2": Pins("wikitext-2", {k: ("sha256", v) for k, v in SHA256.items()}, TOKENS_SHA256),
+    "wikitext-103": Pins("wikitext-103", {k: ("sha1", v) for k, v in SHA1_103.items()}),
+}
+HINT = PINS["wikitext-2"].hint
 
 
 def split_file(raw_dir: str | Path, split: str) -> Path:
-    """`data/raw/wikitext-2/wiki.<split>.tokens`."""
+    """`data/raw/corpus/wiki.<split>.tokens`."""
     return Path(raw_dir) / f"wiki.{split}.tokens"
 
 
@@ -76,9 +106,14 @@ def read_paragraphs(path: str | Path) -> list[list[list[str]]]:
     (The separating '.' tokens are dropped, the last sentence keeps its final '.'.)
     """
     with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    return [[s.split() for s in line.strip().lower().split(" . ")]
-            for line in lines if len(line.split(" . ")) >= 2]
+        return [p for line in f if (p := paragraph(line)) is not None]
+
+
+def paragraph(line: str) -> list[list[str]] | None:
+    """One line by the book's rule (`read_paragraphs`): its sentences' tokens, or None."""
+    if len(line.split(" . ")) < 2:
+        return None
+    return [s.split() for s in line.strip().lower().split(" . ")]
 
 
 # ---------------------------------------------------------------------------- verification
@@ -94,10 +129,11 @@ def tokens_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def verify_files(folder: str | Path, token_level_ok: bool = False, origin: str | None = None) -> bool:
-    """Check the three files by content; True if every file is byte-exact.
+def verify_files(folder: str | Path, token_level_ok: bool = False, origin: str | None = None,
+                 pins: Pins = PINS["wikitext-2"]) -> bool:
+    """Check the three files by content against `pins`; True if every file is byte-exact.
 
-    With `token_level_ok`, a file whose bytes differ may still pass on `TOKENS_SHA256`.
+    With `token_level_ok`, a file whose bytes differ may still pass on `pins.tokens`.
     `origin` names the source in errors (the folder may be a temp one).
     """
     origin, exact = origin or str(folder), True
@@ -105,18 +141,29 @@ def verify_files(folder: str | Path, token_level_ok: bool = False, origin: str |
         if not path.is_file():
             raise DataError(f"{origin}: {path.name} is missing; the source must hold wiki.{{train,valid,test}}.tokens")
         if path.stat().st_size == 0:
-            raise DataError(f"{origin}: {path.name} is empty; use an intact copy of WikiText-2")
+            raise DataError(f"{origin}: {path.name} is empty; use an intact copy of {pins.name}")
     for split in SPLITS:
         path = split_file(folder, split)
-        got = sha256_file(path)
-        if got == SHA256[split]:
+        algo, want = pins.checksums[split]
+        got = hash_file(path, algo)
+        if got == want:
             continue
-        if token_level_ok and tokens_sha256(path) == TOKENS_SHA256[split]:
+        if token_level_ok and pins.tokens and tokens_sha256(path) == pins.tokens[split]:
             exact = False
             continue
-        raise DataError(f"{origin}: {path.name} has sha256 {got}, expected {SHA256[split]}; "
-                        "the file is corrupt or not WikiText-2 v1 (tokenized)")
+        raise DataError(f"{origin}: {path.name} has {algo} {got}, expected {want}; "
+                        f"the file is corrupt or not {pins.name} v1 (tokenized)")
     return exact
+
+
+def hash_file(path: str | Path, algo: str) -> str:
+    if algo == "sha256":
+        return sha256_file(path)
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------- zip
@@ -137,30 +184,29 @@ def _unsafe_reason(info: zipfile.ZipInfo) -> str | None:
     return None
 
 
-def safe_extract(zip_path: str | Path, dest: str | Path, origin: str | None = None) -> None:
+def safe_extract(zip_path: str | Path, dest: str | Path, origin: str | None = None,
+                 name: str = "wikitext-2") -> None:
     """Extract `*/wiki.<split>.tokens` from the zip flat into `dest`, refusing unsafe archives."""
     zip_path, dest = Path(zip_path), Path(dest)
-    origin = origin or str(zip_path)
+    origin, intact = origin or str(zip_path), f"use an intact {name}-v1.zip"
     try:
         with zipfile.ZipFile(zip_path) as zf:
             infos = zf.infolist()
             for info in infos:
                 if reason := _unsafe_reason(info):
-                    raise DataError(f"{origin}: member {info.filename!r} is {reason}; refusing the archive, "
-                                    "use an intact wikitext-2-v1.zip")
+                    raise DataError(f"{origin}: member {info.filename!r} is {reason}; refusing the archive, {intact}")
             members = {}
             for want in (split_file("", split).name for split in SPLITS):
                 found = [i for i in infos if not i.is_dir() and PurePosixPath(i.filename).name == want]
                 if len(found) != 1:
-                    raise DataError(f"{origin}: holds {len(found)} members named {want} (need exactly 1); "
-                                    "use an intact wikitext-2-v1.zip")
+                    raise DataError(f"{origin}: holds {len(found)} members named {want} (need exactly 1); {intact}")
                 members[want] = found[0]
             for want, info in members.items():
                 _copy_member(zf, info, dest / want)
     except zipfile.BadZipFile as e:
-        raise DataError(f"{origin}: not a valid zip archive ({e}); use an intact wikitext-2-v1.zip") from None
+        raise DataError(f"{origin}: not a valid zip archive ({e}); {intact}") from None
     except (EOFError, zlib.error) as e:
-        raise DataError(f"{origin}: truncated or corrupt zip archive ({e}); use an intact wikitext-2-v1.zip") from None
+        raise DataError(f"{origin}: truncated or corrupt zip archive ({e}); {intact}") from None
 
 
 def _copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, out: Path) -> None:
@@ -177,34 +223,40 @@ def _copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, out: Path) -> None:
 # ---------------------------------------------------------------------------- parquet
 
 
-def rebuild_from_parquet(parquet: dict[str, Path], dest: str | Path, origin: str | None = None) -> None:
-    """Write `wiki.<split>.tokens` from each split's parquet `text` rows (one row per line)."""
+def rebuild_from_parquet(parquet: dict[str, Path | list[Path]], dest: str | Path, origin: str | None = None) -> None:
+    """Write `wiki.<split>.tokens` from each split's parquet `text` rows (one row per line); a split
+    may come in several files (WikiText-103's train), read in the given order, in row batches."""
     import pyarrow.parquet as pq  # only this source needs it
 
     for split in SPLITS:
-        path = Path(parquet[split])
-        where = f"{origin or path.parent}: {path.name}"
-        try:
-            table = pq.read_table(path)
-        except Exception as e:  # pyarrow raises several unrelated types for a bad file
-            raise DataError(f"{where}: not a readable parquet file ({str(e).splitlines()[0]})") from None
-        if "text" not in table.column_names:
-            raise DataError(f"{where}: no 'text' column (has {table.column_names}); "
-                            "expected the Hugging Face wikitext layout")
+        paths = parquet[split] if isinstance(parquet[split], (list, tuple)) else [parquet[split]]
         with open(split_file(dest, split), "wb") as f:
-            for row in table.column("text").to_pylist():
-                toks = row.encode("utf-8").split() if row else []
-                f.write(b" " + b" ".join(toks) + b" \n" if toks else b" \n")
+            for path in map(Path, paths):
+                where = f"{origin or path.parent}: {path.name}"
+                try:
+                    pf = pq.ParquetFile(path)
+                    if "text" not in pf.schema_arrow.names:
+                        raise DataError(f"{where}: no 'text' column (has {pf.schema_arrow.names}); "
+                                        "expected the Hugging Face wikitext layout")
+                    for batch in pf.iter_batches(columns=["text"], batch_size=1 << 16):
+                        for row in batch.column(0).to_pylist():
+                            toks = row.encode("utf-8").split() if row else []
+                            f.write(b" " + b" ".join(toks) + b" \n" if toks else b" \n")
+                except DataError:
+                    raise
+                except Exception as e:  # pyarrow raises several unrelated types for a bad file
+                    raise DataError(f"{where}: not a readable parquet file ({str(e).splitlines()[0]})") from None
 
 
-def _parquet_in(folder: Path) -> dict[str, Path] | None:
+def _parquet_in(folder: Path) -> dict[str, list[Path]] | None:
+    """Each split's parquet files in `folder` (`train-00000-of-00002.parquet`, ...), in name order."""
     names = {"train": ("train",), "valid": ("valid", "validation"), "test": ("test",)}
     found = {}
     for split, prefixes in names.items():
         hits = sorted({p for pre in prefixes for p in folder.glob(f"{pre}*.parquet")})
-        if len(hits) != 1:
+        if not hits:
             return None
-        found[split] = hits[0]
+        found[split] = hits
     return found
 
 
@@ -249,7 +301,7 @@ def download(url: str, path: str | Path, timeout: float, retries: int,
                     while block := resp.read(1 << 20):
                         done += len(block)
                         if done > max_bytes:
-                            raise DataError(f"{url}: larger than {max_bytes} bytes; not WikiText-2")
+                            raise DataError(f"{url}: larger than {max_bytes} bytes; not a WikiText archive")
                         out.write(block)
                         report(done)
                 if total is not None and done != total:
@@ -268,53 +320,75 @@ def download(url: str, path: str | Path, timeout: float, retries: int,
 # ---------------------------------------------------------------------------- sources
 
 
-def _from_local(local: Path, out: Path) -> str:
+def mirrors(cfg: DataConfig) -> tuple[str, dict[str, list[str]]]:
+    """The zip URL and the per-split parquet URLs of the corpus `cfg.corpus` names."""
+    if cfg.corpus == "wikitext-103":
+        return cfg.wikitext_103_zip_url, {k: list(v) for k, v in cfg.wikitext_103_parquet_urls.items()}
+    return cfg.zip_url, {k: [v] for k, v in cfg.parquet_urls.items()}
+
+
+def _from_local(local: Path, out: Path, pins: Pins) -> str:
     origin = f"MINIBERT_DATA={local}"
     if not local.exists():
-        raise DataError(f"{origin}: no such file or folder; {HINT}")
+        raise DataError(f"{origin}: no such file or folder; {pins.hint}")
     if local.is_file():
         if not zipfile.is_zipfile(local):
-            raise DataError(f"{origin}: not a zip archive; {HINT}")
-        safe_extract(local, out, origin)
-        verify_files(out, origin=origin)
+            raise DataError(f"{origin}: not a zip archive; {pins.hint}")
+        safe_extract(local, out, origin, pins.name)
+        verify_files(out, origin=origin, pins=pins)
         return f"local zip {local}"
     if not split_file(local, "train").exists() and (parquet := _parquet_in(local)):
         rebuild_from_parquet(parquet, out, origin)
-        exact = verify_files(out, token_level_ok=True, origin=origin)
+        exact = verify_files(out, token_level_ok=True, origin=origin, pins=pins)
         return f"local parquet {local}" + ("" if exact else " (token-level match)")
     for split in SPLITS:
         if split_file(local, split).is_file():
             shutil.copyfile(split_file(local, split), split_file(out, split))
-    verify_files(out, origin=origin)
+    verify_files(out, origin=origin, pins=pins)
     return f"local folder {local}"
 
 
-def _from_zip_url(cfg: DataConfig, work: Path, out: Path) -> str:
-    archive = work / "wikitext-2-v1.zip"
-    download(cfg.zip_url, archive, cfg.timeout_s, cfg.retries)
-    safe_extract(archive, out, cfg.zip_url)
-    verify_files(out, origin=cfg.zip_url)
-    return cfg.zip_url
+def _from_zip_url(cfg: DataConfig, work: Path, out: Path, pins: Pins) -> str:
+    url = mirrors(cfg)[0]
+    archive = work / f"{pins.name}-v1.zip"
+    download(url, archive, cfg.timeout_s, cfg.retries)
+    safe_extract(archive, out, url, pins.name)
+    verify_files(out, origin=url, pins=pins)
+    return url
 
 
-def _from_parquet_urls(cfg: DataConfig, work: Path, out: Path) -> str:
-    parquet = {split: work / url.rsplit("/", 1)[-1] for split, url in cfg.parquet_urls.items()}
+def _from_parquet_urls(cfg: DataConfig, work: Path, out: Path, pins: Pins) -> str:
+    urls = mirrors(cfg)[1]
+    parquet = {split: [work / f"{split}-{i}-{u.rsplit('/', 1)[-1]}" for i, u in enumerate(urls[split])]
+               for split in SPLITS}
     for split in SPLITS:
-        download(cfg.parquet_urls[split], parquet[split], cfg.timeout_s, cfg.retries)
-    where = cfg.parquet_urls["train"].rsplit("/", 1)[0] + "/"
+        for url, path in zip(urls[split], parquet[split]):
+            download(url, path, cfg.timeout_s, cfg.retries)
+    where = urls["train"][0].rsplit("/", 1)[0] + "/"
     rebuild_from_parquet(parquet, out, f"parquet {where}")
-    exact = verify_files(out, token_level_ok=True, origin=f"parquet {where}")
+    exact = verify_files(out, token_level_ok=True, origin=f"parquet {where}", pins=pins)
     return f"parquet {where}" + ("" if exact else " (token-level match)")
 
 
-def fetch_wikitext(cfg: DataConfig, dest: str | Path, local: str | Path | None = None) -> str:
-    """Fill `dest` with exactly the three verified files; return a one-line note of the source."""
+def fetch_wikitext(cfg: DataConfig, dest: str | Path, local: str | Path | None = None,
+                   checksums: dict[str, tuple[str, str]] | None = None) -> str:
+    """Fill `dest` with exactly the three verified files of `cfg.corpus`; return a one-line note of
+    the source.
+
+    `checksums` (`{split: (hashlib algorithm, hex digest)}`) replaces the corpus's pinned table, with
+    no token-level fallback. It exists for tests that build archives in the real layout (a real
+    WikiText-103 cannot be downloaded there); the stage never passes it, so real data always meets
+    the pins in `PINS`."""
     dest = Path(dest)
+    pins = PINS[cfg.corpus]
+    if checksums is not None:
+        pins = Pins(pins.name, dict(checksums))
     with atomic_dir(dest) as out:
         if local is not None:
-            return _from_local(Path(local), out)
-        sources = [("zip_url", _from_zip_url)] if cfg.zip_url else []
-        if cfg.parquet_urls:
+            return _from_local(Path(local), out, pins)
+        zip_url, parquet_urls = mirrors(cfg)
+        sources = [("zip_url", _from_zip_url)] if zip_url else []
+        if parquet_urls:
             sources.append(("parquet_urls", _from_parquet_urls))
         failures = []
         for name, fetch in sources:
@@ -322,8 +396,8 @@ def fetch_wikitext(cfg: DataConfig, dest: str | Path, local: str | Path | None =
                 stale.unlink()
             with tempfile.TemporaryDirectory(prefix=f".{dest.name}.dl.", dir=dest.parent) as work:
                 try:
-                    return fetch(cfg, Path(work), out)
+                    return fetch(cfg, Path(work), out, pins)
                 except DataError as e:
                     failures.append(f"{name}: {e}")
-        tried = "; ".join(failures) or "none configured (data.zip_url and data.parquet_urls are empty)"
-        raise DataError(f"every source failed: {tried}; {HINT}")
+        tried = "; ".join(failures) or f"none configured (no zip or parquet URLs for {pins.name} in data)"
+        raise DataError(f"every source failed: {tried}; {pins.hint}")

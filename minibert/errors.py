@@ -14,6 +14,10 @@ class DataError(MinibertError):
     """Missing, corrupt or unsafe data files."""
 
 
+class Interrupted(MinibertError):
+    """Stopped on request (SIGTERM/SIGINT) after a checkpoint: not a failure, rerunning resumes."""
+
+
 @contextmanager
 def stage_errors(stage: str) -> Iterator[None]:
     """Print `error: <stage>: <message>` on stderr and exit 1 for expected failures."""

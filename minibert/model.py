@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from minibert.artifacts import atomic_path, write_json
 from minibert.config import ModelConfig
-from minibert.errors import MinibertError
+from minibert.errors import DataError, MinibertError
 from minibert.loss import linear_cross_entropy, pretrain_loss  # noqa: F401 (pretrain_loss: public API)
 from minibert.ops import dropout, gather_rows
 
@@ -263,3 +263,15 @@ def load_pretrained(model_dir: Path, device: str | torch.device = "cpu") -> tupl
         raise MinibertError(f"{weights_path}: corrupt or does not match {META_FILE} ({first}); "
                             f"re-run the pretrain stage") from None
     return model.to(device).eval(), meta
+
+
+def check_vocab(meta: dict, vocab_sha: str | None, source: str | Path) -> None:
+    """Fail unless `source` (a vocab.txt, or pairs encoded with one) holds the vocabulary the model with
+    bert.json `meta` was trained on: the one check of the evaluate and probe stages and `minibert encode`."""
+    want = meta.get("vocab_sha256")
+    if not want or not vocab_sha:
+        which = f"model metadata ({META_FILE})" if not want else f"{source}"
+        raise DataError(f"{which} has no vocab_sha256; re-run `dvc repro` (tokenize onwards)")
+    if want != vocab_sha:
+        raise DataError(f"{source}: vocabulary {vocab_sha[:12]}… differs from the model's {want[:12]}…; "
+                        "re-run `dvc repro` so data and model come from one tokenize run")

@@ -12,16 +12,25 @@ Output per split (fixed-shape arrays; N pairs, T = max_len, P = round(mask_rate 
 Every random choice comes from the one passed-in `numpy.random.Generator`, drawn in a fixed order
 (paragraph shuffle, NSP coin, random sentence, mask choice, replacement), so the same seed gives
 the same bytes on every machine.
+
+Shards (the pairs stage): a split is cut into runs of whole paragraphs of about `shard_tokens`
+tokens (`paragraph_shards`, a function of the token file and `shard_tokens` only), and `make_pairs`
+runs on each shard with its own generator (`shard_rng`: shard 0 takes the seed itself, so a split
+that fits one shard — every WikiText-2 split at the default — has the unsharded bytes). So the
+paragraph shuffle and the NSP negatives are drawn *within a shard*, not from the whole corpus as in
+the book: a negative is a random sentence of a random paragraph of the same ~`shard_tokens`-token
+run. Training order is unaffected (the loop draws batches across the whole file). The parent
+concatenates the shards' parts in shard order, so the bytes do not depend on the worker count.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
 
 from minibert.config import PairsConfig
 from minibert.errors import DataError
+from minibert.shards import open_safetensors, write_safetensors
 from minibert.vocab import CLS, MASK, PAD, SEP, SPECIALS
 
 FIELDS = ("token_ids", "segments", "valid_lens", "pred_positions", "mlm_weights", "mlm_labels", "nsp_labels")
@@ -117,15 +126,74 @@ def pair_stats(pairs: dict[str, np.ndarray]) -> dict[str, float]:
     }
 
 
+# ---------------------------------------------------------------------------- shards
+
+
+def paragraph_shards(sentence_offsets: np.ndarray, paragraph_offsets: np.ndarray,
+                     shard_tokens: int) -> list[tuple[int, int]]:
+    """Paragraph ranges [lo, hi): shard k holds the paragraphs whose first token lies in
+    [k * shard_tokens, (k + 1) * shard_tokens) (empty ranges dropped; one range for an empty split)."""
+    starts = np.asarray(sentence_offsets[np.asarray(paragraph_offsets[:-1])]) // shard_tokens  # (P,)
+    cuts = np.flatnonzero(np.diff(starts)) + 1
+    bounds = [0, *cuts.tolist(), len(starts)]
+    return list(zip(bounds, bounds[1:])) or [(0, 0)]
+
+
+def shard_rng(seed: int, shard: int) -> np.random.Generator:
+    """Shard 0 draws from `seed` itself (a one-shard split keeps its unsharded bytes); shard k > 0
+    from the seed's k-th spawned child, a stream independent of every other shard's."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(shard,)) if shard else seed)
+
+
+def pairs_shard(tokens_path: str, lo: int, hi: int, cfg: PairsConfig, vocab_size: int, seed: int,
+                shard: int, prefix: str) -> dict[str, int]:
+    """`make_pairs` on paragraphs [lo, hi) of a memory-mapped token file; writes each field raw to
+    `<prefix>.<field>`; returns the sums `pair_stats` needs."""
+    arrays, _ = open_safetensors(tokens_path)
+    para = np.asarray(arrays["paragraph_offsets"][lo:hi + 1])
+    sent = np.asarray(arrays["sentence_offsets"][para[0]:para[-1] + 1])
+    split = {"ids": np.array(arrays["ids"][sent[0]:sent[-1]]),  # the shard's tokens, copied out of the map
+             "sentence_offsets": sent - sent[0], "paragraph_offsets": para - para[0]}
+    pairs = make_pairs(split, cfg, vocab_size, shard_rng(seed, shard))
+    for k, v in pairs.items():
+        with open(f"{prefix}.{k}", "wb") as f:
+            np.ascontiguousarray(v).tofile(f)
+    return {"pairs": len(pairs["nsp_labels"]), "nsp_positive": int(pairs["nsp_labels"].sum()),
+            "len": int(pairs["valid_lens"].sum()), "preds": int(np.count_nonzero(pairs["mlm_weights"]))}
+
+
+def write_pairs(path: str | Path, prefixes: list[str], n: int, cfg: PairsConfig, vocab_sha256: str) -> None:
+    """Concatenate the shards' parts into one pairs file (the layout in the module docstring)."""
+    t, p = cfg.max_len, cfg.max_preds
+    shapes = {"token_ids": (n, t), "segments": (n, t), "valid_lens": (n,), "pred_positions": (n, p),
+              "mlm_weights": (n, p), "mlm_labels": (n, p), "nsp_labels": (n,)}
+    fields = {k: (np.float32 if k == "mlm_weights" else np.int32, shape,
+                  lambda k=k: (Path(f"{q}.{k}").read_bytes() for q in prefixes)) for k, shape in shapes.items()}
+    write_safetensors(path, fields, {"vocab_sha256": vocab_sha256})
+
+
+def sums_stats(sums: list[dict[str, int]]) -> dict[str, float]:
+    """`pair_stats` of the concatenated shards, from their sums."""
+    total = {k: sum(s[k] for s in sums) for k in ("pairs", "nsp_positive", "len", "preds")}
+    n = total["pairs"]
+    return {
+        "pairs": n,
+        "nsp_positive_rate": round(total["nsp_positive"] / n, 6) if n else 0.0,
+        "mean_len": round(total["len"] / n, 4) if n else 0.0,
+        "mean_preds": round(total["preds"] / n, 4) if n else 0.0,
+    }
+
+
 def load_pairs(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """The pair arrays of one split and their safetensors metadata (`vocab_sha256`)."""
+    """The pair arrays of one split, memory-mapped (copy-on-write: read on first touch, so a
+    training step pages in only its batch's rows), and the safetensors metadata (`vocab_sha256`)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: pairs file not found; run `dvc repro pairs` first")
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            meta = dict(f.metadata() or {})
-            arrays = {k: f.get_tensor(k) for k in f.keys()}
+        arrays, meta = open_safetensors(path)
+    except DataError:
+        raise
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
         raise DataError(f"{path}: unreadable pairs file ({type(e).__name__}); re-run `dvc repro pairs`") from None
     missing = [k for k in FIELDS if k not in arrays]

@@ -8,7 +8,6 @@ cosine similarity of that word across the two contexts (the book's `crane` examp
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -39,6 +38,9 @@ def probe_words(spec: ProbeSpec) -> tuple[list[str], list[int]]:
 def encode_probe(model: torch.nn.Module, vocab: Vocab, spec: ProbeSpec,
                  device: str | torch.device = "cpu") -> tuple[list[str], list[int], torch.Tensor]:
     """-> (tokens as fed to the model, segments, encoding (1, T, H)); unknown words warn and become `<unk>`."""
+    if len(vocab) != model.vocab_size:  # ids would index past the embedding table
+        raise DataError(f"vocabulary has {len(vocab)} entries but the model was trained on "
+                        f"{model.vocab_size}; pass the vocab.txt the model was trained with (`dvc repro`)")
     words, segments = probe_words(spec)
     ids = [CLS if w == "<cls>" else SEP if w == "<sep>" else vocab.id(w) for w in words]
     unknown = [w for w in words[1:] if w != "<sep>" and w not in vocab]
@@ -98,9 +100,6 @@ def similarity_matrix(vectors: np.ndarray) -> np.ndarray:
 def run_probes(model: torch.nn.Module, vocab: Vocab, cfg: ProbeConfig, device: str | torch.device = "cpu"
                ) -> tuple[pd.DataFrame, dict, np.ndarray, list[str]]:
     """Encode every probe -> (table, metrics, token-by-token similarity (n, n), labels `probe:token`)."""
-    if len(vocab) != model.vocab_size:
-        raise DataError(f"vocabulary has {len(vocab)} entries but the model was trained on "
-                        f"{model.vocab_size}; re-run `dvc repro` so both come from one tokenize run")
     encoded, per_probe, word_vecs = [], {}, {}
     for spec in cfg.sentences:
         tokens, segments, enc = encode_probe(model, vocab, spec, device)
@@ -138,11 +137,3 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
     for key, v in metrics["similarity"].items():
         out[f"probe_similarity.{key.replace('~', '-vs-')}"] = v
     return {"".join(c if c.isalnum() or c in "_-. /:" else "_" for c in k): v for k, v in out.items()}
-
-
-def check_model_vocab(model_meta: dict, vocab: Vocab, vocab_path: str | Path) -> None:
-    """Fail when the model was trained on another vocabulary than `vocab_path` holds."""
-    want = model_meta.get("vocab_sha256")
-    if want and want != vocab.sha256:
-        raise DataError(f"{vocab_path}: vocabulary {vocab.sha256[:12]}… differs from the model's {want[:12]}…; "
-                        "re-run `dvc repro` so vocabulary and model come from one tokenize run")

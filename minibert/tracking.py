@@ -21,7 +21,9 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Protocol
 
+from minibert import view
 from minibert.config import TrackingConfig
+from minibert.describe import describe_run, hyperparams
 from minibert.errors import MinibertError
 
 log = logging.getLogger(__name__)
@@ -398,7 +400,7 @@ def _experiment_id(client, name: str, uri: str, root: Path) -> str:
         # Local stores keep artifacts beside the database, not in ./mlruns of whatever cwd is.
         location = (project_root(root) / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
         try:
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(name, artifact_location=location, tags=view.experiment_tags())
         except Exception:  # created meanwhile by another process
             exp = client.get_experiment_by_name(name)
             if exp is None:
@@ -406,16 +408,39 @@ def _experiment_id(client, name: str, uri: str, root: Path) -> str:
     if exp.lifecycle_stage == "deleted":
         raise MinibertError(f"MLflow experiment {name!r} at {uri} is deleted; restore it "
                             "(mlflow experiments restore) or set tracking.experiment to another name")
+    _set_view_tags(client, exp)
     return exp.experiment_id
 
 
-def start_run(cfg: TrackingConfig, root: Path, run_id: str | None = None,
-              run_name: str | None = None) -> Tracker:
-    """Open a run: resume `run_id` when given, else a new run in `cfg.experiment` tagged with git state."""
+def _set_view_tags(client, exp) -> None:
+    """Give an experiment made before these tags existed the saved view; keep a kind a user chose."""
+    for key, value in view.experiment_tags().items():
+        if key not in exp.tags or (key != view.KIND_TAG and exp.tags[key] != value):
+            client.set_experiment_tag(exp.experiment_id, key, value)
+
+
+def ui_url(cfg: TrackingConfig, root: Path, base: str, chart: bool = False) -> str:
+    """URL of the experiment's training-runs table (or chart view) in an MLflow UI at `base`;
+    (re)writes the experiment's view tags so the URL's saved view exists."""
+    uri = tracking_uri(root)
+    client = _connect(uri)
+    exp = client.get_experiment_by_name(cfg.experiment)
+    if exp is None or exp.lifecycle_stage == "deleted":
+        raise MinibertError(f"no experiment {cfg.experiment!r} at {uri}; run the pipeline first (dvc repro)")
+    _set_view_tags(client, exp)
+    return view.runs_url(base, exp.experiment_id, chart=chart)
+
+
+def start_run(cfg: TrackingConfig, root: Path, run_id: str | None = None, run_name: str | None = None,
+              params: dict[str, Any] | None = None, params_file: Path | None = None) -> Tracker:
+    """Open a run: resume `run_id` when given, else a new run in `cfg.experiment` tagged with git
+    state. A new run with `params` (the flattened config) logs its hyperparameters and is named and
+    described from them and `params_file` (minibert/describe.py)."""
     if not cfg.enabled:
         return NullTracker()
     uri = tracking_uri(root)
     client = _connect(uri)
+    created = False
     try:
         if run_id is not None:
             run = client.get_run(run_id)
@@ -424,13 +449,21 @@ def start_run(cfg: TrackingConfig, root: Path, run_id: str | None = None,
             client.update_run(run_id, status="RUNNING")
         else:
             exp_id = _experiment_id(client, cfg.experiment, uri, root)
-            run_id = client.create_run(exp_id, run_name=run_name, tags=git_tags(root)).info.run_id
+            tags = git_tags(root)
+            if params is not None:
+                name, described = describe_run(params, params_file, root)
+                run_name, tags = run_name or name, {**tags, **described}
+            run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+            created = True
     except MinibertError:
         raise
     except Exception as e:
         what = f"run {run_id}" if run_id else f"a run in experiment {cfg.experiment!r}"
         raise MinibertError(f"MLflow at {uri}: could not open {what}: {_one_line(e)[:300]}") from None
-    return MlflowTracker(uri, run_id)
+    tracker = MlflowTracker(uri, run_id)
+    if params is not None and created:
+        tracker.log_params(hyperparams(params))
+    return tracker
 
 
 def list_runs(cfg: TrackingConfig, root: Path, max_results: int = 100):
@@ -485,3 +518,17 @@ def pretrain_run(cfg: TrackingConfig, train_metrics: str | Path, root: Path = Pa
     tracking is off or the pretrain recorded no run."""
     run_id = pretrain_run_id(train_metrics) if cfg.enabled else None
     return start_run(cfg, root, run_id=run_id) if run_id else NullTracker()
+
+
+# The text-in pyfunc, the Model Registry and the `champion` alias live in tracking_models.py (this
+# file was already over 400 lines); re-exported here lazily, so importing tracking stays cheap and
+# `minibert.tracking` remains the one door to MLflow.
+_MODEL_API = ("log_text_model", "register_version", "set_champion", "download_model", "run_metrics", "CHAMPION")
+
+
+def __getattr__(name: str):
+    if name in _MODEL_API:
+        from minibert import tracking_models
+
+        return getattr(tracking_models, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

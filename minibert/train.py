@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from minibert import distributed
+from minibert.batches import take
 from minibert.config import TrainConfig
-from minibert.errors import MinibertError
-from minibert.pairs import FIELDS
+from minibert.errors import Interrupted, MinibertError
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:
@@ -47,16 +47,6 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        name = f"cuda:{local_rank}"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MinibertError(f"train.device = {name!r} but no CUDA device is visible; set train.device: cpu or auto")
-    return torch.device(name)
-
-
 def cpu_has_fast_bf16() -> bool:
     """AMX or AVX512-BF16: the CPU multiplies bf16 natively."""
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch.cpu's private probes
@@ -69,27 +59,6 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()
         precision = "bf16" if fast else "fp32"
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def to_tensors(pairs: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-    """Pre-stacked tensors, converted once: ids and positions as int32 (the model widens a batch's own
-    ids; int64 copies of the whole split cost 50 MB of RSS here), weights as float32. On CPU the
-    tensors share memory with `pairs` when the dtypes already match."""
-    out = {k: torch.from_numpy(np.asarray(pairs[k], dtype=np.float32 if k == "mlm_weights" else np.int32))
-           for k in FIELDS}
-    if device.type == "cuda":
-        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in out.items()}
-    return out
-
-
-def take(data: dict[str, torch.Tensor], idx: np.ndarray) -> dict[str, torch.Tensor]:
-    """One batch, trimmed to its longest sequence (pad columns beyond it change nothing)."""
-    i = torch.from_numpy(idx).to(data["valid_lens"].device)
-    batch = {k: v.index_select(0, i) for k, v in data.items()}
-    t = int(batch["valid_lens"].max())
-    batch["token_ids"] = batch["token_ids"][:, :t]  # (b, t)
-    batch["segments"] = batch["segments"][:, :t]    # (b, t)
-    return batch
 
 
 @dataclass
@@ -139,7 +108,7 @@ class StopFlag:
         self.signum = signum
 
 
-def make_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     # fused Adam: one kernel over all parameters (CUDA, and CPU since torch 2.4: ~5 ms/step saved here)
     return torch.optim.Adam(params, lr=cfg.lr, fused=True)
 
@@ -207,14 +176,21 @@ class FitResult:
 
 def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, data: dict[str, torch.Tensor],
         device: torch.device, d: distributed.Dist, *, start_step: int = 0, history: list | None = None,
-        on_log=None, on_checkpoint=None) -> FitResult:
+        on_log=None, on_checkpoint=None, on_eval=None, scaler_state: dict | None = None) -> FitResult:
     """Train from `start_step` to `cfg.max_steps`.
 
     `on_log(rows)` receives new history rows after every host sync (rank 0 logs them);
-    `on_checkpoint(step, history)` is called every `checkpoint_every` steps and on SIGTERM/SIGINT
-    (then `fit` raises). Both run on every rank; the callee decides what rank 0 alone does."""
+    `on_checkpoint(step, history, scaler_state)` is called every `checkpoint_every` steps and on
+    SIGTERM/SIGINT (then `fit` raises); `scaler_state` is the fp16 GradScaler's (None otherwise),
+    given back as `scaler_state` on resume. `on_eval(step)` runs every `eval_every` steps and at the
+    last, after the step's update: the dict it returns (held-out figures; None for nothing) joins that
+    step's history row. All run on every rank; the callee decides what rank 0 alone does. Evaluation
+    runs outside the timed interval (it does not lower pairs_per_sec) and cannot move the training
+    numbers: dropout is reseeded before every step."""
     amp_dtype = resolve_precision(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    if scaler is not None and scaler_state:  # the loss scale it had learnt, not the initial 2**16
+        scaler.load_state_dict(scaler_state)
     n = len(data["nsp_labels"])
     weights_all, lens_all = data["mlm_weights"].sum(1).cpu().numpy(), data["valid_lens"].cpu().numpy()
     history = list(history or [])
@@ -240,8 +216,10 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, da
             tokens += int(lens_all[global_idx].sum())
             last = step + 1 == cfg.max_steps
             ckpt_due = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
+            # from the config alone, not from whether a rank was given a hook: every rank syncs at the same steps
+            eval_due = cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last)
             stopping = distributed.any_rank(stop.signum is not None, d, device)
-            if (step + 1) % cfg.log_every == 0 or last or ckpt_due or stopping:
+            if (step + 1) % cfg.log_every == 0 or last or ckpt_due or eval_due or stopping:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 elapsed = time.perf_counter() - interval.t0
@@ -252,14 +230,16 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, da
                         for s, (m, ns) in zip(interval.steps, losses)]
                 for r in rows:
                     check_finite(r["step"], r["mlm_loss"], r["nsp_loss"], last_ckpt)
+                if eval_due and on_eval:  # rows[-1] is this step: an eval step always syncs
+                    rows[-1].update(on_eval(step + 1) or {})
                 history += rows
                 if on_log:
                     on_log(rows)
                 interval = Interval()
                 if (ckpt_due or stopping) and not last and on_checkpoint:
-                    last_ckpt = on_checkpoint(step + 1, history)
+                    last_ckpt = on_checkpoint(step + 1, history, scaler.state_dict() if scaler else None)
                 if stopping and not last:  # on the last step: finish normally, outputs get written
-                    raise MinibertError(f"stopped by signal at step {step + 1} of {cfg.max_steps}; checkpoint "
+                    raise Interrupted(f"stopped by signal at step {step + 1} of {cfg.max_steps}; checkpoint "
                                         f"saved ({last_ckpt}); rerun the stage to resume")
                 interval.t0 = time.perf_counter()
     return FitResult(history=history, train_s=train_s, pairs=pairs, tokens=tokens)

@@ -9,6 +9,7 @@ special, so the set of entries is the book's (20256 on WikiText-2 with min_freq 
 A split on disk is three flat arrays instead of nested lists (loads in milliseconds, hashes the same
 everywhere): `ids` (all tokens, int32), `sentence_offsets` (n_sentences + 1) and
 `paragraph_offsets` (n_paragraphs + 1, in sentences).
+The tokenize stage streams these same arrays shard by shard: `minibert.encode`.
 """
 from __future__ import annotations
 
@@ -71,7 +72,11 @@ class Vocab:
 
 def build_vocab(paragraphs: Paragraphs, min_freq: int) -> Vocab:
     """The book's rule: tokens of the train sentences with count >= min_freq, plus the specials."""
-    counts = Counter(t for para in paragraphs for sent in para for t in sent)
+    return vocab_from_counts(Counter(t for para in paragraphs for sent in para for t in sent), min_freq)
+
+
+def vocab_from_counts(counts: Counter, min_freq: int) -> Vocab:
+    """`build_vocab` from token counts already made (merged across shards)."""
     kept = sorted((t for t, c in counts.items() if c >= min_freq and t not in SPECIALS),
                   key=lambda t: (-counts[t], t))
     return Vocab(SPECIALS + tuple(kept))
@@ -92,11 +97,17 @@ def encode_paragraphs(paragraphs: Paragraphs, vocab: Vocab) -> dict[str, np.ndar
 
 def split_stats(arrays: dict[str, np.ndarray]) -> dict[str, float]:
     """Paragraphs, sentences, tokens, `<unk>` rate and mean sentence length of one encoded split."""
-    ids, n_sent = arrays["ids"], len(arrays["sentence_offsets"]) - 1
+    ids = arrays["ids"]
+    return count_stats(len(arrays["paragraph_offsets"]) - 1, len(arrays["sentence_offsets"]) - 1,
+                       len(ids), int(np.count_nonzero(ids == UNK)))
+
+
+def count_stats(paragraphs: int, sentences: int, tokens: int, unk: int) -> dict[str, float]:
+    """`split_stats` from counts summed over shards (np.mean of a bool array is the same count / n)."""
     return {
-        "paragraphs": len(arrays["paragraph_offsets"]) - 1,
-        "sentences": n_sent,
-        "tokens": len(ids),
-        "unk_rate": round(float(np.mean(ids == UNK)) if len(ids) else 0.0, 6),
-        "mean_sentence_len": round(len(ids) / n_sent, 4) if n_sent else 0.0,
+        "paragraphs": paragraphs,
+        "sentences": sentences,
+        "tokens": tokens,
+        "unk_rate": round(unk / tokens if tokens else 0.0, 6),
+        "mean_sentence_len": round(tokens / sentences, 4) if sentences else 0.0,
     }

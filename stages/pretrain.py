@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from minibert import distributed
+from minibert import distributed, layout
 from minibert.config import flatten, load_config
 from minibert.errors import stage_errors
 from minibert.pretrain import Paths, run_pretrain
@@ -18,22 +18,25 @@ app = typer.Typer(add_completion=False)
 
 
 @app.command()
-def main(params: Path = typer.Option("params.yaml", help="params file"),
-         pairs: Path = typer.Option("data/pairs/train.safetensors", help="train pairs"),
-         vocab: Path = typer.Option("data/tokens/vocab.txt", help="vocabulary"),
-         models: Path = typer.Option("models", help="output folder for bert.safetensors/bert.json"),
-         metrics: Path = typer.Option("metrics", help="metrics folder"),
-         plots: Path = typer.Option("plots", help="plots folder"),
-         checkpoints: Path = typer.Option("checkpoints", help="resumable state (kept until a run completes)")) -> None:
+def main(params: Path = typer.Option(layout.PARAMS, help="params file"),
+         pairs: Path = typer.Option(layout.TRAIN_PAIRS, help="train pairs"),
+         valid_pairs: Path = typer.Option(layout.VALID_PAIRS, help="held-out pairs (train.eval_every)"),
+         vocab: Path = typer.Option(layout.VOCAB, help="vocabulary"),
+         models: Path = typer.Option(layout.MODELS, help="output folder for bert.safetensors/bert.json"),
+         metrics: Path = typer.Option(layout.METRICS, help="metrics folder"),
+         plots: Path = typer.Option(layout.PLOTS, help="plots folder"),
+         checkpoints: Path = typer.Option(layout.CHECKPOINTS,
+                                          help="resumable state (kept until a run completes)")) -> None:
     with stage_errors("pretrain"):
         cfg = load_config(params)
         cmd = distributed.launch_command(cfg.train, sys.argv[1:])
         if cmd:
             print("pretrain: launching " + " ".join(cmd[1:]), flush=True)
             raise SystemExit(distributed.relaunch(cmd))
-        paths = Paths(Path("."), pairs, vocab, models, metrics / "train.json", plots / "train_loss.csv",
-                      plots / "train_loss.png", checkpoints, params)
-        m = run_pretrain(cfg.model, cfg.train, cfg.tracking, flatten(cfg), paths)
+        paths = Paths(Path("."), pairs, vocab, models, metrics / layout.TRAIN_METRICS.name,
+                      plots / layout.TRAIN_CURVE_CSV.name, plots / layout.TRAIN_CURVE_PNG.name, checkpoints, params,
+                      valid_pairs=valid_pairs, valid_curve=plots / layout.VALID_CURVE_CSV.name)
+        m = run_pretrain(cfg.model, cfg.train, cfg.tracking, flatten(cfg), paths, eval_cfg=cfg.eval)
         if m:
             print(f"pretrain: {m['steps']} steps on {m['device']} ({m['precision']}): MLM loss {m['mlm_loss_avg']:.3f}, "
                   f"NSP loss {m['nsp_loss_avg']:.3f} (mean over steps), {m['pairs_per_sec']:.1f} sentence pairs/sec; "

@@ -10,33 +10,34 @@ from pathlib import Path
 
 import typer
 
+from minibert import layout
 from minibert.artifacts import atomic_path, write_json
 from minibert.config import load_config
 from minibert.errors import stage_errors
-from minibert.model import load_pretrained
+from minibert.model import check_vocab, load_pretrained
 from minibert.plots import similarity_heatmap
-from minibert.probes import check_model_vocab, flat_metrics, run_probes
+from minibert.probes import flat_metrics, run_probes
 from minibert.tracking import pretrain_run
-from minibert.train import resolve_device
+from minibert.batches import resolve_device
 from minibert.vocab import Vocab
 
 app = typer.Typer(add_completion=False)
 
 
 @app.command()
-def main(params: Path = typer.Option("params.yaml", help="params file"),
-         models: Path = typer.Option("models", help="folder with bert.safetensors and bert.json"),
-         vocab: Path = typer.Option("data/tokens/vocab.txt", help="vocabulary"),
-         train_metrics: Path = typer.Option("metrics/train.json", help="pretrain metrics (MLflow run id)"),
-         table: Path = typer.Option("probes/probe_table.parquet", help="probe table (a .csv is written beside it)"),
-         heatmap: Path = typer.Option("plots/probe_similarity.png", help="similarity heatmap"),
-         out: Path = typer.Option("metrics/probe.json", help="output metrics file")) -> None:
+def main(params: Path = typer.Option(layout.PARAMS, help="params file"),
+         models: Path = typer.Option(layout.MODELS, help="folder with bert.safetensors and bert.json"),
+         vocab: Path = typer.Option(layout.VOCAB, help="vocabulary"),
+         train_metrics: Path = typer.Option(layout.TRAIN_METRICS, help="pretrain metrics (MLflow run id)"),
+         table: Path = typer.Option(layout.PROBE_TABLE, help="probe table (a .csv is written beside it)"),
+         heatmap: Path = typer.Option(layout.PROBE_HEATMAP, help="similarity heatmap"),
+         out: Path = typer.Option(layout.PROBE_METRICS, help="output metrics file")) -> None:
     with stage_errors("probe"):
         cfg = load_config(params)
         device = resolve_device("auto")
         model, meta = load_pretrained(models, device)
         voc = Vocab.load(vocab)
-        check_model_vocab(meta, voc, vocab)
+        check_vocab(meta, voc.sha256, vocab)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             df, metrics, sim, labels = run_probes(model, voc, cfg.probe, device)
@@ -47,7 +48,10 @@ def main(params: Path = typer.Option("params.yaml", help="params file"),
             df.to_parquet(tmp, index=False)
         with atomic_path(csv) as tmp:
             df.to_csv(tmp, index=False)
-        similarity_heatmap(sim, labels, heatmap, "minibert probes: cosine similarity of token encodings")
+        arch = meta["model"]  # the title names the run and its model, so heatmaps of two runs can be told apart
+        similarity_heatmap(sim, labels, heatmap, f"run {(meta.get('mlflow_run_id') or '-')[:8]}, "
+                           f"{arch['num_layers']} layers x {arch['hidden']}, step {meta.get('step', '?')}: "
+                           "cosine similarity of token encodings")
         write_json(out, metrics)
         with pretrain_run(cfg.tracking, train_metrics) as tracker:
             tracker.log_metrics(flat_metrics(metrics))

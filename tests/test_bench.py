@@ -18,7 +18,8 @@ from minibert.artifacts import save_arrays
 from minibert.config import ModelConfig, PairsConfig, TrainConfig
 from minibert.model import build_model
 from minibert.pairs import make_pairs
-from minibert.train import make_optimizer, take, to_tensors, train_step
+from minibert.batches import take, to_tensors
+from minibert.train import make_optimizer, train_step
 from minibert.vocab import build_vocab, encode_paragraphs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ def test_forward_flops_match_torch_flop_counter_over_a_train_step(monkeypatch):
     cfg, V = ModelConfig(num_layers=2, hidden=14, heads=2, ffn_hidden=13, max_len=13), 37
     batch = take(to_tensors(tiny_pairs(V=V), CPU), np.arange(13))
     model = build_model(cfg, V, seed=0).train()
-    opt = make_optimizer(model.parameters(), TrainConfig(), CPU)
+    opt = make_optimizer(model.parameters(), TrainConfig())
     with FlopCounterMode(display=False) as counter:
         train_step(model, opt, None, batch, 1.0, 1.0, None, CPU)
     counted, analytic = counter.get_total_flops(), 3 * forward_flops(batch, cfg, V)
@@ -118,3 +119,22 @@ def test_quality_bench_evaluates_each_step_count_on_one_run():
         assert_positive(c, ("mlm_loss_mean", "nsp_accuracy_mean"))
         assert 0.0 <= c["mlm_accuracy_mean"] <= 1.0  # may well be 0 after one step
         assert c["mlm_loss_std"] == 0.0  # one seed
+
+
+def test_scaling_corpus_is_k_shuffled_copies_not_verbatim_repeats(tmp_path):
+    from collections import Counter
+
+    from bench.scaling import build_corpus
+
+    src = tmp_path / "src"
+    src.mkdir()
+    lines = [f" line {i} . of text . \n" for i in range(37)] + [" \n"] * 5
+    (src / "wiki.train.tokens").write_text("".join(lines))
+    for split in ("valid", "test"):
+        (src / f"wiki.{split}.tokens").write_text(f" {split} . x . \n")
+    build_corpus(src, tmp_path / "raw", 3)
+    out = (tmp_path / "raw/wiki.train.tokens").read_text().splitlines(keepends=True)
+    assert Counter(out) == Counter(lines * 3)  # every line exactly k times
+    copies = [out[i * len(lines):(i + 1) * len(lines)] for i in range(3)]
+    assert all(Counter(c) == Counter(lines) for c in copies) and len({tuple(c) for c in copies} | {tuple(lines)}) == 4
+    assert (tmp_path / "raw/wiki.valid.tokens").read_text() == " valid . x . \n"

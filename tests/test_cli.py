@@ -100,7 +100,8 @@ def test_encode_pair_segments_and_unknown_word(checkpoint, tmp_path):
 def test_encode_errors_are_one_line(checkpoint, tmp_path):
     for args, needle in [(("encode", "w1", "--checkpoint", "nowhere"), "nowhere/bert.json: missing"),
                          (("encode", "  "), "empty sentence"),
-                         (("encode", "w1", "--run", "abc", "--checkpoint", "models"), "not both"),
+                         (("encode", "w1", "--run", "abc", "--checkpoint", "models"), "give one of"),
+                         (("encode", "w1", "--run", "abc", "--model", "models:/m@champion"), "give one of"),
                          (("encode", " ".join(["w1"] * 40)), "exceed model.max_len")]:
         result = invoke(*args)
         assert result.exit_code == 1, args
@@ -244,3 +245,53 @@ def test_pipeline_workflow_runs_tests_repro_and_diffs():
     assert any(u.startswith("actions/setup-python") for u in uses)
     assert any(u.startswith("actions/upload-artifact") for u in uses)
     assert runs.index("make test") < runs.index("dvc repro") < runs.index("dvc metrics diff")
+
+
+def named_runs(root: Path, experiment: str) -> None:
+    """Two runs as the pretrain stage names them: the committed params.yaml, then one edited."""
+    import shutil
+
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+    for cmd in (["init", "-q"], ["add", "params.yaml"], ["commit", "-qm", "params"]):
+        subprocess.run(["git", "-C", str(root), *cmd], check=True, env=env, capture_output=True)
+    from minibert.config import flatten, load_config
+
+    for lr in (None, 0.002):
+        if lr is not None:
+            raw = yaml.safe_load((root / "params.yaml").read_text())
+            raw["train"]["lr"] = lr
+            (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        cfg = flatten(load_config(root / "params.yaml"))
+        start_run(TrackingConfig(experiment=experiment), root, params=cfg, params_file=root / "params.yaml").close()
+        time.sleep(0.01)
+
+
+def test_runs_shows_the_names_runs_got(store, mlflow_uri, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for var in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+        monkeypatch.delenv(var, raising=False)
+    named_runs(tmp_path, "cli-names")
+    out = invoke("runs", "--experiment", "cli-names").stdout
+    names = [[c.strip() for c in line.split("│")][2] for line in out.splitlines() if line.count("│") > 4]
+    assert names == ["lr=0.002", "baseline"]  # newest first
+
+
+def test_ui_url_names_the_runs_table(store, mlflow_uri, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    exp_id = client.create_experiment("cli-ui")  # made before the view existed: no tags
+    client.create_run(exp_id)
+    result = invoke("ui-url", "--experiment", "cli-ui", "--base", "http://127.0.0.1:5099/")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == (f"http://127.0.0.1:5099/#/experiments/{exp_id}/runs"
+                                     "?workflowType=machine_learning&viewStateShareKey=minibert-compare")
+    tags = client.get_experiment(exp_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development" and "mlflow.sharedViewState.minibert-compare" in tags
+    chart = invoke("ui-url", "--experiment", "cli-ui", "--chart").stdout.strip()
+    assert chart.startswith("http://127.0.0.1:5000/#/") and chart.endswith("&compareRunsMode=CHART")
+    result = invoke("ui-url", "--experiment", "never-made-ui")
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1 and "never-made-ui" in result.stderr

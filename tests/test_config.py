@@ -17,6 +17,8 @@ def test_project_params_load_and_match_the_book():
     assert (cfg.model.dropout, cfg.pairs.max_len, cfg.train.batch_size, cfg.train.lr) == (0.2, 64, 512, 1e-3)
     assert cfg.vocab.min_freq == 5 and cfg.pairs.max_preds == 10
     assert [p.name for p in cfg.probe.sentences] == ["crane_flying", "crane_driver"]
+    assert cfg.tracking.registered_model == "minibert-encoder"
+    assert config_from_dict({"tracking": {"registered_model": ""}}).tracking.registered_model == ""  # off
 
 
 def test_missing_sections_take_defaults():
@@ -36,9 +38,13 @@ def test_missing_sections_take_defaults():
     ({"train": {"devices": 0}}, "train.devices", "auto or an integer"),
     ({"train": {"threads": "many"}}, "train.threads", "auto"),
     ({"train": {"threads": -1}}, "train.threads", "auto or an integer >= 0"),
+    ({"train": {"eval_every": -1}}, "train.eval_every", "0: no held-out curve"),
+    ({"eval": {"subset_pairs": 0}}, "eval.subset_pairs", ">= 1"),
     ({"probe": {"sentences": [{"name": "x", "a": "a crane", "word": "bird"}]}}, "probe.sentences[0].word", "bird"),
     ({"probe": {"sentences": [{"name": "x"}]}}, "probe.sentences[0]", "missing"),
     ({"data": {"parquet_urls": {"train": "u"}}}, "data.parquet_urls", "train, valid, test"),
+    ({"tracking": {"registered_model": "it's"}}, "tracking.registered_model", "empty (no registration)"),
+    ({"tracking": {"registered_model": 3}}, "tracking.registered_model", "a string"),
 ])
 def test_bad_values_name_the_key(raw, key, fragment):
     with pytest.raises(ConfigError) as err:
@@ -92,3 +98,22 @@ def test_project_presets_are_valid():
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     for name in ["book", *raw["presets"]]:
         config_from_dict({**raw, "preset": name}, "params.yaml")
+
+
+@pytest.mark.parametrize("data,key,fragment", [
+    ({"corpus": "wikitext-5"}, "data.corpus", "one of 'wikitext-2', 'wikitext-103', 'text'"),
+    ({"corpus": "text"}, "data.text_glob", "a folder or glob of .txt files"),
+    ({"workers": -1}, "data.workers", "an integer >= 0"),
+    ({"wikitext_103_parquet_urls": {"train": "u"}}, "data.wikitext_103_parquet_urls.train", "a list"),
+])
+def test_corpus_keys_are_checked(data, key, fragment):
+    with pytest.raises(ConfigError, match=f"{key} = .*expected {fragment}"):
+        config_from_dict({"data": data})
+
+
+def test_project_params_choose_wikitext_2_and_one_pairs_shard_for_it():
+    cfg = load_config(Path(__file__).resolve().parents[1] / "params.yaml")
+    assert cfg.data.corpus == "wikitext-2" and cfg.pairs.shard_tokens > 1_926_788  # WikiText-2's train tokens
+    assert len(cfg.data.wikitext_103_parquet_urls["train"]) == 2
+    with pytest.raises(ConfigError, match="pairs.shard_tokens = 999"):
+        config_from_dict({"pairs": {"shard_tokens": 999}})

@@ -201,3 +201,118 @@ def test_corrupt_member_data_is_a_data_error(wikitext_zip, tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(DataError, match="zip archive"):
         safe_extract(tmp_path / "bad.zip", tmp_path / "out")
+
+
+# ---------------------------------------------------------------------------- WikiText-103
+
+
+def test_wikitext_103_pins_are_the_published_sha1s():
+    from minibert.corpus import PINS
+    # GluonNLP's dataset records, as quoted in issue 15 (an independent source: not this code)
+    assert PINS["wikitext-103"].checksums == {
+        "train": ("sha1", "b7497e2dfe77e72cfef5e3dbc61b7b53712ac211"),
+        "valid": ("sha1", "c326ac59dc587676d58c422eb8a03e119582f92b"),
+        "test": ("sha1", "8a5befc548865cec54ed4273cf87dbbad60d1e47")}
+    assert PINS["wikitext-103"].tokens is None
+
+
+def fake_103() -> dict[str, bytes]:
+    """Small files in WikiText's shape (the real 103 is 540 MB and cannot be fetched here)."""
+    body = " = Valkyria = \n \n the game began development in 2010 . it was <unk> . \n"
+    return {s: (body * (i + 2)).encode() for i, s in enumerate(SPLITS)}
+
+
+def sha1s(files: dict[str, bytes]) -> dict[str, tuple[str, str]]:
+    return {s: ("sha1", hashlib.sha1(b).hexdigest()) for s, b in files.items()}
+
+
+CFG_103 = DataConfig(corpus="wikitext-103", timeout_s=5, retries=0)
+
+
+def test_wikitext_103_zip_is_checked_against_the_given_table(tmp_path):
+    files = fake_103()
+    archive = _zip(tmp_path / "wikitext-103-v1.zip", {f"wikitext-103/wiki.{s}.tokens": b for s, b in files.items()})
+    note = fetch_wikitext(CFG_103, tmp_path / "raw", local=archive, checksums=sha1s(files))
+    assert note == f"local zip {archive}"
+    assert {s: split_file(tmp_path / "raw", s).read_bytes() for s in SPLITS} == files
+
+
+def test_wikitext_103_without_a_table_meets_the_real_pins(tmp_path):
+    files = fake_103()
+    archive = _zip(tmp_path / "w.zip", {f"wikitext-103/wiki.{s}.tokens": b for s, b in files.items()})
+    with pytest.raises(DataError) as e:
+        fetch_wikitext(CFG_103, tmp_path / "raw", local=archive)
+    assert (f"wiki.train.tokens has sha1 {hashlib.sha1(files['train']).hexdigest()}, expected "
+            "b7497e2dfe77e72cfef5e3dbc61b7b53712ac211; the file is corrupt or not wikitext-103 v1") in str(e.value)
+    assert not (tmp_path / "raw").exists()
+    wrong = {**sha1s(files), "test": ("sha1", "0" * 40)}  # the override is a table like the pins, not a bypass
+    with pytest.raises(DataError, match="wiki.test.tokens has sha1"):
+        fetch_wikitext(CFG_103, tmp_path / "raw", local=archive, checksums=wrong)
+
+
+@pytest.mark.parametrize("members,symlink,why", [
+    ({"../wiki.train.tokens": b"x"}, None, "a '..' path"),
+    ({}, "wikitext-103/wiki.train.tokens", "a symlink"),
+    ({"wikitext-103/wiki.train.tokens": b"\0" * (2 << 20)}, None, "a compression ratio over 100"),
+])
+def test_wikitext_103_archives_get_the_same_safety_checks(tmp_path, members, symlink, why):
+    archive = _zip(tmp_path / "w.zip", members, symlink)
+    with pytest.raises(DataError, match=f"is {why}.*use an intact wikitext-103-v1.zip"):
+        fetch_wikitext(CFG_103, tmp_path / "raw", local=archive, checksums=sha1s(fake_103()))
+    assert not (tmp_path / "raw").exists()
+
+
+def test_wikitext_103_through_its_mirrors_zip_then_two_file_parquet(http_server, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = fake_103()
+    (http_server.root / "wikitext-103-v1.zip").write_bytes(b"broken")  # the first mirror fails
+    urls = {}
+    for s, data in files.items():
+        rows = [l.removeprefix(" ").removesuffix(" \n") for l in data.decode().splitlines(keepends=True)]
+        parts = [rows[: len(rows) // 2], rows[len(rows) // 2:]] if s == "train" else [rows]
+        urls[s] = []
+        for i, part in enumerate(parts):
+            name = f"{s}-{i:05d}-of-{len(parts):05d}.parquet"
+            pq.write_table(pa.table({"text": part}), http_server.root / name)
+            urls[s].append(http_server.url(name))
+    cfg = DataConfig(corpus="wikitext-103", wikitext_103_zip_url=http_server.url("wikitext-103-v1.zip"),
+                     wikitext_103_parquet_urls={s: tuple(u) for s, u in urls.items()}, timeout_s=5, retries=0)
+    note = fetch_wikitext(cfg, tmp_path / "raw", checksums=sha1s(files))
+    assert note.startswith("parquet http://127.0.0.1") and len(urls["train"]) == 2
+    assert {s: split_file(tmp_path / "raw", s).read_bytes() for s in SPLITS} == files
+
+
+# ---------------------------------------------------------------------------- a valid zip, wrong text
+
+
+@pytest.fixture
+def wrong_text_zip(wikitext_folder, tmp_path):
+    """The official layout, every member intact for zip (CRCs match), but one byte of the valid
+    text changed: only the content hashes can tell."""
+    data = bytearray(split_file(wikitext_folder, "valid").read_bytes())
+    data[4099] ^= 0x01
+    members = {f"wikitext-2/wiki.{s}.tokens": split_file(wikitext_folder, s).read_bytes() for s in ("train", "test")}
+    members["wikitext-2/wiki.valid.tokens"] = bytes(data)
+    return _zip(tmp_path / "wikitext-2-v1.zip", members), hashlib.sha256(data).hexdigest()
+
+
+def test_local_zip_with_wrong_text_is_refused(wrong_text_zip, tmp_path):
+    archive, got = wrong_text_zip
+    dest = tmp_path / "raw" / "wikitext-2"
+    dest.parent.mkdir()
+    with pytest.raises(DataError, match=f"wiki.valid.tokens has sha256 {got}, expected {SHA256['valid']}"):
+        fetch_wikitext(DataConfig(), dest, local=archive)
+    assert list(dest.parent.iterdir()) == []  # no output, no temp folder
+
+
+def test_zip_url_with_wrong_text_is_refused(wrong_text_zip, http_server, tmp_path):
+    archive, got = wrong_text_zip
+    shutil.copyfile(archive, http_server.root / "wikitext-2-v1.zip")
+    cfg = DataConfig(zip_url=http_server.url("wikitext-2-v1.zip"), parquet_urls={}, timeout_s=5, retries=0)
+    dest = tmp_path / "raw" / "wikitext-2"
+    dest.parent.mkdir()
+    with pytest.raises(DataError, match=f"zip_url: .*wiki.valid.tokens has sha256 {got}"):
+        fetch_wikitext(cfg, dest)
+    assert http_server.hits["/wikitext-2-v1.zip"] == 1 and list(dest.parent.iterdir()) == []

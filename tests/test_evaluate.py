@@ -16,7 +16,7 @@ import yaml
 from minibert.artifacts import save_arrays
 from minibert.config import ModelConfig, PairsConfig, TrackingConfig
 from minibert.errors import DataError
-from minibert.evaluate import check_vocab, evaluate, load_pairs
+from minibert.evaluate import baselines, evaluate, heldout_hook, heldout_subset, load_pairs
 from minibert.tracking import pretrain_run_id
 from minibert.model import build_model, load_pretrained, save_pretrained
 from minibert.pairs import make_pairs
@@ -108,13 +108,37 @@ def test_dropout_off_and_mode_restored(model, pairs):
         model.eval()
 
 
-def test_vocab_mismatch_errors():
-    check_vocab({"vocab_sha256": SHA}, {"vocab_sha256": SHA}, "valid.safetensors")
-    with pytest.raises(DataError, match="differs") as e:
-        check_vocab({"vocab_sha256": SHA}, {"vocab_sha256": "cd" * 32}, "valid.safetensors")
-    assert "\n" not in str(e.value)
-    with pytest.raises(DataError, match="no vocab_sha256"):
-        check_vocab({"vocab_sha256": SHA}, {}, "valid.safetensors")
+def test_heldout_subset_is_evenly_spaced_and_fixed(pairs):
+    n = len(pairs["nsp_labels"])
+    sub = heldout_subset(pairs, 13)
+    rows = [i * n // 13 for i in range(13)]  # 0, n/13, 2n/13, ...: spread over the whole split
+    for k in pairs:
+        np.testing.assert_array_equal(sub[k], pairs[k][rows])
+    whole = heldout_subset(pairs, n + 7)  # asking for more than there is: all of them, in order
+    np.testing.assert_array_equal(whole["token_ids"], pairs["token_ids"])
+
+
+def test_heldout_hook_is_evaluate_prefixed(model, pairs):
+    got = heldout_hook(model, pairs, 7, "cpu")(37)
+    want = evaluate(model, pairs, 7, "cpu")
+    assert got == {f"valid_{k}": want[k] for k in ("mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy")}
+
+
+def test_baselines_by_hand():
+    """Train: masked words 5, 5, 5, 6, 7 (plus an unused slot holding label 0), NSP labels 1, 1, 0.
+    Valid: words 5, 6, 8 and NSP labels 1, 0, 0, 0. Vocabulary of 9 entries."""
+    train = {"mlm_labels": np.array([[5, 5, 0], [5, 6, 7]]), "mlm_weights": np.array([[1, 1, 0], [1, 1, 1]], "f4"),
+             "nsp_labels": np.array([1, 1, 0])}
+    valid = {"mlm_labels": np.array([[5, 6], [8, 0]]), "mlm_weights": np.array([[1, 1], [1, 0]], "f4"),
+             "nsp_labels": np.array([1, 0, 0, 0])}
+    got = baselines(train, valid, vocab_size=9)
+    # add-one smoothing: (count + 1) / (5 slots + 9 entries): p(5) = 4/14, p(6) = 2/14, p(8) = 1/14
+    assert got["baseline_unigram_mlm_loss"] == pytest.approx(-(math.log(4 / 14) + math.log(2 / 14) + math.log(1 / 14)) / 3)
+    assert got["baseline_unigram_mlm_accuracy"] == pytest.approx(1 / 3)  # always "5": right on 1 of 3 slots
+    assert got["baseline_majority_nsp_accuracy"] == pytest.approx(1 / 4)  # always 1: right on 1 of 4 pairs
+    assert got["baseline_majority_nsp_loss"] == pytest.approx(-(math.log(2 / 3) + 3 * math.log(1 / 3)) / 4)
+    with pytest.raises(DataError, match="vocabulary size 8"):
+        baselines(train, valid, vocab_size=8)  # label 8 cannot be a word of an 8-entry vocabulary
 
 
 def test_load_pairs_and_run_id(tmp_path, pairs):
@@ -138,8 +162,10 @@ def _stage(root: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def _workspace(root: Path, model, pairs, sha: str = SHA) -> Path:
-    save_pretrained(model, root / "models", {"vocab_sha256": SHA, "step": 0})
+    save_pretrained(model, root / "models", {"vocab_sha256": SHA, "step": 37})
     save_arrays(root / "data/pairs/valid.safetensors", pairs, {"vocab_sha256": sha})
+    train = make_pairs(synthetic_split(np.random.default_rng(99)), PairsConfig(max_len=13), V, np.random.default_rng(3))
+    save_arrays(root / "data/pairs/train.safetensors", train, {"vocab_sha256": SHA})
     (root / "params.yaml").write_text(yaml.safe_dump({"eval": {"batch_size": 7},
                                                       "tracking": {"enabled": True, "experiment": "eval-13"}}))
     return root
@@ -159,12 +185,19 @@ def test_stage_writes_metrics_into_the_pretrain_run(tmp_path, model, pairs, monk
     got = json.loads((root / "metrics/eval.json").read_text())
     reloaded, _ = load_pretrained(root / "models")
     want = evaluate(reloaded, pairs, 1024, "cpu")
+    want.update(baselines(load_pairs(root / "data/pairs/train.safetensors")[0], pairs, V))
     assert got.keys() == want.keys()
     for k in want:
         assert got[k] == pytest.approx(want[k], abs=2e-6), k
-    run = MlflowClient(tracking_uri(root)).get_run(run_id)
+    client = MlflowClient(tracking_uri(root))
+    run = client.get_run(run_id)
     for k in ("mlm_loss", "mlm_perplexity", "mlm_accuracy", "nsp_loss", "nsp_accuracy", "examples"):
         assert run.data.metrics[f"valid_{k}"] == pytest.approx(got[k]), k
+        # at the model's step: the verdict ends the held-out curve pretrain logs on a subset
+        assert [m.step for m in client.get_metric_history(run_id, f"valid_{k}")] == [37], k
+    for k in ("baseline_unigram_mlm_loss", "baseline_unigram_mlm_accuracy", "baseline_majority_nsp_loss",
+              "baseline_majority_nsp_accuracy"):
+        assert run.data.metrics[k] == pytest.approx(got[k]), k
     assert run.info.status == "FINISHED"
 
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from minibert.config import ModelConfig
-from minibert.errors import MinibertError
-from minibert.model import BERT, build_model, load_pretrained, pretrain_loss, save_pretrained
+from minibert.errors import DataError, MinibertError
+from minibert.model import BERT, build_model, check_vocab, load_pretrained, pretrain_loss, save_pretrained
 from minibert.ops import achieved_drop_prob, dropout, keep_mask
 
 V, H, HEADS, FFN, T, B, P = 99, 12, 3, 37, 13, 7, 5
@@ -222,12 +222,21 @@ def test_dropout_keep_rate_and_scale():
 
 
 def test_pre_ln_variant_trains():
-    m = build_model(ModelConfig(**{**CFG.__dict__, "norm": "pre"}), V, seed=11)
-    tokens, segments, valid, positions, weights, labels, nsp = make_batch(9)
-    mlm, nsp_logits = m(tokens, segments, valid, positions, weights)
-    total, _, _ = pretrain_loss(mlm, labels, weights, nsp_logits, nsp)
-    total.backward()
-    assert torch.isfinite(total) and m.final_norm.weight.grad is not None
+    """15 real Adam steps on one fixed batch (dropout 0): the pre-LN model must fit it, the loss falling
+    every step to under half its start, and every parameter (final LayerNorm included) must move."""
+    m = build_model(ModelConfig(**{**CFG.__dict__, "norm": "pre", "dropout": 0.0}), V, seed=11).train()
+    start = {k: p.detach().clone() for k, p in m.named_parameters()}
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    batch = make_batch(9)
+    losses = []
+    for _ in range(15):
+        mlm, nsp = m(*batch)  # the training path: (B, P) labels in, fp32 losses out
+        opt.zero_grad()
+        (mlm + nsp).backward()
+        opt.step()
+        losses.append(float((mlm + nsp).detach()))
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.5 * losses[0], losses
+    assert all(not torch.equal(p, start[k]) for k, p in m.named_parameters()), "a parameter never moved"
 
 
 def test_bf16_autocast_step_gives_fp32_losses():
@@ -285,3 +294,65 @@ def test_mlm_head_shapes_repeat_across_batches():
     for slots in ([2, 1, 2, 3, 2, 1, 2], [3] * 7):
         model(*tiny_batch([13, 5, 9, 7, 12, 6, 11], slots))
     assert rows == [mm.SLOT_BUCKET, mm.SLOT_BUCKET]
+
+
+def test_one_vocabulary_check_for_pairs_and_vocab_files():
+    sha = "ab" * 32
+    check_vocab({"vocab_sha256": sha}, sha, "vocab.txt")
+    with pytest.raises(DataError, match="differs from the model's") as e:
+        check_vocab({"vocab_sha256": sha}, "cd" * 32, "valid.safetensors")
+    assert "valid.safetensors" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(DataError, match="valid.safetensors has no vocab_sha256"):
+        check_vocab({"vocab_sha256": sha}, None, "valid.safetensors")
+    with pytest.raises(DataError, match="bert.json.* has no vocab_sha256"):  # strict both ways
+        check_vocab({}, sha, "vocab.txt")
+
+
+def test_training_attention_gives_pad_keys_exactly_zero_weight():
+    """The dropout path (train mode, p > 0, the hand-written baddbmm one) read back directly: with V
+    one-hot per key (dh = T), weights @ V is the dropped-out weight matrix itself. Pad keys must get
+    exactly 0; a real key 0 (dropped) or the plain softmax over the real keys alone, times 1/(1 - p)."""
+    from minibert.model import attention
+
+    g = torch.Generator().manual_seed(0)
+    b, h, t, p = 2, 3, 7, 0.3
+    valid = [7, 4]
+    q, k = torch.randn(b, h, t, t, generator=g), torch.randn(b, h, t, t, generator=g)  # (b, h, T, dh=T)
+    v = torch.eye(t).expand(b, h, t, t)                                                # key j -> e_j
+    key_keep = (torch.arange(t) < torch.tensor(valid)[:, None]).view(b, 1, 1, t)
+    torch.manual_seed(1)
+    w = attention(q, k, v, key_keep, p, training=True)  # (b, h, T, T): query x key weights
+    for i, n in enumerate(valid):
+        assert (w[i, :, :, n:] == 0).all(), f"pad keys of row {i} got weight"
+        ref = torch.softmax(q[i] @ k[i, :, :n].transpose(-1, -2) / math.sqrt(t), dim=-1) / (1 - p)  # (h, T, n)
+        got = w[i, :, :, :n]
+        kept = got != 0
+        assert kept.any() and not kept.all()  # dropout did act
+        torch.testing.assert_close(got[kept], ref[kept])
+
+
+def test_pad_tokens_never_reach_real_rows_in_training():
+    """Train mode, dropout > 0, filler rows present (a row bucket of 16 pads 63 real rows to 64 with a
+    pad position): changing every pad token changes the filler's keys and values, so the loss and the
+    real rows stay identical under the same dropout seed only if pad keys are masked out."""
+    import minibert.model as mm
+    from tiny_project import tiny_batch
+
+    torch.manual_seed(3)
+    tokens, segments, valid, positions, weights, labels, nsp = tiny_batch([13, 5, 9, 7, 12, 6, 11], [3] * 7)
+    pad = torch.arange(13) >= valid[:, None]
+    other = torch.where(pad, torch.randint(5, 99, tokens.shape), tokens)
+    model = build_model(ModelConfig(num_layers=2, hidden=12, heads=3, ffn_hidden=37, dropout=0.3, max_len=13),
+                        99, seed=1).train()
+    out = []
+    old, mm.ROW_BUCKET = mm.ROW_BUCKET, 16
+    try:
+        assert mm.token_layout(valid, 13).numel() == 64
+        for toks in (tokens, other):
+            torch.manual_seed(11)
+            out.append(torch.stack(model(toks, segments, valid, positions, weights, labels, nsp)).detach())
+            torch.manual_seed(12)
+            out.append(model.encode(toks, segments, valid).detach())
+    finally:
+        mm.ROW_BUCKET = old
+    assert torch.equal(out[0], out[2]) and torch.equal(out[1], out[3])

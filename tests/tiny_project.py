@@ -76,3 +76,42 @@ def tiny_batch(valid_lens: list[int], n_real_slots: list[int], T: int = 13, P: i
     positions = torch.stack([torch.randperm(int(v) - 1)[:P] + 1 for v in valid])
     weights = (torch.arange(P) < torch.tensor(n_real_slots)[:, None]).float()
     return tokens, segments, valid, positions, weights, torch.randint(5, V, (B, P)), torch.randint(0, 2, (B,))
+
+
+def tiny_fit(train: dict, out: Path | None = None):
+    """`minibert.train.fit` in this process on tiny synthetic pairs (dropout 0, plain SGD so that float
+    noise is not rescaled the way Adam rescales it); joins the process group when the launcher's
+    environment variables are set. Rank 0 saves the weights to `out`; returns (model, history)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from minibert import distributed
+    from minibert.config import ModelConfig, TrainConfig
+    from minibert.model import build_model
+    from minibert.batches import to_tensors
+    from minibert.train import fit
+
+    cfg = TrainConfig(**{"device": "cpu", "checkpoint_every": 0, "threads": 1, **train})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pairs = make_pairs(synthetic_split(np.random.default_rng(13), n_para=13), PairsConfig(max_len=29), 99,
+                       np.random.default_rng(13))
+    d = distributed.init(torch.device("cpu"))
+    try:
+        model = build_model(ModelConfig(**{**TINY_MODEL, "dropout": 0.0}), 99, seed=cfg.seed)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+        net = torch.nn.parallel.DistributedDataParallel(model) if d.enabled else model
+        hist = fit(net, opt, cfg, to_tensors(pairs, torch.device("cpu")), torch.device("cpu"), d).history
+        if out is not None and d.is_main:
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
+        return model, hist
+    finally:
+        distributed.shutdown()
+        torch.set_num_threads(threads)
+
+
+def ddp_rank(rank: int, world: int, port: int, train: dict, out: Path) -> None:
+    """One gloo rank of `tiny_fit`, started by torch.multiprocessing.spawn (the launcher's environment)."""
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    tiny_fit(train, out)

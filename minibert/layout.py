@@ -1,0 +1,26 @@
+"""Where the stages read and write, relative to the project root: the one home of these paths.
+
+The stage scripts' option defaults, `pretrain.Paths`, the `minibert` command and bench/ take them from
+here; dvc.yaml has to spell them out itself, and tests/test_layout.py checks that it agrees.
+"""
+from pathlib import Path
+
+PARAMS = Path("params.yaml")
+RAW = Path("data/raw/corpus")               # download -> tokenize: wiki.{train,valid,test}.tokens
+TOKENS = Path("data/tokens")                 # tokenize -> pairs: vocab.txt, {split}.safetensors
+VOCAB = TOKENS / "vocab.txt"                 # -> pretrain, probe, `minibert encode`
+PAIRS = Path("data/pairs")                   # pairs -> pretrain, evaluate: {split}.safetensors
+TRAIN_PAIRS = PAIRS / "train.safetensors"
+VALID_PAIRS = PAIRS / "valid.safetensors"
+MODELS = Path("models")                      # pretrain -> evaluate, probe: bert.safetensors, bert.json
+METRICS = Path("metrics")                    # every stage's metrics/<stage>.json
+TRAIN_METRICS = METRICS / "train.json"       # also names the pretrain MLflow run later stages log into
+EVAL_METRICS = METRICS / "eval.json"
+PROBE_METRICS = METRICS / "probe.json"
+PLOTS = Path("plots")
+TRAIN_CURVE_CSV = PLOTS / "train_loss.csv"
+TRAIN_CURVE_PNG = PLOTS / "train_loss.png"
+VALID_CURVE_CSV = PLOTS / "valid_curve.csv"       # held-out curve during training (a DVC plot)
+PROBE_HEATMAP = PLOTS / "probe_similarity.png"
+PROBE_TABLE = Path("probes/probe_table.parquet")  # and probe_table.csv beside it
+CHECKPOINTS = Path("checkpoints")            # resumable pretrain state: outside DVC's outputs on purpose

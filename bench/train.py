@@ -12,7 +12,9 @@ per micro-batch, and the optimizer's step pre-hook), so no copy of train_step ca
 Model FLOPs are counted analytically (what the book's model must compute, not what a padded
 implementation spends): encoder matmuls on the real tokens, attention on the padded (B, T, T),
 MLM head on the real slots only, NSP head; forward x 3 for a training step. MFU divides the achieved
-rate by a torch.matmul peak (2048^3, best of 5) measured on the spot in the precision's dtype.
+rate by a torch.matmul peak measured once per precision by the parent (best of 3 rounds x 3 repeats
+over 1024^3, 2048^3 and 3072^3 in the precision's dtype, printed with its spread), so every row of one
+run divides by the same figure. The CPU's ISA flags (avx512_bf16, amx_bf16, ...) are printed too.
 
 Data: `--pairs DIR` (default data/pairs, the pipeline's output, with data/tokens/vocab.txt) when it
 holds train.safetensors; otherwise the pairs are built in-process from `--data` (MINIBERT_DATA or
@@ -97,17 +99,35 @@ def forward_flops(batch: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size: 
     return cfg.num_layers * (N * per_token + attention) + mlm + nsp
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """Best-of FLOP/s of one n^3 torch.matmul in `dtype` with this process's threads."""
+PEAK_SIZES = (1024, 2048, 3072)  # square GEMMs: large enough to reach the units' rate, small enough to be quick
+
+
+def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = PEAK_SIZES, rounds: int = 3, repeats: int = 3) -> dict:
+    """The torch.matmul peak of `dtype` with this process's threads, and its spread.
+
+    Each round times every size `repeats` times (interleaved, so a burst of load elsewhere hits one
+    round, not one size); a size's figure in a round is its best repeat. The peak is the best figure
+    of any size and round; the spread is that size's per-round figures (min and median), which say
+    how far one measurement could have been off on this machine at this moment."""
     g = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(n, n, generator=g).to(dtype) for _ in range(2))
-    torch.matmul(a, b)  # warm-up: thread pool, packing buffers
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    mats = {n: tuple(torch.randn(n, n, generator=g).to(dtype) for _ in range(2)) for n in sizes}
+    for a, b in mats.values():
+        torch.matmul(a, b)  # warm-up: thread pool, packing buffers
+    per_round: dict[int, list[float]] = {n: [] for n in sizes}
+    for _ in range(rounds):
+        for n, (a, b) in mats.items():
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                torch.matmul(a, b)
+                best = min(best, time.perf_counter() - t0)
+            per_round[n].append(2 * n**3 / best / 1e9)
+    n_best = max(sizes, key=lambda n: max(per_round[n]))
+    figures = sorted(per_round[n_best])
+    return {"dtype": str(dtype).replace("torch.", ""), "gflops": round(figures[-1], 1), "size": n_best,
+            "median_gflops": round(figures[len(figures) // 2], 1), "min_gflops": round(figures[0], 1),
+            "rounds": rounds, "repeats": repeats, "sizes": list(sizes), "threads": torch.get_num_threads(),
+            "by_size": {n: round(max(v), 1) for n, v in per_round.items()}}
 
 
 # ---------------------------------------------------------------------------- one precision
@@ -137,11 +157,13 @@ def phase_marks(opt: torch.optim.Optimizer):
 
 
 def run_precision(precision: str, pairs_file: Path, vocab_size: int, steps: int, warmup: int,
-                  micro_batches: int) -> dict:
+                  micro_batches: int, peak_gflops: float | None = None) -> dict:
     tuned = tune_cpu_malloc()  # first, before any big allocation (as the pretrain stage does)
     model_cfg, cfg = ModelConfig(), TrainConfig(precision=precision, micro_batches=micro_batches)
     amp_dtype = resolve_precision(precision, DEVICE)
-    peak = matmul_peak(amp_dtype or torch.float32)
+    # One peak per precision for the whole bench run (measured by the parent): every row's MFU divides
+    # by the same figure. A child run on its own measures it here.
+    peak = 1e9 * (peak_gflops or matmul_peak(amp_dtype or torch.float32)["gflops"])
     data = to_tensors(load_arrays(pairs_file), DEVICE)
     n = len(data["nsp_labels"])
     model = build_model(model_cfg, vocab_size, seed=cfg.seed).to(DEVICE).train()
@@ -183,13 +205,18 @@ def run_precision(precision: str, pairs_file: Path, vocab_size: int, steps: int,
 # ---------------------------------------------------------------------------- orchestration
 
 
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+             "amx_bf16", "amx_int8", "amx_fp16")
+
+
 def machine_info() -> dict:
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
                  platform.processor() or "unknown")
     flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "").split()
     return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
-            "bf16_isa": [f for f in ("avx512_bf16", "amx_bf16") if f in flags], "torch": torch.__version__,
+            "bf16_isa": [f for f in ("avx512_bf16", "amx_bf16") if f in flags],
+            "flags": [f for f in ISA_FLAGS if f in flags], "torch": torch.__version__,
             "python": platform.python_version(), "loadavg_1m": round(os.getloadavg()[0], 2),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
@@ -244,6 +271,7 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)  # internal: one precision, JSON on stdout
     ap.add_argument("--pairs-file", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--vocab-size", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--peak-gflops", type=float, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.steps < 1 or a.warmup < 0:
         raise SystemExit("bench.train: --steps must be >= 1 and --warmup >= 0")
@@ -254,13 +282,21 @@ def main() -> None:
     if min(micro) < 1:
         raise SystemExit(f"bench.train: --micro-batches {a.micro_batches!r}: use integers >= 1, e.g. 4 or 4,1")
     if a.child:
-        print(json.dumps(run_precision(a.child, a.pairs_file, a.vocab_size, a.steps, a.warmup, micro[0])))
+        print(json.dumps(run_precision(a.child, a.pairs_file, a.vocab_size, a.steps, a.warmup, micro[0],
+                                            a.peak_gflops)))
         return
     precisions = a.precision.split(",")
     if bad := [p for p in precisions if p not in ("fp32", "bf16")]:
         raise SystemExit(f"bench.train: --precision {','.join(bad)} unknown; use fp32, bf16 or fp32,bf16")
     machine = machine_info()
     print(json.dumps({"bench": "train", "machine": machine}))
+    print(f"CPU flags: {' '.join(machine['flags']) or 'none of ' + ' '.join(ISA_FLAGS)}", file=sys.stderr)
+    peaks = {p: matmul_peak(resolve_precision(p, DEVICE) or torch.float32) for p in precisions}
+    for p, pk in peaks.items():
+        print(json.dumps({"bench": "matmul_peak", "precision": p, **pk}))
+        print(f"matmul peak {pk['dtype']}: {pk['gflops']:.0f} GFLOP/s ({pk['size']}^3, best of {pk['rounds']} rounds"
+              f" x {pk['repeats']} repeats over sizes {pk['sizes']}; that size's rounds: median "
+              f"{pk['median_gflops']:.0f}, min {pk['min_gflops']:.0f})", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="minibert-bench-") as tmp:
         splits, vocab_size, source = load_splits(("train",), a.data, a.pairs)
         pairs_file = Path(tmp) / "train.safetensors"  # children load only the arrays: their RSS is training's
@@ -274,7 +310,8 @@ def main() -> None:
             for k in micro:
                 out, _ = run_child([sys.executable, "-m", "bench.train", "--child", p, "--pairs-file", str(pairs_file),
                                     "--vocab-size", str(vocab_size), "--steps", str(a.steps), "--warmup",
-                                    str(a.warmup), "--micro-batches", str(k)])
+                                    str(a.warmup), "--micro-batches", str(k),
+                                    "--peak-gflops", str(peaks[p]["gflops"])])
                 rows.append({**json.loads(out.strip().splitlines()[-1]), "train_pairs": n_pairs, "vocab": vocab_size})
     if a.reference:
         ref = reference(data_dir(a.data), a.steps)

@@ -176,8 +176,9 @@ class TrainConfig:
     """host:port of the c10d rendezvous used when the stage launches itself."""
     rdzv_id: str = field(default="minibert", metadata=NOT_NUMERIC)
     """Job id shared by every node of one run."""
-    threads: int = field(default=0, metadata=NOT_NUMERIC)
-    """torch intra-op threads (0: torch's default)."""
+    threads: int | Literal["auto"] = field(default=0, metadata=NOT_NUMERIC)
+    """torch intra-op threads: a number, 0 (torch's default: one per core), or `auto` (this process's
+    cores divided by the minibert trainings running on the machine, re-checked while training)."""
     compile: bool = field(default=False, metadata=NOT_NUMERIC)
     """Wrap the model in torch.compile (pays off on long runs only)."""
     eval_every: int = field(default=10, metadata=NOT_NUMERIC)  # evaluation never moves the training numbers
@@ -198,7 +199,7 @@ class TrainConfig:
         _require(self.devices == "auto" or self.devices >= 1, "devices", self.devices, "auto or an integer >= 1")
         _require(self.nodes >= 1, "nodes", self.nodes, "an integer >= 1")
         _require(":" in self.rdzv_endpoint, "rdzv_endpoint", self.rdzv_endpoint, "host:port")
-        _require(self.threads >= 0, "threads", self.threads, "an integer >= 0")
+        _require(self.threads == "auto" or self.threads >= 0, "threads", self.threads, "auto or an integer >= 0")
         _require(self.eval_every >= 0, "eval_every", self.eval_every, "an integer >= 0 (0: no held-out curve)")
 
 

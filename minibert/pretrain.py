@@ -18,6 +18,7 @@ import torch
 from minibert import checkpoint, distributed, layout, plots
 from minibert.artifacts import atomic_path, sha256_file, write_json
 from minibert.batches import resolve_device, to_tensors
+from minibert.cpus import ThreadShare
 from minibert.config import EvalConfig, ModelConfig, TrackingConfig, TrainConfig
 from minibert.describe import DIFF_TAG, describe_run
 from minibert.errors import Interrupted
@@ -62,9 +63,9 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
     (the held-out curve: `valid_*` per step in MLflow and `paths.valid_curve`). `run_name` heads the
     loss plot's title."""
     t_start = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device, distributed.int_env("LOCAL_RANK"))
+    threads = ThreadShare(cfg.threads, count_me=device.type == "cpu")
+    threads.start()  # every CPU training counts, so `auto` ones share the cores with it
     if device.type == "cpu":
         tune_cpu_malloc()  # reuse the big per-step buffers instead of page-faulting them in every step
     d = distributed.init(device)
@@ -102,6 +103,7 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
         bar = Progress("pretrain", cfg.max_steps, "steps", start=resumed.get("step", 0), enabled=d.is_main)
 
         def on_log(rows):
+            threads.refresh()  # `auto`: trainings may have started or ended since
             for r in rows:
                 if r["step"] > logged:  # a resumed run re-trains steps already logged: skip them
                     tracker.log_metrics({k: v for k, v in r.items() if k != "step"}, step=r["step"])
@@ -171,6 +173,7 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
         tracker.close(run_status(e))
         raise
     finally:
+        threads.close()
         distributed.shutdown()
 
 

@@ -3,8 +3,8 @@
 `start_run(cfg, root)` gives a `Tracker`: an `MlflowTracker` on a real run, or a `NullTracker`
 when tracking is off. Tracking must never stop training: an unreachable server fails fast at
 the start (one line naming the URI), but once a run is open, failed metric points are kept in
-memory (bounded) and sent, with their original steps and timestamps, when the server answers
-again or at `close()`.
+memory (bounded) and sent by a background thread, with their original steps and timestamps,
+when the server answers again; `close()` waits for them at most `_CLOSE_WAIT_S`.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import json
 import os
 import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,7 +29,9 @@ from minibert.errors import MinibertError
 log = logging.getLogger(__name__)
 
 _MAX_BUFFERED = 100_000  # metric points kept while the server is down (~10 MB); oldest dropped first
-_PROBE_EVERY_S = 10.0  # while buffering, ask the server at most this often so steps are not stalled
+_SEND_EVERY_S = 1.0  # the sender batches what arrived in this interval into one request
+_RETRY_EVERY_S = 2.0  # while the backend fails, the sender retries this often
+_CLOSE_WAIT_S = 30.0  # close() waits at most this long for the last points to go out
 _PROBE_TIMEOUT_S = 3.0
 # MLflow error codes that retrying cannot fix (bad values, missing runs): drop, warn, go on.
 _PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
@@ -137,45 +140,68 @@ class NullTracker(_ContextMixin):
 
 
 class MlflowTracker(_ContextMixin):
-    """One MLflow run; logging calls never raise once the run is open."""
+    """One MLflow run; logging calls never raise and never touch the network once the run is open.
+
+    log_params/set_tags/log_metrics/log_artifact only append to in-memory queues (metrics bounded:
+    `_MAX_BUFFERED` points, oldest dropped first) and return; one daemon thread, the sender, drains
+    them with `log_batch` at most every `_SEND_EVERY_S`. When the backend fails, the sender keeps
+    everything and retries every `_RETRY_EVERY_S` (a cheap /health probe first on a server), so an
+    outage costs training nothing and loses nothing once the server is back. `close()` hands the
+    final flush and the run's end status to the sender and waits at most `_CLOSE_WAIT_S` for it.
+
+    Why our own thread and not MLflow's `synchronous=False` logging: MLflow's async queue drops a
+    batch whose request fails (no retry across an outage) and its flush waits without a bound.
+    """
 
     def __init__(self, uri: str, run_id: str):
         self.uri, self.run_id = uri, run_id
         self._client = _mlflow().MlflowClient(uri)
-        self._metrics: deque = deque(maxlen=_MAX_BUFFERED)  # mlflow Metric entities not yet sent
+        self._Metric = _mlflow().entities.Metric
+        self._cv = threading.Condition()  # guards every queue and flag below; wakes the sender
+        self._metrics: deque = deque()  # mlflow Metric entities not yet sent (bounded in log_metrics)
         self._params: dict[str, str] = {}
         self._tags: dict[str, str] = {}
         self._artifacts: list[tuple[str, str | None]] = []
+        self._status: str | None = None  # set by close(): the sender ends the run after the last flush
+        self._abandoned = False  # close() stopped waiting: the sender gives up
         self._down_since: float | None = None  # set while the backend is failing
-        self._last_try = 0.0
         self._warned_down = self._warned_full = False
         self._closed = False
+        self._sender = threading.Thread(target=self._send_loop, name="minibert-mlflow-sender", daemon=True)
+        self._sender.start()
 
     # ------------------------------------------------------------------ public API
 
     def log_params(self, params: dict[str, Any]) -> None:
-        self._params.update({k: str(v) for k, v in params.items()})
-        self._flush()
+        with self._cv:
+            self._params.update({k: str(v) for k, v in params.items()})
+            self._cv.notify()
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._tags.update({k: str(v) for k, v in tags.items()})
-        self._flush()
+        with self._cv:
+            self._tags.update({k: str(v) for k, v in tags.items()})
+            self._cv.notify()
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        Metric = _mlflow().entities.Metric
-        now = int(time.time() * 1000)  # stamped now so a late flush keeps the real time
-        if len(self._metrics) + len(metrics) > _MAX_BUFFERED and not self._warned_full:
-            log.warning("MLflow buffer full (%d points): dropping the oldest unsent metrics", _MAX_BUFFERED)
-            self._warned_full = True
-        self._metrics.extend(Metric(k, float(v), now, step or 0) for k, v in metrics.items())
-        self._flush()
+        now = int(time.time() * 1000)  # stamped now so a late send keeps the real time
+        points = [self._Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        with self._cv:
+            self._metrics.extend(points)
+            if len(self._metrics) > _MAX_BUFFERED:
+                if not self._warned_full:
+                    log.warning("MLflow buffer full (%d points): dropping the oldest unsent metrics", _MAX_BUFFERED)
+                    self._warned_full = True
+                while len(self._metrics) > _MAX_BUFFERED:
+                    self._metrics.popleft()
+            self._cv.notify()
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if not Path(path).exists():
             log.warning("MLflow: artifact %s does not exist; not logged to run %s", path, self.run_id)
             return
-        self._artifacts.append((str(path), artifact_path))
-        self._flush()
+        with self._cv:
+            self._artifacts.append((str(path), artifact_path))
+            self._cv.notify()
 
     def log_model(self, model, example: dict[str, Any] | None = None,
                   pip_requirements: list[str] | None = None) -> None:
@@ -183,7 +209,8 @@ class MlflowTracker(_ContextMixin):
 
         Saved as a `torch.export` graph (pt2: loads without unpickling; `example`'s keys in the order
         of `forward`'s arguments). Without an example nothing is logged: the other format MLflow has
-        for PyTorch is a pickle, which this project never writes or loads.
+        for PyTorch is a pickle, which this project never writes or loads. Runs on the caller's thread
+        (MLflow's fluent API), once, after training.
         """
         if example is None:
             log.warning("MLflow: log_model needs an input example (torch.export); model not logged to run %s",
@@ -212,10 +239,12 @@ class MlflowTracker(_ContextMixin):
             model.train(was_training)
 
     def last_step(self, key: str) -> int | None:
-        """Largest step already logged (or buffered) for `key`; None when there is none."""
-        steps = [m.step for m in self._metrics if m.key == key]
-        if steps and self._down_since is not None:
-            return max(steps)  # buffered points are newer than anything stored
+        """Largest step already logged (or queued) for `key`; None when there is none."""
+        with self._cv:
+            steps = [m.step for m in self._metrics if m.key == key]
+            down = self._down_since is not None
+        if steps and down:
+            return max(steps)  # queued points are newer than anything stored
         try:
             steps += [m.step for m in self._client.get_metric_history(self.run_id, key)]
         except Exception as e:
@@ -223,69 +252,104 @@ class MlflowTracker(_ContextMixin):
         return max(steps, default=None)
 
     def close(self, status: str = "FINISHED") -> None:
-        """Send what is buffered and end the run; safe to call twice."""
+        """Send what is queued and end the run, waiting at most `_CLOSE_WAIT_S`; safe to call twice."""
         if self._closed:
             return
         self._closed = True
-        self._flush(force=True)
-        lost = len(self._metrics) + len(self._params) + len(self._tags) + len(self._artifacts)
-        if lost:
-            log.warning("MLflow at %s still unreachable: %d unsent items of run %s are lost",
-                        self.uri, lost, self.run_id)
-        try:
-            self._client.set_terminated(self.run_id, status)
-        except Exception as e:
-            log.warning("MLflow: could not mark run %s %s: %s", self.run_id, status, _one_line(e))
+        with self._cv:
+            self._status = status
+            self._cv.notify()
+        self._sender.join(timeout=_CLOSE_WAIT_S)
+        if self._sender.is_alive():  # still failing: give up rather than hold the stage's end
+            with self._cv:
+                self._abandoned = True
+                lost = self._pending()
+                self._cv.notify()
+            log.warning("MLflow at %s still unreachable after %.0f s: %d unsent items of run %s are lost "
+                        "and the run stays RUNNING", self.uri, _CLOSE_WAIT_S, lost, self.run_id)
 
-    # ------------------------------------------------------------------ sending
+    # ------------------------------------------------------------------ the sender thread
 
-    def _flush(self, force: bool = False) -> None:
-        """Send everything pending; on a connection failure keep it and warn once."""
-        if self._down_since is not None and not force:
-            if time.monotonic() - self._last_try < _PROBE_EVERY_S:
-                return  # still down a moment ago: don't stall this training step
-            if _is_http(self.uri) and _reachable(self.uri, timeout=1.0) is not None:
-                self._last_try = time.monotonic()
-                return
-        try:
-            self._send()
-        except Exception as e:
-            self._last_try = time.monotonic()
-            if self._down_since is None:
-                self._down_since = time.monotonic()
-                if not self._warned_down:
-                    why = (_reachable(self.uri, timeout=1.0) if _is_http(self.uri) else None) or _one_line(e)[:200]
-                    log.warning("MLflow at %s is not answering (%s); buffering metrics in memory "
-                                "and retrying, training goes on", self.uri, why)
-                    self._warned_down = True
-            return
-        if self._down_since is not None:
-            log.warning("MLflow at %s is back after %.0f s; buffered metrics sent", self.uri,
-                        time.monotonic() - self._down_since)
-            self._down_since = None
+    def _pending(self) -> int:
+        """Items still to send (call with the lock held)."""
+        return len(self._metrics) + len(self._params) + len(self._tags) + len(self._artifacts)
+
+    def _send_loop(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._pending() or self._status or self._abandoned)
+                if self._abandoned:
+                    return
+                ending = self._status is not None
+            try:
+                if self._down_since is not None and _is_http(self.uri) and _reachable(self.uri, 1.0) is not None:
+                    raise ConnectionError("no answer on /health")
+                self._send()
+                if ending:
+                    with self._cv:
+                        done = not self._pending()
+                    if done:
+                        self._attempt(lambda: self._client.set_terminated(self.run_id, self._status))
+                        return
+            except Exception as e:
+                self._went_down(e)
+                with self._cv:
+                    self._cv.wait_for(lambda: self._abandoned, timeout=_RETRY_EVERY_S)
+                continue
+            if self._down_since is not None:
+                log.warning("MLflow at %s is back after %.0f s; buffered metrics sent", self.uri,
+                            time.monotonic() - self._down_since)
+                self._down_since = None
+            with self._cv:  # let points gather: one request per interval, not one per step
+                self._cv.wait_for(lambda: self._status is not None or self._abandoned, timeout=_SEND_EVERY_S)
+
+    def _went_down(self, e: Exception) -> None:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            if not self._warned_down:
+                why = (_reachable(self.uri, timeout=1.0) if _is_http(self.uri) else None) or _one_line(e)[:200]
+                log.warning("MLflow at %s is not answering (%s); buffering metrics in memory "
+                            "and retrying, training goes on", self.uri, why)
+                self._warned_down = True
 
     def _send(self) -> None:
         """log_batch in MLflow's size limits; each chunk leaves the queue once stored (or rejected)."""
         entities = _mlflow().entities
-        while self._params or self._tags:
-            params, tags = list(self._params.items())[:100], list(self._tags.items())[:100]
+        while True:
+            with self._cv:
+                params, tags = list(self._params.items())[:100], list(self._tags.items())[:100]
+            if not (params or tags):
+                break
             self._attempt(lambda: self._client.log_batch(
                 self.run_id, params=[entities.Param(k, v) for k, v in params],
                 tags=[entities.RunTag(k, v) for k, v in tags], synchronous=True))
-            for k, _ in params:
-                del self._params[k]
-            for k, _ in tags:
-                del self._tags[k]
-        while self._metrics:
-            chunk = [self._metrics[i] for i in range(min(1000, len(self._metrics)))]
-            self._attempt(lambda: self._client.log_batch(self.run_id, metrics=chunk, synchronous=True))
-            for _ in chunk:
-                self._metrics.popleft()
-        while self._artifacts:
-            path, dest = self._artifacts[0]
+            with self._cv:  # a value set again meanwhile stays queued
+                for k, v in params:
+                    if self._params.get(k) == v:
+                        del self._params[k]
+                for k, v in tags:
+                    if self._tags.get(k) == v:
+                        del self._tags[k]
+        while True:
+            with self._cv:  # the chunk leaves the queue while in flight; put back in front if it fails
+                chunk = [self._metrics.popleft() for _ in range(min(1000, len(self._metrics)))]
+            if not chunk:
+                break
+            try:
+                self._attempt(lambda: self._client.log_batch(self.run_id, metrics=chunk, synchronous=True))
+            except Exception:
+                with self._cv:
+                    self._metrics.extendleft(reversed(chunk))
+                raise
+        while True:
+            with self._cv:
+                if not self._artifacts:
+                    break
+                path, dest = self._artifacts[0]
             log_fn = self._client.log_artifacts if Path(path).is_dir() else self._client.log_artifact
             self._attempt(lambda: log_fn(self.run_id, path, dest))
-            self._artifacts.pop(0)
+            with self._cv:
+                self._artifacts.pop(0)
 
     def _attempt(self, call) -> None:
         """Run one MLflow call; a rejection retrying cannot fix is warned about and skipped."""

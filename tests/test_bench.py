@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.train import forward_flops, load_splits
+from bench.train import forward_flops, load_splits, matmul_peak
 from minibert.artifacts import save_arrays
 from minibert.config import ModelConfig, PairsConfig, TrainConfig
 from minibert.model import build_model
@@ -68,6 +68,13 @@ def test_load_splits_prefers_the_pipeline_files(tmp_path):
         np.testing.assert_array_equal(splits["train"][k], v)
 
 
+def test_matmul_peak_is_the_best_figure_and_reports_its_spread():
+    pk = matmul_peak(torch.float32, sizes=(13, 37), rounds=3, repeats=2)
+    assert pk["gflops"] == max(pk["by_size"].values()) == pk["by_size"][pk["size"]]
+    assert 0 < pk["min_gflops"] <= pk["median_gflops"] <= pk["gflops"]
+    assert pk["rounds"] == 3 and pk["dtype"] == "float32"
+
+
 def run_bench(module: str, *args: str) -> list[dict]:
     src = os.environ.get("MINIBERT_DATA")
     if not src:
@@ -84,10 +91,15 @@ def assert_positive(row: dict, keys: tuple[str, ...]) -> None:
 
 @pytest.mark.slow
 def test_train_bench_reports_every_figure_per_precision():
-    rows = run_bench("bench.train", "--steps", "1", "--warmup", "1", "--precision", "fp32,bf16")
+    rows = run_bench("bench.train", "--steps", "1", "--warmup", "1", "--precision", "fp32,bf16",
+                     "--micro-batches", "2,1")
     assert rows[0]["machine"]["cores"] >= 1 and rows[0]["machine"]["torch"] == torch.__version__
+    cpuinfo = Path("/proc/cpuinfo").read_text().split()
+    assert ("avx512_bf16" in rows[0]["machine"]["flags"]) == ("avx512_bf16" in cpuinfo)
+    peaks = {r["precision"]: r["gflops"] for r in rows if r.get("bench") == "matmul_peak"}
     runs = [r for r in rows if r.get("impl") == "minibert"]
-    assert [r["precision"] for r in runs] == ["fp32", "bf16"]
+    assert [(r["precision"], r["micro_batches"]) for r in runs] == [("fp32", 2), ("fp32", 1), ("bf16", 2), ("bf16", 1)]
+    assert all(r["matmul_peak_gflops"] == peaks[r["precision"]] for r in runs)  # one peak per run and precision
     for r in runs:
         assert_positive(r, ("pairs_per_s", "tokens_per_s", "ms_forward", "ms_backward", "ms_optimizer", "ms_step",
                             "peak_rss_mb", "gflop_per_step", "achieved_gflops", "matmul_peak_gflops", "mfu"))

@@ -36,6 +36,8 @@ def test_missing_sections_take_defaults():
     ({"model": {"max_len": 32}}, "model.max_len", "pairs.max_len"),
     ({"train": {"precision": "fp8"}}, "train.precision", "'bf16'"),
     ({"train": {"devices": 0}}, "train.devices", "auto or an integer"),
+    ({"train": {"threads": "many"}}, "train.threads", "auto"),
+    ({"train": {"threads": -1}}, "train.threads", "auto or an integer >= 0"),
     ({"train": {"eval_every": -1}}, "train.eval_every", "0: no held-out curve"),
     ({"eval": {"subset_pairs": 0}}, "eval.subset_pairs", ">= 1"),
     ({"probe": {"sentences": [{"name": "x", "a": "a crane", "word": "bird"}]}}, "probe.sentences[0].word", "bird"),

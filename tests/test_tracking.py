@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -258,31 +259,88 @@ def test_unreachable_server_fails_fast(tmp_path, monkeypatch):
     assert uri in str(e.value) and "\n" not in str(e.value)
 
 
+class ThreadRecorder:
+    """Wraps an MlflowClient and records which thread made each call."""
+
+    def __init__(self, client):
+        self._client, self.calls = client, []
+
+    def __getattr__(self, name):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            self.calls.append((name, threading.get_ident()))
+            return attr(*args, **kwargs)
+        return call
+
+
+def _wait_for(predicate, timeout_s=60.0):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
+
+
 def test_server_killed_mid_run_buffers_then_flushes(mlflow_server, tmp_path, monkeypatch, caplog):
     uri = mlflow_server.uri
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    caplog.set_level(logging.WARNING, logger="minibert.tracking")
     t = start_run(CFG, tmp_path)
+    t._client = rec = ThreadRecorder(t._client)
     t.log_params({"hidden": 13})
     _log_steps(t, range(5))
+    _wait_for(lambda: _steps(MlflowClient(uri), t.run_id) == list(range(5)))  # the sender delivered them
     stop_mlflow_server(mlflow_server.proc, signal.SIGKILL)
 
-    caplog.set_level(logging.WARNING, logger="minibert.tracking")
-    t0 = time.monotonic()
-    _log_steps(t, range(5, 12))  # must neither raise nor stall training
+    _log_steps(t, range(5, 12))  # must neither raise nor stall training; the first failed send holds these
+    _wait_for(lambda: any("not answering" in r.getMessage() for r in caplog.records))
+    _log_steps(t, range(12, 15))  # known to be down now
     t.set_tags({"late": "tag"})
-    assert time.monotonic() - t0 < 15
     down = [r for r in caplog.records if "not answering" in r.getMessage()]
     assert len(down) == 1 and uri in down[0].getMessage() and "\n" not in down[0].getMessage()
-    assert t.last_step("loss") == 11  # buffered points count
+    assert t.last_step("loss") == 14  # buffered points count
 
     mlflow_server.restart()  # same port, same sqlite store
     t.close()
     client = MlflowClient(uri)
     hist = client.get_metric_history(t.run_id, "loss")
-    assert sorted(m.step for m in hist) == list(range(12))
-    assert {m.step: m.value for m in hist} == {s: 10.0 / (s + 1) for s in range(12)}
+    assert sorted(m.step for m in hist) == list(range(15))
+    assert {m.step: m.value for m in hist} == {s: 10.0 / (s + 1) for s in range(15)}
     run = client.get_run(t.run_id)
     assert run.data.tags["late"] == "tag" and run.info.status == "FINISHED"
+    # Structural: the logging calls never reached the network on the training (caller's) thread;
+    # only last_step reads the history there (once, before training).
+    me = threading.get_ident()
+    assert {name for name, tid in rec.calls if tid == me} <= {"get_metric_history"}
+    assert {"log_batch", "set_terminated"} <= {name for name, tid in rec.calls if tid != me}
+
+
+def test_close_gives_up_within_its_bound_when_the_server_stays_down(mlflow_server, tmp_path, monkeypatch,
+                                                                    caplog):
+    import minibert.tracking as tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    monkeypatch.setattr(tracking, "_CLOSE_WAIT_S", 2.0)
+    caplog.set_level(logging.WARNING, logger="minibert.tracking")
+    t = start_run(CFG, tmp_path)
+    _log_steps(t, range(3))
+    _wait_for(lambda: _steps(MlflowClient(mlflow_server.uri), t.run_id) == [0, 1, 2])
+    stop_mlflow_server(mlflow_server.proc, signal.SIGKILL)
+    try:
+        _log_steps(t, range(3, 9))
+        closer = threading.Thread(target=t.close)
+        closer.start()
+        closer.join(timeout=2.0 + 10.0)  # the bound, plus slack for a loaded machine
+        assert not closer.is_alive(), "close() waited past its bound with the server down"
+        lost = [r.getMessage() for r in caplog.records if "still unreachable" in r.getMessage()]
+        assert len(lost) == 1 and "12 unsent items" in lost[0]  # 6 steps x 2 metrics
+    finally:
+        mlflow_server.restart()
+    time.sleep(3 * tracking._RETRY_EVERY_S)  # an abandoned sender must not send late
+    client = MlflowClient(mlflow_server.uri)
+    assert _steps(client, t.run_id) == [0, 1, 2] and client.get_run(t.run_id).info.status == "RUNNING"
 
 
 def test_import_is_cheap():

@@ -29,6 +29,7 @@ import yaml
 
 from bench.data import data_dir
 from bench.train import DEFAULT_DATA
+from minibert import layout
 from minibert.artifacts import save_arrays
 from minibert.config import PairsConfig, VocabConfig
 from minibert.corpus import read_paragraphs, split_file
@@ -44,19 +45,19 @@ def workspace(root: Path, data: str, steps: int) -> None:
     """data/tokens/vocab.txt, data/pairs/train.safetensors and params.yaml as the pipeline would write them."""
     paragraphs = read_paragraphs(split_file(data_dir(data), "train"))
     vocab = build_vocab(paragraphs, VocabConfig().min_freq)
-    (root / "data/tokens").mkdir(parents=True)
-    vocab.save(root / "data/tokens/vocab.txt")
+    (root / layout.TOKENS).mkdir(parents=True)
+    vocab.save(root / layout.VOCAB)
     cfg = PairsConfig()
     pairs = make_pairs(encode_paragraphs(paragraphs, vocab), cfg, len(vocab), np.random.default_rng(cfg.seed))
-    save_arrays(root / "data/pairs/train.safetensors", pairs, {"vocab_sha256": vocab.sha256})
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    save_arrays(root / layout.TRAIN_PAIRS, pairs, {"vocab_sha256": vocab.sha256})
+    params = yaml.safe_load((ROOT / layout.PARAMS).read_text())
     params["train"].update(max_steps=steps, checkpoint_every=0)
     params["tracking"].update(enabled=True, experiment="bench-outage")
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / layout.PARAMS).write_text(yaml.safe_dump(params))
 
 
 def run_stage(root: Path, code: Path, uri: str, kill=None) -> dict:
-    for out in ("models", "metrics", "plots"):
+    for out in (layout.MODELS, layout.METRICS, layout.PLOTS):
         subprocess.run(["rm", "-rf", str(root / out)], check=True)
     env = {**os.environ, "PYTHONPATH": str(code), "MLFLOW_TRACKING_URI": uri, "MLFLOW_DISABLE_TELEMETRY": "true"}
     t0 = time.perf_counter()
@@ -74,7 +75,7 @@ def run_stage(root: Path, code: Path, uri: str, kill=None) -> dict:
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(f"bench.outage: the stage failed:\n{err[-2000:]}")
-    curve = pd.read_csv(root / "plots/train_loss.csv")
+    curve = pd.read_csv(root / layout.TRAIN_CURVE_CSV)
     return {"curve": curve, "wall_s": wall, "after_train_s": wall - (t_train - t0), "stderr": err}
 
 

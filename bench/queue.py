@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from minibert import layout
+
 from bench.train import DEFAULT_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,9 +40,9 @@ def project(repo: Path, steps: int, env: dict) -> None:
     repo.mkdir()
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD"], capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(repo)], input=archive, check=True)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params = yaml.safe_load((repo / layout.PARAMS).read_text())
     params["train"].update(max_steps=steps, checkpoint_every=0)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (repo / layout.PARAMS).write_text(yaml.safe_dump(params, sort_keys=False))
     git = ("git", "-c", "user.name=bench", "-c", "user.email=bench@minibert.invalid")
     sh(repo, "git", "init", "-q")
     sh(repo, *git, "add", "-A")
@@ -70,8 +72,8 @@ def run_queue(repo: Path, threads: str, jobs: int, seeds: tuple[int, int], env: 
         for exp in commit.get("experiments") or []:
             for rev in exp.get("revs", []):
                 data = rev.get("data") or {}
-                p = ((data.get("params") or {}).get("params.yaml") or {}).get("data", {}).get("train", {})
-                m = ((data.get("metrics") or {}).get("metrics/train.json") or {}).get("data", {})
+                p = ((data.get("params") or {}).get(str(layout.PARAMS)) or {}).get("data", {}).get("train", {})
+                m = ((data.get("metrics") or {}).get(layout.TRAIN_METRICS.as_posix()) or {}).get("data", {})
                 if p.get("seed") in seeds and m:
                     rates.append(round(m["pairs_per_sec"], 1))
     return {"threads": threads, "jobs": jobs, "wall_s": round(wall, 1), "pairs_per_s": rates}

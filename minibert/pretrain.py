@@ -93,6 +93,12 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
             if latest:
                 print(f"pretrain: resuming from {latest} (step {resumed['step']})", flush=True)
         logged = tracker.last_step("mlm_loss") or 0
+        # Steps the checkpoint holds that MLflow never stored: metrics go out from a background sender,
+        # so a kill -9 can lose the last points it had queued. The checkpoint's history has them.
+        for r in resumed.get("history") or []:
+            if r["step"] > logged:
+                tracker.log_metrics({k: v for k, v in r.items() if k != "step"}, step=r["step"])
+        logged = max(logged, resumed.get("step", 0))
         net = model
         if d.enabled:
             net = torch.nn.parallel.DistributedDataParallel(

@@ -7,7 +7,6 @@ with a real 403, as AWS does, instead of moto's default of accepting anything.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.mlflow_server import free_port
+from tests.mlflow_server import free_port, stop_mlflow_server
 
 REGION = "us-east-1"
 # IAM create_user, create_access_key and put_user_policy, nothing else, run unauthenticated.
@@ -82,13 +81,5 @@ def start_s3_server(tmp_path: Path, timeout_s: float = 60.0) -> S3Server:
 
 
 def stop_s3_server(proc: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=5)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    """Stop moto_server's process group: the same stop as the MLflow server's."""
+    stop_mlflow_server(proc)

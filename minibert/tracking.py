@@ -8,8 +8,8 @@ when the server answers again; `close()` waits for them at most `_CLOSE_WAIT_S`.
 """
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import os
 import ssl
 import subprocess
@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -51,6 +52,31 @@ def _mlflow():
     import mlflow
 
     return mlflow
+
+
+@contextmanager
+def fluent_uris(uri: str):
+    """MLflow's fluent API (log_model, register_model) pointed at `uri` for one call, then put back.
+
+    `mlflow.set_tracking_uri`/`set_registry_uri` also write MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI into
+    os.environ for subprocesses; left there, a later run of this process (`tracking_uri` reads the
+    variable first) or a subprocess it starts would talk to this run's store."""
+    mlflow = _mlflow()
+    from mlflow.tracking import _model_registry, _tracking_service
+
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved = (_tracking_service.utils._tracking_uri, _model_registry.utils._registry_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield mlflow
+    finally:
+        _tracking_service.utils._tracking_uri, _model_registry.utils._registry_uri = saved
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def project_root(path: Path) -> Path:
@@ -226,10 +252,9 @@ class MlflowTracker(_ContextMixin):
         try:
             kwargs = dict(signature=_signature(model, example), input_example=tuple(example.values()),
                           serialization_format="pt2")
-            mlflow.set_tracking_uri(self.uri)
             # log_model only logs into the fluent active run: resume ours for the call, then
             # put its status back (leaving the context marks it finished).
-            with mlflow.start_run(run_id=self.run_id):
+            with fluent_uris(self.uri), mlflow.start_run(run_id=self.run_id):
                 mlflow.pytorch.log_model(model, name="model", pip_requirements=reqs, **kwargs)
             self._client.update_run(self.run_id, status="RUNNING")
         except Exception as e:  # the model file is in DVC anyway: losing the copy must not fail the stage

@@ -171,7 +171,7 @@ def log_text_model(tracker, model_dir: Path, vocab_path: Path) -> str | None:
     """Log the text pyfunc into the tracker's run; its model URI, or None (tracking off or it failed)."""
     if getattr(tracker, "uri", None) is None or tracker.run_id is None:
         return None
-    from minibert.tracking import _mlflow, _one_line
+    from minibert.tracking import _mlflow, _one_line, fluent_uris
 
     mlflow = _mlflow()
     import mlflow.pyfunc  # noqa: F811 - the submodule
@@ -186,8 +186,7 @@ def log_text_model(tracker, model_dir: Path, vocab_path: Path) -> str | None:
                 shutil.copyfile(f, staged / f.name)
             code = Path(tmp) / "minibert"  # the package the model runs with, without bytecode caches
             shutil.copytree(Path(__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-            mlflow.set_tracking_uri(tracker.uri)
-            with mlflow.start_run(run_id=tracker.run_id):
+            with fluent_uris(tracker.uri), mlflow.start_run(run_id=tracker.run_id):
                 info = mlflow.pyfunc.log_model(
                     name=MODEL_NAME, python_model=str(ENTRY_FILE), artifacts={"model": str(staged)},
                     code_paths=[str(code)], signature=_signature(), pip_requirements=reqs)
@@ -202,14 +201,13 @@ def register_version(tracker, name: str, model_uri: str | None, tags: dict[str, 
     """Register `model_uri` as a new version of `name`; the version number, or None (off or failed)."""
     if not name or model_uri is None or tracker.run_id is None:
         return None
-    from minibert.tracking import _mlflow, _one_line
+    from minibert.tracking import _mlflow, _one_line, fluent_uris
 
     mlflow = _mlflow()
     try:
-        mlflow.set_tracking_uri(tracker.uri)
-        mlflow.set_registry_uri(tracker.uri)
-        mv = mlflow.register_model(model_uri, name, tags={**tags, "mlflow_run_id": tracker.run_id},
-                                   await_registration_for=60)
+        with fluent_uris(tracker.uri):
+            mv = mlflow.register_model(model_uri, name, tags={**tags, "mlflow_run_id": tracker.run_id},
+                                       await_registration_for=60)
         print(f"pretrain: registered {name} version {mv.version} ({model_uri})", flush=True)
         return str(mv.version)
     except Exception as e:

@@ -123,3 +123,16 @@ def closed_port_url() -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uri_variables_restored(monkeypatch):
+    """`mlflow.set_tracking_uri`/`set_registry_uri` (some tests call them) also write
+    MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI into os.environ; put both back after every test so no test's
+    store leaks into a later test or the subprocesses it starts."""
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        value = os.environ.get(var)
+        monkeypatch.setenv(var, value or "unset")  # records the original (or its absence) for undo
+        if value is None:
+            monkeypatch.delenv(var)
+    yield

@@ -203,3 +203,20 @@ def test_bad_input_is_a_400_with_a_message(served, body, fragment):
     status, answer = post(served, body)
     assert status == 400, answer
     assert fragment in answer["message"], answer["message"]
+
+
+def test_fluent_calls_leave_no_tracking_or_registry_uri_behind(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri/set_registry_uri write MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI into
+    os.environ; after register_version they must be as before, or the next run of this process (and
+    every subprocess it starts, e.g. `mlflow models serve`) would use this run's store."""
+    import mlflow
+
+    from minibert.tracking_models import register_version
+
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(var, raising=False)
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    with start_run(TrackingConfig(experiment="leak"), tmp_path) as tracker:
+        register_version(tracker, "leak", f"runs:/{tracker.run_id}/none", {})
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == before

@@ -21,7 +21,7 @@ import torch
 from bench.train import DEFAULT_DATA, DEVICE, load_splits
 from minibert import distributed, layout
 from minibert.config import EvalConfig, ModelConfig, TrainConfig
-from minibert.evaluate import heldout_hook, heldout_subset
+from minibert.evaluate import heldout_batch_size, heldout_hook, heldout_subset
 from minibert.heap import tune_cpu_malloc
 from minibert.model import build_model
 from minibert.batches import to_tensors
@@ -44,7 +44,7 @@ def main() -> None:
     cfg = TrainConfig(max_steps=a.steps, eval_every=a.eval_every, precision=a.precision, checkpoint_every=0)
     model = build_model(ModelConfig(), vocab_size, seed=cfg.seed).to(DEVICE)
     opt = make_optimizer(model.parameters(), cfg)
-    batch = min(a.batch_size, cfg.batch_size // cfg.micro_batches)  # as minibert.pretrain does
+    batch = heldout_batch_size(a.batch_size, cfg.batch_size, cfg.micro_batches)  # as minibert.pretrain does
     score = heldout_hook(model, heldout_subset(splits["valid"], a.subset), batch, DEVICE)
     eval_s: list[float] = []
 

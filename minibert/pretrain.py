@@ -22,7 +22,7 @@ from minibert.cpus import ThreadShare
 from minibert.config import EvalConfig, ModelConfig, TrackingConfig, TrainConfig
 from minibert.describe import DIFF_TAG, describe_run
 from minibert.errors import Interrupted
-from minibert.evaluate import CURVE, heldout_hook, heldout_subset
+from minibert.evaluate import CURVE, heldout_batch_size, heldout_hook, heldout_subset
 from minibert.heap import release_cpu_memory, tune_cpu_malloc
 from minibert.model import Encoder, build_model, check_vocab, save_pretrained
 from minibert.pairs import load_pairs
@@ -93,11 +93,15 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
             if latest:
                 print(f"pretrain: resuming from {latest} (step {resumed['step']})", flush=True)
         logged = tracker.last_step("mlm_loss") or 0
+
+        def log_new(rows):  # a resumed run re-trains steps already logged: skip them
+            for r in rows:
+                if r["step"] > logged:
+                    tracker.log_metrics({k: v for k, v in r.items() if k != "step"}, step=r["step"])
+
         # Steps the checkpoint holds that MLflow never stored: metrics go out from a background sender,
         # so a kill -9 can lose the last points it had queued. The checkpoint's history has them.
-        for r in resumed.get("history") or []:
-            if r["step"] > logged:
-                tracker.log_metrics({k: v for k, v in r.items() if k != "step"}, step=r["step"])
+        log_new(resumed.get("history") or [])
         logged = max(logged, resumed.get("step", 0))
         net = model
         if d.enabled:
@@ -110,9 +114,7 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
 
         def on_log(rows):
             threads.refresh()  # `auto`: trainings may have started or ended since
-            for r in rows:
-                if r["step"] > logged:  # a resumed run re-trains steps already logged: skip them
-                    tracker.log_metrics({k: v for k, v in r.items() if k != "step"}, step=r["step"])
+            log_new(rows)
             r = rows[-1]
             held = f"  valid mlm {r['valid_mlm_loss']:.3f}" if "valid_mlm_loss" in r else ""
             bar.update(r["step"], f"mlm {r['mlm_loss']:.3f}  nsp {r['nsp_loss']:.3f}{held}  {r['pairs_per_sec']:.0f} pairs/s")
@@ -128,10 +130,8 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
             print(f"pretrain: training steps {resumed.get('step', 0) + 1}..{cfg.max_steps} on {device} "
                   f"x{d.world}", flush=True)
         # the bare model, not `net`: only rank 0 evaluates, and DDP's forward could wait for the others.
-        # Batches no bigger than a training micro-batch: the (M, V) fp32 logits of 1024 pairs would
-        # add ~0.6 GB to the stage's peak; the figures do not depend on the batch size.
-        per_pass = max(1, cfg.batch_size // (cfg.micro_batches * d.world))
-        on_eval = heldout_hook(model, heldout, min(eval_cfg.batch_size, per_pass), device) if heldout else None
+        batch = heldout_batch_size(eval_cfg.batch_size, cfg.batch_size, cfg.micro_batches, d.world)
+        on_eval = heldout_hook(model, heldout, batch, device) if heldout else None
         result = fit(net, opt, cfg, to_tensors(pairs, device), device, d,
                      start_step=resumed.get("step", 0), history=resumed.get("history"),
                      on_log=on_log, on_checkpoint=on_checkpoint, scaler_state=resumed.get("scaler"),

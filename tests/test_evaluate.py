@@ -211,3 +211,12 @@ def test_stage_one_line_errors(tmp_path, model, pairs):
     proc = _stage(root, "--pairs", "nowhere.safetensors")
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "dvc repro pairs" in proc.stderr
     assert not (root / "metrics/eval.json").exists()
+
+
+def test_heldout_batch_size_is_at_most_one_training_micro_batch():
+    from minibert.evaluate import heldout_batch_size
+
+    assert heldout_batch_size(1024, 512, 4) == 128       # the defaults: 512 pairs in 4 passes
+    assert heldout_batch_size(1024, 512, 4, world=2) == 64  # each rank's pass is half as big
+    assert heldout_batch_size(37, 512, 1) == 37           # eval.batch_size is the cap
+    assert heldout_batch_size(1024, 3, 4) == 1            # never zero

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from minibert.kernels.softmax_xent import softmax_xent_
+
 
 def pretrain_loss(mlm_logits: Tensor, mlm_labels: Tensor, mlm_weights: Tensor, nsp_logits: Tensor,
                   nsp_labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -49,22 +51,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_wa = torch.zeros(wa.shape, dtype=torch.float32, device=h.device) if need_grad else None
         for s in range(0, M, CHUNK):
             hc, lab, n = ha[s:s + CHUNK], labels[s:s + CHUNK], min(CHUNK, M - s)
-            rows = torch.arange(n, device=h.device)
-            # Why softmax and not log_softmax: the gradient wants the probabilities in the matmul dtype,
-            # and softmax writes them in one vectorised pass (fp32 inside); a fp32 log_softmax plus an
-            # exp and two dtype copies cost ~3x more on CPU. The loss then only needs p[label].
-            g = torch.softmax(hc @ wa.t(), dim=-1)  # (c, V), in dtype
-            logp = g[rows, lab[:n]].float().log()  # (n,) log p[label]
-            # A label whose probability underflowed to 0 (a loss above ~87 nats) is rare: recompute its
-            # row's log-probability exactly from the logits instead of reporting an infinite loss.
-            lost = torch.isinf(logp).nonzero().squeeze(1)  # (k,)
-            if lost.numel():
-                z = (hc[lost] @ wa.t()).float()  # (k, V)
-                logp[lost] = z[torch.arange(lost.numel()), lab[lost]] - z.logsumexp(-1)
-            loss -= logp.sum()
+            # One in-place pass (minibert/kernels/softmax_xent.py): the logits become the gradient of the
+            # summed loss, softmax - onehot, in the matmul dtype (padding rows zeroed), and log p[label]
+            # comes from an fp32 logsumexp, so a label whose probability underflows keeps a finite loss.
+            g = hc @ wa.t()  # (c, V), in dtype
+            loss -= softmax_xent_(g, lab, n).sum()
             if need_grad:
-                g[rows, lab[:n]] -= 1.0  # d(sum of losses)/d logits = softmax - onehot
-                g[n:] = 0.0  # padding rows add nothing; the mean's 1/M goes on the small results below
                 grad_h[s:s + CHUNK] = (g @ wa)[:, :H]  # (c, H); the ones column's gradient is dropped
                 grad_wa += (g.t() @ hc).float()  # (V, H + 1) = [dL/dW, dL/db], accumulated in fp32
         grad_w, grad_b = (grad_wa[:, :H], grad_wa[:, H]) if need_grad else (None, None)

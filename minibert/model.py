@@ -11,9 +11,10 @@ What differs is only how the work is laid out, because every FLOP counts on a 2-
   pad keys are masked out anyway. Pad positions are therefore never computed (`encode` returns zeros there).
 - W_q, W_k, W_v are one Linear(H, 3H): same init distribution (fan_in H), one GEMM instead of three.
 - the MLM head sees only the M real prediction slots, never the padded ones.
-- dropout draws 16 random bits per element from torch's global generator (4 elements per int64 draw)
-  instead of `bernoulli_`, ~7x cheaper on CPU; the drop probability is round(p * 2**16) / 2**16
-  (p=0.2 -> 0.19999695), and kept values are scaled by 1/(1 - p) (minibert/ops.py).
+- on CPU, dropout is one fused pass whose mask is a pure function of (seed, element): the seed is one
+  draw from torch's global generator, the drop probability round(p * 2**16) / 2**16 (p=0.2 ->
+  0.19999695), kept values scaled by 1/(1 - p) (minibert/kernels/dropout.py); and the post-LN AddNorm,
+  LayerNorm(dropout(y) + x), is one pass forward and one backward (minibert/kernels/addnorm.py).
 - embedding lookups backpropagate with one index_add_ (minibert/ops.py); segment and position
   embeddings are summed into one (2T, H) table first.
 - the MLM loss averages over real slots only (d2l issue #2582: the book averages the padded ones in too).
@@ -33,6 +34,7 @@ from minibert.artifacts import atomic_path, write_json
 from minibert.config import ModelConfig
 from minibert.errors import DataError, MinibertError
 from minibert.loss import linear_cross_entropy, pretrain_loss  # noqa: F401 (pretrain_loss: public API)
+from minibert.kernels.addnorm import add_norm
 from minibert.ops import dropout, gather_rows
 
 WEIGHTS_FILE = "bert.safetensors"
@@ -116,8 +118,14 @@ class Block(nn.Module):
         if self.pre:
             x = x + dropout(self.attend(self.norm1(x), idx, B, T, key_keep), p, train)
             return x + dropout(self.ffn(self.norm2(x)), p, train)
-        x = self.norm1(dropout(self.attend(x, idx, B, T, key_keep), p, train) + x)  # AddNorm
-        return self.norm2(dropout(self.ffn(x), p, train) + x)  # AddNorm
+        x = self.add_norm(self.attend(x, idx, B, T, key_keep), x, self.norm1)
+        return self.add_norm(self.ffn(x), x, self.norm2)
+
+    def add_norm(self, y: Tensor, x: Tensor, norm: nn.LayerNorm) -> Tensor:
+        """The book's AddNorm, LayerNorm(dropout(y) + x); one fused pass each way when training on CPU."""
+        if self.training and x.device.type == "cpu":
+            return add_norm(y, x, norm.weight, norm.bias, self.p, norm.eps)
+        return norm(dropout(y, self.p, self.training) + x)
 
 
 class BERT(nn.Module):

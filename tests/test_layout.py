@@ -28,12 +28,13 @@ def option_defaults(script: Path) -> dict[str, Path]:
 
 
 def stage_paths(stage: dict) -> set[Path]:
-    """The data paths dvc.yaml names for a stage: deps other than code, outs, metrics, plots."""
+    """The data paths dvc.yaml names for a stage: deps other than code (Python, and the C++ sources
+    under minibert/ that test_dag.py checks), outs, metrics, plots."""
     found = set()
     for key in ("deps", "outs", "metrics", "plots"):
         for entry in stage.get(key, []):
             path = entry if isinstance(entry, str) else next(iter(entry))
-            if not path.endswith(".py"):
+            if not (path.endswith(".py") or path.startswith("minibert/")):
                 found.add(Path(path))
     return found
 

@@ -1,0 +1,97 @@
+"""Build and load minibert's C++ CPU kernels (csrc/*.cpp) as the torch op library `torch.ops.minibert`.
+
+`make install` builds them once (`python -m minibert.kernels.build`, ~30 s); a process that finds
+no build for its exact sources, torch version, compiler flags and CPU builds it on first use. Builds
+live outside the project (DVC never sees them): $MINIBERT_KERNEL_CACHE, else
+~/.cache/minibert/kernels/<key>. `-march=native` because the build happens on the machine that runs
+it; the CPU's flags are part of the key, so a copied cache on another CPU kind rebuilds.
+When no C++ compiler is found, `available()` is False and the callers use their plain-torch
+reference (same random bits, slower), after one warning.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "dropout.cpp", CSRC / "addnorm.cpp", CSRC / "softmax_xent.cpp")
+HEADERS = (CSRC / "bits.h",)
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17")
+_STALE_LOCK_S = 600  # a build lock older than this was left by a killed build
+
+_state: dict = {}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def build_key() -> str:
+    """Hash of everything the binary depends on: sources, torch, flags, the CPU it is built for."""
+    h = hashlib.sha256()
+    for path in SOURCES + HEADERS:
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    h.update(f"{torch.__version__}|{sys.version_info[:2]}|{' '.join(CFLAGS)}|{_cpu_flags()}".encode())
+    return h.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MINIBERT_KERNEL_CACHE") or Path.home() / ".cache" / "minibert" / "kernels"
+    return Path(root) / build_key()
+
+
+def load(verbose: bool = False) -> bool:
+    """Build (if needed) and load the library; True when torch.ops.minibert is usable."""
+    if "ok" in _state:
+        return _state["ok"]
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        _state["ok"] = False
+        _state["why"] = "no C++ compiler (c++) on PATH; install g++ to get the fast CPU kernels"
+        return False
+    from torch.utils import cpp_extension  # imported here: it pulls in setuptools
+
+    out = cache_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
+        lock.unlink(missing_ok=True)  # torch's FileBaton would wait for it forever
+    try:
+        cpp_extension.load(name=f"minibert_kernels_{build_key()}", sources=[str(s) for s in SOURCES],
+                           extra_cflags=list(CFLAGS), extra_ldflags=["-fopenmp"], build_directory=str(out),
+                           is_python_module=False, verbose=verbose)
+        _state["ok"] = True
+    except Exception as e:  # noqa: BLE001 - any build failure means: use the reference path
+        _state["ok"] = False
+        _state["why"] = f"building the CPU kernels failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    return _state["ok"]
+
+
+def available() -> bool:
+    """True when the kernels are loaded; warns once (naming why) when they cannot be."""
+    ok = load()
+    if not ok and not _state.get("warned"):
+        _state["warned"] = True
+        warnings.warn(f"minibert: {_state['why']}; using the plain-torch reference kernels (slower, "
+                      "same random bits)", RuntimeWarning, stacklevel=3)
+    return ok
+
+
+if __name__ == "__main__":  # `make install`: build now, fail loudly
+    t0 = time.perf_counter()
+    if not load(verbose="-v" in sys.argv):
+        print(f"error: kernels: {_state['why']}", file=sys.stderr)
+        sys.exit(1)
+    print(f"minibert kernels ready in {cache_dir()} ({time.perf_counter() - t0:.1f} s)")

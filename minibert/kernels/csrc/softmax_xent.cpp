@@ -1,0 +1,98 @@
+// The MLM loss's vocabulary softmax as one kernel: for each row of logits z (in place),
+// logp[label] exactly (z[label] - max - log sum exp, in fp32: no probability underflows to a
+// -inf loss), and z overwritten with the loss gradient softmax(z) - onehot(label); rows at or past
+// n_real (padding) become zeros. Eager torch needs softmax, a gather, a log, a scatter and a fill.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "bits.h"
+
+namespace minibert {
+
+// exp(x) for float lanes: Cephes' expf (range reduction by ln 2, degree-6 polynomial), ~1 ulp;
+// written out so GCC vectorizes it (libm's expf does not vectorize without -ffast-math).
+inline float fast_exp(float x) {
+  x = x < -87.0f ? -87.0f : x;  // plain compares, not fmin/fmax: those are libm calls here
+  x = x > 88.0f ? 88.0f : x;
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const uint32_t bits = uint32_t(int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return y * scale;
+}
+
+inline float load(float v) { return v; }
+inline float load(uint16_t v) { return bf16_to_float(v); }
+inline void store(float* p, float v) { *p = v; }
+inline void store(uint16_t* p, float v) { *p = float_to_bf16(v); }
+
+template <typename T>
+void softmax_xent_impl(T* __restrict z, const int64_t* __restrict labels, float* __restrict logp, int64_t rows,
+                       int64_t V, int64_t n_real) {
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<float> e_(V);
+    float* __restrict e = e_.data();
+    for (int64_t r = r0; r < r1; ++r) {
+      T* __restrict row = z + r * V;
+      if (r >= n_real) {
+        for (int64_t c = 0; c < V; ++c) store(row + c, 0.0f);
+        continue;
+      }
+      float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+      for (int64_t c = 0; c < V; ++c) {
+        const float v = load(row[c]);
+        m = v > m ? v : m;
+      }
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t c = 0; c < V; ++c) {
+        e[c] = fast_exp(load(row[c]) - m);
+        sum += e[c];
+      }
+      const int64_t lab = labels[r];
+      logp[r] = load(row[lab]) - m - std::log(sum);
+      const float inv = 1.0f / sum;
+      e[lab] -= sum;  // (e - sum) / sum = p - 1 at the label
+      for (int64_t c = 0; c < V; ++c) store(row + c, e[c] * inv);
+    }
+  });
+}
+
+// logits (rows, V) float32/bfloat16, changed in place; labels (rows,) int64 -> logp (rows,) float32
+at::Tensor softmax_xent_(at::Tensor& logits, const at::Tensor& labels, int64_t n_real) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.device().is_cpu(),
+              "minibert::softmax_xent_: contiguous CPU (rows, V) logits expected");
+  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.is_contiguous() && labels.numel() == logits.size(0),
+              "minibert::softmax_xent_: int64 labels, one per row, expected");
+  const int64_t rows = logits.size(0), V = logits.size(1);
+  const int64_t* lab = labels.data_ptr<int64_t>();
+  for (int64_t r = 0; r < std::min(rows, n_real); ++r)
+    TORCH_CHECK(lab[r] >= 0 && lab[r] < V, "minibert::softmax_xent_: label ", lab[r], " outside [0, ", V, ")");
+  auto logp = at::zeros({rows}, logits.options().dtype(at::kFloat));
+  if (logits.scalar_type() == at::kFloat)
+    softmax_xent_impl(logits.data_ptr<float>(), lab, logp.data_ptr<float>(), rows, V, n_real);
+  else if (logits.scalar_type() == at::kBFloat16)
+    softmax_xent_impl(reinterpret_cast<uint16_t*>(logits.data_ptr()), lab, logp.data_ptr<float>(), rows, V, n_real);
+  else
+    TORCH_CHECK(false, "minibert::softmax_xent_: float32 or bfloat16 logits expected");
+  return logp;
+}
+
+}  // namespace minibert
+
+TORCH_LIBRARY_FRAGMENT(minibert, m) {
+  m.def("softmax_xent_(Tensor(a!) logits, Tensor labels, int n_real) -> Tensor", &minibert::softmax_xent_);
+}

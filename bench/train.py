@@ -15,6 +15,8 @@ MLM head on the real slots only, NSP head; forward x 3 for a training step. MFU 
 rate by a torch.matmul peak measured once per precision by the parent (best of 3 rounds x 3 repeats
 over 1024^3, 2048^3 and 3072^3 in the precision's dtype, printed with its spread), so every row of one
 run divides by the same figure. The CPU's ISA flags (avx512_bf16, amx_bf16, ...) are printed too.
+`ceiling` is pairs/s / MFU: the rate if all of the step's FLOPs ran at that peak and nothing else
+took time, so `ceil x d2l` bounds what any implementation of the book's FLOPs can reach on this CPU.
 
 Data: `--pairs DIR` (default data/pairs, the pipeline's output, with data/tokens/vocab.txt) when it
 holds train.safetensors; otherwise the pairs are built in-process from `--data` (MINIBERT_DATA or
@@ -198,7 +200,10 @@ def run_precision(precision: str, pairs_file: Path, vocab_size: int, steps: int,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "gflop_per_step": round(sum(r["flops"] for r in timed) / steps / 1e9, 2),
             "achieved_gflops": round(achieved / 1e9, 2), "matmul_peak_gflops": round(peak / 1e9, 1),
-            "mfu": round(achieved / peak, 4), "mlm_loss_last": round(timed[-1]["mlm"], 4),
+            "mfu": round(achieved / peak, 4),
+            # the most this row could reach: every FLOP at the measured matmul peak, nothing else
+            "ceiling_pairs_per_s": round(sum(r["pairs"] for r in timed) / (sum(r["flops"] for r in timed) / peak), 1),
+            "mlm_loss_last": round(timed[-1]["mlm"], 4),
             "nsp_loss_last": round(timed[-1]["nsp"], 4), "malloc_tuned": tuned, "threads": torch.get_num_threads()}
 
 
@@ -251,7 +256,8 @@ def table(rows: list[dict]) -> str:
             ("ms_forward", "fwd ms", "{:.1f}"),
             ("ms_backward", "bwd ms", "{:.1f}"), ("ms_optimizer", "opt ms", "{:.1f}"), ("ms_step", "step ms", "{:.1f}"),
             ("peak_rss_mb", "RSS MB", "{:.0f}"), ("achieved_gflops", "GFLOP/s", "{:.1f}"), ("mfu", "MFU", "{:.1%}"),
-            ("vs_d2l", "x d2l", "{:.2f}")]
+            ("vs_d2l", "x d2l", "{:.2f}"), ("ceiling_pairs_per_s", "ceiling", "{:.0f}"),
+            ("ceiling_vs_d2l", "ceil x d2l", "{:.2f}")]
     cells = [[h for _, h, _ in cols]] + [[f.format(r[k]) if k in r else "-" for k, _, f in cols] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
     return "\n".join("  ".join(c.rjust(w) if i > 2 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
@@ -317,8 +323,12 @@ def main() -> None:
         ref = reference(data_dir(a.data), a.steps)
         for r in rows:
             r["vs_d2l"] = round(r["pairs_per_s"] / ref["pairs_per_s"], 2)
+            r["ceiling_vs_d2l"] = round(r["ceiling_pairs_per_s"] / ref["pairs_per_s"], 2)
         rows.append(ref)
     print(table(rows))
+    print("ceiling: pairs/s if every FLOP of the step ran at the matmul peak above and nothing else took "
+          "time (achieved pairs/s / MFU); 'ceil x d2l' is the most any implementation of these FLOPs "
+          "could beat d2l by on this CPU", file=sys.stderr)
     for r in rows:
         print(json.dumps({"bench": "train", **r, "cpu": machine["cpu"], "date": machine["date"]}))
 

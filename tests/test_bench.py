@@ -105,6 +105,10 @@ def test_train_bench_reports_every_figure_per_precision():
                             "peak_rss_mb", "gflop_per_step", "achieved_gflops", "matmul_peak_gflops", "mfu"))
         assert r["tokens_per_s"] > r["pairs_per_s"]  # several real tokens per pair
         assert r["ms_step"] >= r["ms_forward"] + r["ms_backward"] + r["ms_optimizer"] - 0.2  # rounding
+        # the ceiling is the same FLOPs at the peak: above the achieved rate, and exactly pairs/s at MFU 1
+        batch_gflop_per_pair = r["gflop_per_step"] / r["batch_size"]
+        want = r["matmul_peak_gflops"] / batch_gflop_per_pair
+        assert r["pairs_per_s"] < r["ceiling_pairs_per_s"] == pytest.approx(want, rel=0.02)
 
 
 @pytest.mark.slow

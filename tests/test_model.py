@@ -356,3 +356,19 @@ def test_pad_tokens_never_reach_real_rows_in_training():
     finally:
         mm.ROW_BUCKET = old
     assert torch.equal(out[0], out[2]) and torch.equal(out[1], out[3])
+
+
+def test_compiled_model_runs_the_kernels_with_the_same_losses():
+    """train.compile: torch.compile breaks the graph around the C++ kernels (they cannot be traced)
+    and the step computes what the eager model does, dropout bits included."""
+    eager = build_model(CFG, V, seed=1).train()
+    compiled = torch.compile(build_model(CFG, V, seed=1).train())
+    batch = make_batch(2)
+    out = []
+    for m in (eager, compiled):
+        torch.manual_seed(0)
+        mlm, nsp = m(*batch)
+        (mlm + nsp).backward()
+        out.append((torch.stack([mlm, nsp]).detach(), m.get_parameter("blocks.0.qkv.weight").grad))
+    torch.testing.assert_close(out[0][0], out[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[0][1], out[1][1], atol=1e-5, rtol=1e-4)

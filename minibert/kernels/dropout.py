@@ -64,8 +64,7 @@ def reference_dropout(x: Tensor, p: float, seed: int) -> Tensor:
 
 
 def _apply(x: Tensor, p: float, seed: int) -> Tensor:
-    if (x.dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling()
-            and build.available()):
+    if x.dtype in (torch.float32, torch.bfloat16) and build.available():
         return torch.ops.minibert.dropout(x.contiguous(), p, seed)
     return reference_dropout(x.contiguous(), p, seed)
 
@@ -81,6 +80,8 @@ class _Dropout(torch.autograd.Function):
         return _apply(grad, ctx.p, ctx.seed), None, None  # same mask, same scale: nothing was saved
 
 
+# torch.compile (train.compile) runs this eagerly: a graph break, the C++ kernel stays
+@torch.compiler.disable
 def dropout(x: Tensor, p: float, seed: int | None = None) -> Tensor:
     """Training-mode dropout of a CPU tensor (seed: drawn when None); the kernel takes float32 and
     bfloat16, other dtypes run the reference."""

@@ -27,9 +27,11 @@ def reference_softmax_xent_(z: Tensor, labels: Tensor, n: int) -> Tensor:
     return logp
 
 
+# torch.compile (train.compile) runs this eagerly: a graph break, the C++ kernel stays
+@torch.compiler.disable
 def softmax_xent_(z: Tensor, labels: Tensor, n: int) -> Tensor:
     """In place: z (c, V) -> softmax(z) - onehot(labels), rows >= n zeroed; returns log p[label] (c,)."""
     if (z.device.type == "cpu" and z.dtype in (torch.float32, torch.bfloat16) and z.is_contiguous()
-            and not torch.compiler.is_compiling() and build.available()):
+            and build.available()):
         return torch.ops.minibert.softmax_xent_(z, labels.long().contiguous(), n)
     return reference_softmax_xent_(z, labels, n)

@@ -214,12 +214,38 @@ ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
              "amx_bf16", "amx_int8", "amx_fp16")
 
 
+def cpu_kind(cpuinfo: str) -> str:
+    """The microarchitecture from /proc/cpuinfo's vendor, family and model, e.g. "AMD Zen 4 (family 25
+    model 17)": the model name of a cloud VM is often just "AMD EPYC", and Zen 4 and Zen 5 both have
+    AVX512-BF16 but differ 2x in bf16 matmul rate (Zen 5 has full-width 512-bit units)."""
+    first = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        first.setdefault(key.strip(), value.strip())
+    vendor, family, model = first.get("vendor_id", ""), first.get("cpu family", ""), first.get("model", "")
+    if not (family.isdigit() and model.isdigit()):
+        return platform.processor() or "unknown"
+    f, m = int(family), int(model)
+    where = f"family {f} model {m}"
+    if vendor == "AuthenticAMD":
+        name = {23: "Zen 2" if m >= 0x30 else "Zen/Zen+", 26: "Zen 5"}.get(f)
+        if f == 25:
+            name = "Zen 4" if 0x10 <= m <= 0x1F or 0x60 <= m <= 0xAF else "Zen 3"
+        return f"AMD {name} ({where})" if name else f"AMD ({where})"
+    if vendor == "GenuineIntel":
+        name = {0x8F: "Sapphire Rapids", 0xCF: "Emerald Rapids", 0xAD: "Granite Rapids", 0xAE: "Granite Rapids",
+                0x6A: "Ice Lake", 0x55: "Skylake/Cascade Lake"}.get(m) if f == 6 else None
+        return f"Intel {name} ({where})" if name else f"Intel ({where})"
+    return f"{vendor or 'unknown'} ({where})"
+
+
 def machine_info() -> dict:
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
                  platform.processor() or "unknown")
     flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "").split()
-    return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
+    return {"cpu": model, "cpu_kind": cpu_kind(cpuinfo), "cores": len(os.sched_getaffinity(0)),
+            "threads": torch.get_num_threads(),
             "bf16_isa": [f for f in ("avx512_bf16", "amx_bf16") if f in flags],
             "flags": [f for f in ISA_FLAGS if f in flags], "torch": torch.__version__,
             "python": platform.python_version(), "loadavg_1m": round(os.getloadavg()[0], 2),
@@ -310,7 +336,7 @@ def main() -> None:
         n_pairs = len(splits["train"]["nsp_labels"])
         del splits
         print(f"train pairs: {n_pairs} ({source}); vocab {vocab_size}; batch 512; {a.warmup} warm-up + {a.steps} timed "
-              f"steps; {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}", file=sys.stderr)
+              f"steps; {machine['cpu']}, {machine['cpu_kind']}, {machine['cores']} cores, torch {machine['torch']}", file=sys.stderr)
         rows = []
         for p in precisions:
             for k in micro:
@@ -330,7 +356,8 @@ def main() -> None:
           "time (achieved pairs/s / MFU); 'ceil x d2l' is the most any implementation of these FLOPs "
           "could beat d2l by on this CPU", file=sys.stderr)
     for r in rows:
-        print(json.dumps({"bench": "train", **r, "cpu": machine["cpu"], "date": machine["date"]}))
+        print(json.dumps({"bench": "train", **r, "cpu": machine["cpu"], "cpu_kind": machine["cpu_kind"],
+                          "date": machine["date"]}))
 
 
 if __name__ == "__main__":

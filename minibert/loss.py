@@ -28,7 +28,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     The MLM decoder's logits are (M, V) = (~3500, 20256): three fp32 copies of them (logits,
     log-softmax, its gradient) were most of a CPU step's memory. Here each chunk's logits are made,
     turned into the loss *and* the gradient at once (softmax - onehot is known in the forward pass),
-    multiplied into dL/dh and dL/dW, and dropped. Same FLOPs as the plain path, ~40 MB instead of ~1 GB;
+    multiplied into dL/dh and dL/dW (dL/db comes out of the softmax pass), and dropped. Same FLOPs as the plain path, ~40 MB instead of ~1 GB;
     backward only scales the stored gradients by the incoming scalar."""
 
     @staticmethod
@@ -38,28 +38,29 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # CHUNK / GRAIN sizes in every step: the allocator reuses those buffers and oneDNN its cached
         # matmul primitives, where an exact last chunk would bring a new size every step.
         padded = -M % GRAIN
-        H = h.shape[1]
-        # The bias rides in the matmuls as an extra input column of ones: [h, 1] @ [W, b].T is the
-        # logits without addmm's broadcast copy of b into every chunk, and the last column of the
-        # weight-side gradient g.T @ [h, 1] is dL/db, so no separate column sum either (~5 ms a CPU step).
-        ha = F.pad(F.pad(h.to(dtype), (0, 1), value=1.0), (0, 0, 0, padded))  # (M', H + 1)
+        hp = F.pad(h.to(dtype), (0, 0, 0, padded))  # (M', H)
         labels = F.pad(labels, (0, padded))
-        wa = torch.cat([weight, bias[:, None]], 1).to(dtype)  # (V, H + 1)
+        w = weight.to(dtype)  # (V, H)
+        b = bias.detach().float().contiguous()  # (V,): added in fp32 inside the softmax pass
         need_grad = torch.is_grad_enabled() or any(ctx.needs_input_grad[:3])
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty((len(ha), H), dtype=dtype, device=h.device) if need_grad else None
-        grad_wa = torch.zeros(wa.shape, dtype=torch.float32, device=h.device) if need_grad else None
+        grad_h = torch.empty(hp.shape, dtype=dtype, device=h.device) if need_grad else None
+        grad_w = None
+        grad_b = torch.zeros(b.shape, dtype=torch.float32, device=h.device) if need_grad else None
         for s in range(0, M, CHUNK):
-            hc, lab, n = ha[s:s + CHUNK], labels[s:s + CHUNK], min(CHUNK, M - s)
-            # One in-place pass (minibert/kernels/softmax_xent.py): the logits become the gradient of the
-            # summed loss, softmax - onehot, in the matmul dtype (padding rows zeroed), and log p[label]
-            # comes from an fp32 logsumexp, so a label whose probability underflows keeps a finite loss.
-            g = hc @ wa.t()  # (c, V), in dtype
-            loss -= softmax_xent_(g, lab, n).sum()
+            hc, lab, n = hp[s:s + CHUNK], labels[s:s + CHUNK], min(CHUNK, M - s)
+            # One in-place pass (minibert/kernels/softmax_xent.py): the bias-less logits get the bias
+            # and become the gradient of the summed loss, softmax - onehot, in the matmul dtype (padding
+            # rows zeroed), its column sums are added into dL/db, and log p[label] comes from an fp32
+            # logsumexp, so a label whose probability underflows keeps a finite loss.
+            g = hc @ w.t()  # (c, V), in dtype
+            loss -= softmax_xent_(g, lab, n, b, grad_b).sum()
             if need_grad:
-                grad_h[s:s + CHUNK] = (g @ wa)[:, :H]  # (c, H); the ones column's gradient is dropped
-                grad_wa += (g.t() @ hc).float()  # (V, H + 1) = [dL/dW, dL/db], accumulated in fp32
-        grad_w, grad_b = (grad_wa[:, :H], grad_wa[:, H]) if need_grad else (None, None)
+                torch.mm(g, w, out=grad_h[s:s + CHUNK])  # (c, H)
+                part = (g.t() @ hc).float()  # (V, H), accumulated in fp32
+                grad_w = part if grad_w is None else grad_w.add_(part)
+        if need_grad and grad_w is None:  # no slots at all
+            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=h.device)
         ctx.save_for_backward(grad_h[:M] if need_grad else None, grad_w, grad_b)
         ctx.dtypes, ctx.M = (h.dtype, weight.dtype, bias.dtype), M
         return loss / M

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.train import forward_flops, load_splits, matmul_peak
+from bench.train import cpu_kind, forward_flops, load_splits, matmul_peak
 from minibert.artifacts import save_arrays
 from minibert.config import ModelConfig, PairsConfig, TrainConfig
 from minibert.model import build_model
@@ -90,10 +90,23 @@ def assert_positive(row: dict, keys: tuple[str, ...]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("vendor,family,model,want", [
+    # family/model numbers as AMD and Intel publish them (EPYC 9004 "Genoa" = 25/17, 9005 "Turin" = 26/2)
+    ("AuthenticAMD", 25, 17, "AMD Zen 4"), ("AuthenticAMD", 25, 1, "AMD Zen 3"), ("AuthenticAMD", 26, 2, "AMD Zen 5"),
+    ("GenuineIntel", 6, 143, "Intel Sapphire Rapids"), ("GenuineIntel", 6, 207, "Intel Emerald Rapids"),
+    ("GenuineIntel", 6, 999, "Intel"),
+])
+def test_cpu_kind_names_the_microarchitecture_from_family_and_model(vendor, family, model, want):
+    cpuinfo = (f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: {model}\n"
+               "model name\t: AMD EPYC\n\nprocessor\t: 1\nvendor_id\t: x\ncpu family\t: 1\nmodel\t\t: 1\n")
+    assert cpu_kind(cpuinfo) == f"{want} (family {family} model {model})"  # the first CPU's fields
+
+
 def test_train_bench_reports_every_figure_per_precision():
     rows = run_bench("bench.train", "--steps", "1", "--warmup", "1", "--precision", "fp32,bf16",
                      "--micro-batches", "2,1")
     assert rows[0]["machine"]["cores"] >= 1 and rows[0]["machine"]["torch"] == torch.__version__
+    assert "family" in rows[0]["machine"]["cpu_kind"]
     cpuinfo = Path("/proc/cpuinfo").read_text().split()
     assert ("avx512_bf16" in rows[0]["machine"]["flags"]) == ("avx512_bf16" in cpuinfo)
     peaks = {r["precision"]: r["gflops"] for r in rows if r.get("bench") == "matmul_peak"}
@@ -142,3 +155,27 @@ def test_scaling_corpus_is_k_shuffled_copies_not_verbatim_repeats(tmp_path):
     copies = [out[i * len(lines):(i + 1) * len(lines)] for i in range(3)]
     assert all(Counter(c) == Counter(lines) for c in copies) and len({tuple(c) for c in copies} | {tuple(lines)}) == 4
     assert (tmp_path / "raw/wiki.valid.tokens").read_text() == " valid . x . \n"
+
+
+def test_kernels_bench_decoder_variants_compute_the_same_gradients():
+    """The lever bench compares like with like: the ones-column decoder and the K = 128 one give the
+    same dL/dh, dL/dW and dL/db (to bf16 rounding), checked against a float64 plain-torch decoder."""
+    from bench.kernels import H, V, decoder
+    g = torch.Generator().manual_seed(5)
+    M = 13
+    h = torch.nn.functional.layer_norm(torch.randn(M, H, generator=g), (H,))
+    weight, bias = torch.randn(V, H, generator=g) * 0.05, torch.randn(V, generator=g) * 2  # a bias that matters
+    labels = torch.randint(0, V, (M,), generator=g)
+    p = torch.softmax(h.double() @ weight.double().t() + bias.double(), -1)
+    p[torch.arange(M), labels] -= 1  # d(sum of losses)/d logits
+    want = (p @ weight.double(), p.t() @ h.double(), p.sum(0))
+    for ones_column in (True, False):
+        for got, ref in zip(decoder(h, weight, bias, labels, ones_column), want):
+            assert (got.double() - ref).abs().max() <= 1e-2 * ref.abs().max()  # bf16 GEMMs: ~3 digits
+
+
+def test_kernels_bench_runs_every_lever():
+    out = subprocess.run([sys.executable, "-m", "bench.kernels", "--rounds", "1", "--micro-batches", "16"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(rows) == 4 and all(r["new_ms"] > 0 and r["before_ms"] > 0 for r in rows)

@@ -41,3 +41,32 @@ def test_without_a_compiler_the_references_run_with_the_same_bits(monkeypatch):
     msgs = [str(w.message) for w in seen]
     assert len(msgs) == 1 and "no C++ compiler" in msgs[0] and "reference" in msgs[0], msgs
     assert torch.equal(fast, slow)
+
+
+@pytest.mark.slow
+def test_a_second_checkout_of_the_same_sources_reuses_the_build(tmp_path):
+    """DVC's temp copies (`dvc exp run --temp`, `dvc queue`) and CI clones are other paths with the same
+    sources: they must load the cached library, not rebuild it (ninja's build file names source paths)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    package = Path(build.__file__).resolve().parents[1]  # minibert/
+    env = {**os.environ, "MINIBERT_KERNEL_CACHE": str(tmp_path / "cache")}
+    probe = ("import minibert, sys; from minibert.kernels import build; "
+             "assert minibert.__file__.startswith(sys.argv[1]), minibert.__file__; "
+             "assert build.load(), build._state; print(build.cache_dir())")
+
+    def load_from(checkout: Path) -> Path:
+        shutil.copytree(package, checkout / "minibert", ignore=shutil.ignore_patterns("__pycache__"))
+        out = subprocess.run([sys.executable, "-c", probe, str(checkout)], cwd=checkout, env=env, check=True,
+                             capture_output=True, text=True, timeout=600).stdout
+        return Path(out.strip().splitlines()[-1])
+
+    first = load_from(tmp_path / "a")
+    libs = {p: p.stat().st_mtime_ns for p in first.glob("*.so")}
+    assert libs, list(first.iterdir())
+    second = load_from(tmp_path / "b")
+    assert second == first  # same sources, same key
+    assert {p: p.stat().st_mtime_ns for p in second.glob("*.so")} == libs  # not rebuilt

@@ -63,3 +63,42 @@ def test_a_label_outside_the_vocabulary_is_an_error():
     labels[2] = V
     with pytest.raises(RuntimeError, match="label 99 outside"):
         softmax_xent_(z, labels, REAL)
+
+
+def test_bias_is_added_in_fp32_and_its_gradient_is_the_column_sum_over_real_rows():
+    z, labels = case(torch.bfloat16)
+    bias = torch.randn(V, generator=torch.Generator().manual_seed(1)) * 3
+    logp_true, grad_true = float64_truth(z.double() + bias.double(), labels, REAL)  # bias never rounded
+    g, grad_b = z.clone(), torch.full((V,), 0.5)  # accumulates: starts from a non-zero value
+    logp = softmax_xent_(g, labels, REAL, bias, grad_b)
+    torch.testing.assert_close(logp[:REAL].double(), logp_true, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(g[:REAL].double(), grad_true, atol=8e-3, rtol=0)
+    # the column sums of the unrounded fp32 gradient: padding rows add nothing
+    torch.testing.assert_close(grad_b.double(), 0.5 + grad_true.sum(0), atol=1e-5, rtol=0)
+
+
+def test_bias_path_equals_its_plain_torch_reference():
+    z, labels = case(torch.float32, scale=10.0)
+    bias = torch.randn(V, generator=torch.Generator().manual_seed(2))
+    a, b, gb_a, gb_b = z.clone(), z.clone(), torch.zeros(V), torch.zeros(V)
+    torch.testing.assert_close(softmax_xent_(a, labels, REAL, bias, gb_a),
+                               reference_softmax_xent_(b, labels, REAL, bias, gb_b), atol=2e-5, rtol=1e-6)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    torch.testing.assert_close(gb_a, gb_b, atol=1e-6, rtol=0)
+
+
+def test_bias_gradient_has_the_same_bits_whatever_the_thread_count():
+    rows = 101  # several 32-row tasks, the last one short
+    g0 = torch.Generator().manual_seed(3)
+    z, labels = torch.randn(rows, V, generator=g0).to(torch.bfloat16), torch.randint(0, V, (rows,), generator=g0)
+    bias = torch.randn(V, generator=g0)
+    threads, out = torch.get_num_threads(), []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            gb = torch.zeros(V)
+            softmax_xent_(z.clone(), labels, rows - 4, bias, gb)
+            out.append(gb)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])

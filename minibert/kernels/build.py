@@ -5,6 +5,10 @@ no build for its exact sources, torch version, compiler flags and CPU builds it 
 live outside the project (DVC never sees them): $MINIBERT_KERNEL_CACHE, else
 ~/.cache/minibert/kernels/<key>. `-march=native` because the build happens on the machine that runs
 it; the CPU's flags are part of the key, so a copied cache on another CPU kind rebuilds.
+The build compiles the cache folder's own copy of the sources (src/), not the checkout's files: ninja's
+build file names source paths, so building from each checkout's path made every other checkout of the
+same sources (DVC's temp copies under `dvc exp run --temp` and `dvc queue`, a CI clone) rebuild the
+shared cache on first use (~20 s) and the next one rebuild it back.
 When no C++ compiler is found, `available()` is False and the callers use their plain-torch
 reference (same random bits, slower), after one warning.
 """
@@ -53,6 +57,20 @@ def cache_dir() -> Path:
     return Path(root) / build_key()
 
 
+def stable_sources(out: Path) -> list[Path]:
+    """The sources and headers copied into `out`/src (once per key: same key, same bytes), as build inputs."""
+    src = out / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    for path in SOURCES + HEADERS:
+        dest = src / path.name
+        data = path.read_bytes()
+        if not dest.is_file() or dest.read_bytes() != data:
+            tmp = src / f".{path.name}.{os.getpid()}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, dest)  # atomic: a concurrent build sees the old or the new file, never half
+    return [src / p.name for p in SOURCES]
+
+
 def load(verbose: bool = False) -> bool:
     """Build (if needed) and load the library; True when torch.ops.minibert is usable."""
     if "ok" in _state:
@@ -69,7 +87,7 @@ def load(verbose: bool = False) -> bool:
     if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
         lock.unlink(missing_ok=True)  # torch's FileBaton would wait for it forever
     try:
-        cpp_extension.load(name=f"minibert_kernels_{build_key()}", sources=[str(s) for s in SOURCES],
+        cpp_extension.load(name=f"minibert_kernels_{build_key()}", sources=[str(s) for s in stable_sources(out)],
                            extra_cflags=list(CFLAGS), extra_ldflags=["-fopenmp"], build_directory=str(out),
                            is_python_module=False, verbose=verbose)
         _state["ok"] = True

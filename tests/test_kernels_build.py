@@ -28,6 +28,14 @@ def test_build_key_follows_every_source(tmp_path, monkeypatch):
     assert len(keys) == len(copies) + 1
 
 
+def test_build_key_follows_the_torch_install_folder(tmp_path, monkeypatch):
+    """Two virtual environments with the same torch version get two keys: ninja's build file names
+    torch's header folder, so one shared build would be rebuilt by each in turn."""
+    here = build.build_key()
+    monkeypatch.setattr(torch, "__file__", str(tmp_path / "other-venv" / "torch" / "__init__.py"))
+    assert build.build_key() != here
+
+
 def test_without_a_compiler_the_references_run_with_the_same_bits(monkeypatch):
     x = torch.randn(13, 99, dtype=torch.bfloat16)
     fast = dropout(x, 0.2, seed=123)

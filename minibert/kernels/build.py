@@ -7,8 +7,9 @@ live outside the project (DVC never sees them): $MINIBERT_KERNEL_CACHE, else
 it; the CPU's flags are part of the key, so a copied cache on another CPU kind rebuilds.
 The build compiles the cache folder's own copy of the sources (src/), not the checkout's files: ninja's
 build file names source paths, so building from each checkout's path made every other checkout of the
-same sources (DVC's temp copies under `dvc exp run --temp` and `dvc queue`, a CI clone) rebuild the
-shared cache on first use (~20 s) and the next one rebuild it back.
+same sources (DVC's temp copies under `dvc exp run --temp` and `dvc queue`) rebuild the shared cache
+on first use (~20 s) and the next one rebuild it back. Another virtual environment (a CI clone's) has
+its own key: torch's install folder is part of it.
 When no C++ compiler is found, `available()` is False and the callers use their plain-torch
 reference (same random bits, slower), after one warning.
 """
@@ -44,11 +45,14 @@ def _cpu_flags() -> str:
 
 
 def build_key() -> str:
-    """Hash of everything the binary depends on: sources, torch, flags, the CPU it is built for."""
+    """Hash of everything the binary depends on: sources, torch (version and install folder: ninja's build
+    file names its header paths, so two virtual environments sharing one key would rebuild each other's
+    library), flags, the CPU it is built for."""
     h = hashlib.sha256()
     for path in SOURCES + HEADERS:
         h.update(path.name.encode() + b"\0" + path.read_bytes())
-    h.update(f"{torch.__version__}|{sys.version_info[:2]}|{' '.join(CFLAGS)}|{_cpu_flags()}".encode())
+    torch_dir = Path(torch.__file__).resolve().parent
+    h.update(f"{torch.__version__}|{torch_dir}|{sys.version_info[:2]}|{' '.join(CFLAGS)}|{_cpu_flags()}".encode())
     return h.hexdigest()[:16]
 
 

@@ -73,9 +73,16 @@ def init(device: torch.device) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]))
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group. After a clean run every rank first meets at a barrier: rank 0 writes the
+    outputs and logs to MLflow while the others are done, and a rank destroying the group while another
+    is still in it hung the 2-rank gloo test once in CI (pytorch#75097). After a failure the group is left
+    as is (destroying it while another rank waits in a collective can deadlock; torchtitan does the
+    same): the process exits and the launcher ends the rest."""
+    if not dist.is_initialized() or not clean:
+        return
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def all_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:

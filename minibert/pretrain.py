@@ -70,6 +70,7 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
         tune_cpu_malloc()  # reuse the big per-step buffers instead of page-faulting them in every step
     d = distributed.init(device)
     tracker = NullTracker()
+    clean = False
     try:
         pairs, vocab = load_pairs(paths.pairs)[0], Vocab.load(paths.vocab)
         data_sha = sha256_file(paths.pairs)
@@ -137,6 +138,7 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
                      on_log=on_log, on_checkpoint=on_checkpoint, scaler_state=resumed.get("scaler"),
                      on_eval=on_eval)
         if not d.is_main:
+            clean = True
             return {}
         opt.zero_grad(set_to_none=True)  # training's gradients and heap pages are not needed any more
         if device.type == "cpu":
@@ -174,13 +176,14 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
                 tracker.log_artifact(f)
         tracker.close()
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # complete: nothing left to resume
+        clean = True
         return metrics
     except BaseException as e:  # anything at all: never leave the MLflow run RUNNING
         tracker.close(run_status(e))
         raise
     finally:
         threads.close()
-        distributed.shutdown()
+        distributed.shutdown(clean)
 
 
 def run_status(e: BaseException) -> str:

@@ -179,3 +179,20 @@ def test_kernels_bench_runs_every_lever():
                          capture_output=True, text=True, timeout=300, check=True).stdout
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert len(rows) == 4 and all(r["new_ms"] > 0 and r["before_ms"] > 0 for r in rows)
+
+
+def test_ab_bench_times_each_checkout_in_its_own_process(tmp_path):
+    """Two checkouts: each child imports its own minibert (the child asserts it), and the summary's ratios
+    are per round against the first; a folder that is no checkout is one clear error."""
+    out = subprocess.run([sys.executable, "-m", "bench.ab", "--code", str(ROOT), str(ROOT), "--rounds", "1",
+                          "--steps", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600, check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    runs = [r for r in rows if r["bench"] == "ab"]
+    summary = [r for r in rows if r["bench"] == "ab_summary"]
+    assert len(runs) == 2 and all(r["median_ms"] > 0 for r in runs)
+    assert runs[0]["mlm_last"] == runs[1]["mlm_last"]  # same code, data, seed: same loss on CPU
+    assert len(summary) == 2 and summary[0]["ratio_to_first_median"] == 1.0
+    assert summary[1]["ratio_to_first_median"] == pytest.approx(runs[1]["median_ms"] / runs[0]["median_ms"], abs=1e-3)
+    bad = subprocess.run([sys.executable, "-m", "bench.ab", "--code", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode != 0 and "not a minibert checkout" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -39,6 +39,7 @@ from minibert.kernels import build
 from minibert.kernels.addnorm import add_norm
 from minibert.kernels.dropout import dropout
 from minibert.kernels.softmax_xent import softmax_xent_
+from minibert.loss import linear_cross_entropy
 
 P, H, V, CHUNK = 0.2, 128, 20256, 512
 CUT = round(P * 65536) - 32768  # the old bit-mask: int16 bits >= CUT keep (drop probability round(p 2^16)/2^16)
@@ -63,21 +64,25 @@ def eager_softmax_xent(z: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor
 
 
 def decoder(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor, ones_column: bool):
-    """One micro-batch's fused decoder + loss forward (which also forms the gradients), either way."""
-    M, dt = len(h), torch.bfloat16
-    if ones_column:  # [h, 1] @ [W, b].T: the bias rides in the GEMMs
-        hp, w, b, grad_b = F.pad(h.to(dt), (0, 1), value=1.0), torch.cat([weight, bias[:, None]], 1).to(dt), None, None
-    else:
-        hp, w, b, grad_b = h.to(dt), weight.to(dt), bias, torch.zeros(V)
-    grad_h, grad_w = torch.empty(M, H, dtype=dt), None
-    for s in range(0, M, CHUNK):
+    """dL/dh, dL/dW, dL/db of one micro-batch's summed MLM loss: minibert's `linear_cross_entropy` (K = 128,
+    the bias added in the softmax pass), or the ones-column decoder it replaced (K = 129)."""
+    if not ones_column:
+        leaves = [t.detach().requires_grad_() for t in (h, weight, bias)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = linear_cross_entropy(*leaves, labels)  # the forward forms the gradients
+        (loss * len(h)).backward()  # the backward only scales them
+        return tuple(t.grad for t in leaves)
+    dt = torch.bfloat16  # [h, 1] @ [W, b].T: the bias rides in the GEMMs, dL/db in dW's last column
+    hp, w = F.pad(h.to(dt), (0, 1), value=1.0), torch.cat([weight, bias[:, None]], 1).to(dt)
+    grad_h, grad_w = torch.empty(len(h), H, dtype=dt), None
+    for s in range(0, len(h), CHUNK):
         hc = hp[s:s + CHUNK]
         g = hc @ w.t()  # (c, V)
-        softmax_xent_(g, labels[s:s + CHUNK], len(hc), b, grad_b)
-        grad_h[s:s + CHUNK] = (g @ w)[:, :H]
-        part = (g.t() @ hc).float()  # (V, H) or (V, H + 1)
+        softmax_xent_(g, labels[s:s + CHUNK], len(hc))
+        grad_h[s:s + CHUNK] = (g @ w)[:, :H]  # (c, H)
+        part = (g.t() @ hc).float()  # (V, H + 1)
         grad_w = part if grad_w is None else grad_w.add_(part)
-    return grad_h, grad_w[:, :H], (grad_w[:, H] if ones_column else grad_b)
+    return grad_h, grad_w[:, :H], grad_w[:, H]
 
 
 TOKENS, SLOTS = 23_600, 3_540  # real tokens and MLM slots of a WikiText-2 batch of 512 pairs (bench.train)

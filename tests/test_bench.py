@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.train import cpu_kind, forward_flops, load_splits, matmul_peak
+from bench.train import cpu_kind, forward_flops, load_splits, matmul_peak, runnable_precisions
 from minibert.artifacts import save_arrays
 from minibert.config import ModelConfig, PairsConfig, TrainConfig
 from minibert.model import build_model
@@ -155,6 +155,13 @@ def test_scaling_corpus_is_k_shuffled_copies_not_verbatim_repeats(tmp_path):
     copies = [out[i * len(lines):(i + 1) * len(lines)] for i in range(3)]
     assert all(Counter(c) == Counter(lines) for c in copies) and len({tuple(c) for c in copies} | {tuple(lines)}) == 4
     assert (tmp_path / "raw/wiki.valid.tokens").read_text() == " valid . x . \n"
+
+
+def test_bench_runs_bf16_only_where_the_cpu_has_bf16_instructions():
+    """Zen 3 (AVX2 only) emulates bf16 matmuls ~80x slower than fp32: the bench skips bf16 there."""
+    assert runnable_precisions(["bf16", "fp32"], []) == (["fp32"], ["bf16"])
+    assert runnable_precisions(["fp32", "bf16"], ["amx_bf16"]) == (["fp32", "bf16"], [])
+    assert runnable_precisions(["bf16"], []) == ([], ["bf16"])
 
 
 def test_kernels_bench_decoder_variants_compute_the_same_gradients():

@@ -42,14 +42,18 @@ from mlflow_server import start_mlflow_server, stop_mlflow_server  # noqa: E402 
 
 
 def workspace(root: Path, data: str, steps: int) -> None:
-    """data/tokens/vocab.txt, data/pairs/train.safetensors and params.yaml as the pipeline would write them."""
-    paragraphs = read_paragraphs(split_file(data_dir(data), "train"))
+    """data/tokens/vocab.txt, data/pairs/{train,valid}.safetensors (the stage's held-out curve reads the
+    valid pairs) and params.yaml as the pipeline would write them."""
+    raw = data_dir(data)
+    paragraphs = read_paragraphs(split_file(raw, "train"))
     vocab = build_vocab(paragraphs, VocabConfig().min_freq)
     (root / layout.TOKENS).mkdir(parents=True)
     vocab.save(root / layout.VOCAB)
     cfg = PairsConfig()
-    pairs = make_pairs(encode_paragraphs(paragraphs, vocab), cfg, len(vocab), np.random.default_rng(cfg.seed))
-    save_arrays(root / layout.TRAIN_PAIRS, pairs, {"vocab_sha256": vocab.sha256})
+    for split, path, seed in (("train", layout.TRAIN_PAIRS, cfg.seed), ("valid", layout.VALID_PAIRS, cfg.heldout_seed)):
+        split_paragraphs = paragraphs if split == "train" else read_paragraphs(split_file(raw, split))
+        pairs = make_pairs(encode_paragraphs(split_paragraphs, vocab), cfg, len(vocab), np.random.default_rng(seed))
+        save_arrays(root / path, pairs, {"vocab_sha256": vocab.sha256})  # seeds as stages/pairs.py
     params = yaml.safe_load((ROOT / layout.PARAMS).read_text())
     params["train"].update(max_steps=steps, checkpoint_every=0)
     params["tracking"].update(enabled=True, experiment="bench-outage")

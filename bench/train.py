@@ -53,6 +53,7 @@ from minibert.model import build_model
 from minibert.pairs import make_pairs
 from minibert.train import (
     batch_indices,
+    cpu_has_fast_bf16,
     make_optimizer,
     resolve_precision,
     step_seed,
@@ -239,10 +240,11 @@ def cpu_kind(cpuinfo: str) -> str:
     return f"{vendor or 'unknown'} ({where})"
 
 
-def runnable_precisions(precisions: list[str], bf16_isa: list[str]) -> tuple[list[str], list[str]]:
-    """(run, skip): bf16 only where the CPU multiplies bf16 natively, since its emulation on an AVX2 CPU
-    (Zen 3) takes minutes for the matmul peak alone and measures nothing a user would run."""
-    skip = [p for p in precisions if p == "bf16" and not bf16_isa]
+def runnable_precisions(precisions: list[str], fast_bf16: bool) -> tuple[list[str], list[str]]:
+    """(run, skip): bf16 only where the CPU multiplies bf16 natively (`fast_bf16`: the same probe as
+    `train.precision: auto`), since its emulation on an AVX2 CPU (Zen 3) takes minutes for the matmul
+    peak alone and measures nothing a user would run."""
+    skip = [p for p in precisions if p == "bf16" and not fast_bf16]
     return [p for p in precisions if p not in skip], skip
 
 
@@ -330,7 +332,7 @@ def main() -> None:
     machine = machine_info()
     print(json.dumps({"bench": "train", "machine": machine}))
     print(f"CPU flags: {' '.join(machine['flags']) or 'none of ' + ' '.join(ISA_FLAGS)}", file=sys.stderr)
-    precisions, skipped = runnable_precisions(precisions, machine["bf16_isa"])
+    precisions, skipped = runnable_precisions(precisions, cpu_has_fast_bf16())
     for p in skipped:
         print(json.dumps({"bench": "skipped", "precision": p, "why": "no bf16 instructions"}))
         print(f"{p} skipped: this CPU has no bf16 instructions (avx512_bf16, amx_bf16); torch emulates bf16 matmuls"

@@ -162,9 +162,9 @@ def test_scaling_corpus_is_k_shuffled_copies_not_verbatim_repeats(tmp_path):
 
 def test_bench_runs_bf16_only_where_the_cpu_has_bf16_instructions():
     """Zen 3 (AVX2 only) emulates bf16 matmuls ~80x slower than fp32: the bench skips bf16 there."""
-    assert runnable_precisions(["bf16", "fp32"], []) == (["fp32"], ["bf16"])
-    assert runnable_precisions(["fp32", "bf16"], ["amx_bf16"]) == (["fp32", "bf16"], [])
-    assert runnable_precisions(["bf16"], []) == ([], ["bf16"])
+    assert runnable_precisions(["bf16", "fp32"], False) == (["fp32"], ["bf16"])
+    assert runnable_precisions(["fp32", "bf16"], True) == (["fp32", "bf16"], [])
+    assert runnable_precisions(["bf16"], False) == ([], ["bf16"])
 
 
 def test_kernels_bench_decoder_variants_compute_the_same_gradients():
@@ -206,3 +206,14 @@ def test_ab_bench_times_each_checkout_in_its_own_process(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "bench.ab", "--code", str(tmp_path)], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode != 0 and "not a minibert checkout" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_outage_bench_runs_the_stage_against_a_real_server_killed_mid_run():
+    """bench.outage builds its own workspace (train and valid pairs: the stage's held-out curve reads
+    both) and runs the real pretrain stage twice, the server SIGKILLed in the second run."""
+    out = subprocess.run([sys.executable, "-m", "bench.outage", "--steps", "6", "--rounds", "1", "--skip", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [r["mode"] for r in rows[:-1]] == ["normal", "outage"]
+    assert rows[-1]["bench"] == "outage" and rows[-1]["normal_pairs_per_s"] > 0 and rows[-1]["outage_pairs_per_s"] > 0

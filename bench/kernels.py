@@ -17,6 +17,10 @@ a WikiText-2 batch of 512 pairs holding ~23.6k real tokens and ~3.5k MLM slots, 
 - the vocabulary softmax of the MLM loss, bias added, on (512, 20256) bf16 logits: 7 a step, against
   eager softmax, gather, log, scatter, fill and a bias column sum (the code before the kernel, with
   the bias added by broadcast as the K = 128 GEMM then needs);
+- the attention of one block around its GEMMs (bf16 qkv (23.6k/K, 384) -> context rows (23.6k/K, 128),
+  forward + backward): 2K a step, the C++ layout and softmax-dropout passes (kernels/attention.py)
+  against the eager chain they replaced (zero fill + index_copy to padded rows, permute copies, a
+  -inf bias tensor in baddbmm, softmax, the dropout kernel, transpose copy + index_select);
 - the MLM decoder of one micro-batch (3.5k/K slots in 512-row chunks; its three GEMMs, the softmax
   pass, the fp32 dW accumulation): K a step, with the bias added inside the softmax pass (GEMMs with
   K = hidden = 128, minibert.loss) against the bias as a ones column of the GEMMs (K = 129, dL/db
@@ -37,9 +41,11 @@ from minibert.config import TrainConfig
 from minibert.heap import tune_cpu_malloc
 from minibert.kernels import build
 from minibert.kernels.addnorm import add_norm
+from minibert.kernels.attention import attention_rows
 from minibert.kernels.dropout import dropout
 from minibert.kernels.softmax_xent import softmax_xent_
 from minibert.loss import linear_cross_entropy
+from minibert.model import attention, token_layout
 
 P, H, V, CHUNK = 0.2, 128, 20256, 512
 CUT = round(P * 65536) - 32768  # the old bit-mask: int16 bits >= CUT keep (drop probability round(p 2^16)/2^16)
@@ -104,10 +110,24 @@ def families(k: int) -> dict[str, tuple[int, callable, callable]]:
     h = F.layer_norm(torch.randn(slots, H, generator=g), (H,))  # (M, H) one micro-batch's MLM slots
     weight, slot_labels = torch.randn(V, H, generator=g) * 0.05, torch.randint(0, V, (slots,), generator=g)
 
+    B = 512 // k  # pairs of one micro-batch, lengths as bench.step's WikiText-2-shaped batches
+    valid = (torch.randn(B, generator=g) * 14 + 40).round().clamp(8, 64).long()
+    idx = token_layout(valid, 64)  # (N',) real rows, then fillers
+    qkv = torch.randn(len(idx), 3 * H, generator=g).to(torch.bfloat16).requires_grad_()
+    d_ctx = torch.randn(len(idx), H, generator=g).to(torch.bfloat16)
+    key_keep = (torch.arange(64) < valid[:, None]).view(B, 1, 1, 64)
+
     def backward(out, grad):
         out.backward(grad)
-        for t in (att, y, x, norm.weight, norm.bias):
+        for t in (att, y, x, norm.weight, norm.bias, qkv):
             t.grad = None
+
+    def eager_attention():  # minibert.model.Block.attend before kernels/attention.py
+        padded = qkv.new_zeros(B * 64, 3 * H)
+        padded.index_copy_(0, idx, qkv)  # (B*T, 3H)
+        q, k_, v = padded.view(B, 64, 3, 2, H // 2).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, T, dh)
+        ctx = attention(q, k_, v, key_keep, P, True).transpose(1, 2).reshape(B * 64, H).index_select(0, idx)
+        backward(ctx, d_ctx)
 
     def eager_addnorm():
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -120,6 +140,8 @@ def families(k: int) -> dict[str, tuple[int, callable, callable]]:
         "AddNorm (post-LN)": (4 * k, lambda: backward(add_norm(y, x, norm.weight, norm.bias, P), d_out), eager_addnorm),
         "softmax_xent (MLM loss chunk)": (-(-SLOTS // CHUNK), lambda: softmax_xent_(logits.clone(), labels, CHUNK, bias, grad_b),
                                           lambda: eager_softmax_xent(logits.clone(), labels, bias, grad_b)),
+        "attention around its GEMMs (one block)": (2 * k, lambda: backward(attention_rows(qkv, idx, valid, 64, 2, P),
+                                                                           d_ctx), eager_attention),
         "MLM decoder, bias in the pass (K=128)": (k, lambda: decoder(h, weight, bias, slot_labels, False),
                                                   lambda: decoder(h, weight, bias, slot_labels, True)),
     }

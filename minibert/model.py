@@ -14,7 +14,9 @@ What differs is only how the work is laid out, because every FLOP counts on a 2-
 - on CPU, dropout is one fused pass whose mask is a pure function of (seed, element): the seed is one
   draw from torch's global generator, the drop probability round(p * 2**16) / 2**16 (p=0.2 ->
   0.19999695), kept values scaled by 1/(1 - p) (minibert/kernels/dropout.py); and the post-LN AddNorm,
-  LayerNorm(dropout(y) + x), is one pass forward and one backward (minibert/kernels/addnorm.py).
+  LayerNorm(dropout(y) + x), is one pass forward and one backward (minibert/kernels/addnorm.py); the
+  attention's scatter to padded heads, masked softmax + dropout of its weights and gather back to rows
+  are one pass each way (minibert/kernels/attention.py), the weights' dropout bits the same as above.
 - embedding lookups backpropagate with one index_add_ (minibert/ops.py); segment and position
   embeddings are summed into one (2T, H) table first.
 - the MLM loss averages over real slots only (d2l issue #2582: the book averages the padded ones in too).
@@ -35,6 +37,7 @@ from minibert.config import ModelConfig
 from minibert.errors import DataError, MinibertError
 from minibert.loss import linear_cross_entropy, pretrain_loss  # noqa: F401 (pretrain_loss: public API)
 from minibert.kernels.addnorm import add_norm
+from minibert.kernels.attention import attention_rows
 from minibert.ops import dropout, gather_rows
 
 WEIGHTS_FILE = "bert.safetensors"
@@ -99,10 +102,13 @@ class Block(nn.Module):
         self.ffn2 = nn.Linear(cfg.ffn_hidden, H)
         self.norm2 = nn.LayerNorm(H)
 
-    def attend(self, x: Tensor, idx: Tensor, B: int, T: int, key_keep: Tensor) -> Tensor:
+    def attend(self, x: Tensor, idx: Tensor, B: int, T: int, key_keep: Tensor, valid_lens: Tensor) -> Tensor:
         N, H = x.shape
         h = self.heads
         qkv = self.qkv(x)  # (N, 3H)
+        if self.training and self.p > 0 and x.device.type == "cpu":
+            # rows -> heads, masked softmax + dropout, heads -> rows as single passes (kernels/attention.py)
+            return self.out(attention_rows(qkv, idx, valid_lens, T, h, self.p))
         padded = qkv.new_zeros(B * T, 3 * H)
         padded.index_copy_(0, idx, qkv)  # (B*T, 3H), zeros at pads
         q, k, v = padded.view(B, T, 3, h, H // h).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, T, dh)
@@ -113,12 +119,12 @@ class Block(nn.Module):
     def ffn(self, x: Tensor) -> Tensor:
         return self.ffn2(F.relu(self.ffn1(x)))
 
-    def forward(self, x: Tensor, idx: Tensor, B: int, T: int, key_keep: Tensor) -> Tensor:
+    def forward(self, x: Tensor, idx: Tensor, B: int, T: int, key_keep: Tensor, valid_lens: Tensor) -> Tensor:
         p, train = self.p, self.training
         if self.pre:
-            x = x + dropout(self.attend(self.norm1(x), idx, B, T, key_keep), p, train)
+            x = x + dropout(self.attend(self.norm1(x), idx, B, T, key_keep, valid_lens), p, train)
             return x + dropout(self.ffn(self.norm2(x)), p, train)
-        x = self.add_norm(self.attend(x, idx, B, T, key_keep), x, self.norm1)
+        x = self.add_norm(self.attend(x, idx, B, T, key_keep, valid_lens), x, self.norm1)
         return self.add_norm(self.ffn(x), x, self.norm2)
 
     def add_norm(self, y: Tensor, x: Tensor, norm: nn.LayerNorm) -> Tensor:
@@ -159,7 +165,7 @@ class BERT(nn.Module):
              + gather_rows(seg_pos, segments.flatten()[idx].long() * T + idx % T))  # (N, H)
         key_keep = (torch.arange(T, device=tokens.device) < valid_lens[:, None]).view(B, 1, 1, T)
         for block in self.blocks:
-            x = block(x, idx, B, T, key_keep)
+            x = block(x, idx, B, T, key_keep, valid_lens)
         return self.final_norm(x), idx
 
     def encode(self, tokens: Tensor, segments: Tensor, valid_lens: Tensor) -> Tensor:

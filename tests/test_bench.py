@@ -188,7 +188,7 @@ def test_kernels_bench_runs_every_lever():
     out = subprocess.run([sys.executable, "-m", "bench.kernels", "--rounds", "1", "--micro-batches", "16"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300, check=True).stdout
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    assert len(rows) == 4 and all(r["new_ms"] > 0 and r["before_ms"] > 0 for r in rows)
+    assert len(rows) == 5 and all(r["new_ms"] > 0 and r["before_ms"] > 0 for r in rows)
 
 
 def test_ab_bench_times_each_checkout_in_its_own_process(tmp_path):

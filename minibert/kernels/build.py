@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "dropout.cpp", CSRC / "addnorm.cpp", CSRC / "softmax_xent.cpp")
+SOURCES = (CSRC / "dropout.cpp", CSRC / "addnorm.cpp", CSRC / "softmax_xent.cpp", CSRC / "attention.cpp")
 HEADERS = (CSRC / "bits.h",)
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17")
 _STALE_LOCK_S = 600  # a build lock older than this was left by a killed build

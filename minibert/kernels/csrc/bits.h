@@ -1,5 +1,6 @@
-// Shared helpers of minibert's CPU kernels: the dropout bit stream and bf16 <-> fp32.
+// Shared helpers of minibert's CPU kernels: the dropout bit stream, bf16 <-> fp32, a vectorizable exp.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -38,6 +39,26 @@ inline uint16_t float_to_bf16(float f) {
   std::memcpy(&u, &f, 4);
   uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   return (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t((u >> 16) | 0x40u) : uint16_t(rounded);
+}
+
+// exp(x) for float lanes: Cephes' expf (range reduction by ln 2, degree-6 polynomial), ~1 ulp;
+// written out so GCC vectorizes it (libm's expf does not vectorize without -ffast-math).
+inline float fast_exp(float x) {
+  x = x < -87.0f ? -87.0f : x;  // plain compares, not fmin/fmax: those are libm calls here
+  x = x > 88.0f ? 88.0f : x;
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const uint32_t bits = uint32_t(int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return y * scale;
 }
 
 }  // namespace minibert

@@ -15,26 +15,6 @@
 
 namespace minibert {
 
-// exp(x) for float lanes: Cephes' expf (range reduction by ln 2, degree-6 polynomial), ~1 ulp;
-// written out so GCC vectorizes it (libm's expf does not vectorize without -ffast-math).
-inline float fast_exp(float x) {
-  x = x < -87.0f ? -87.0f : x;  // plain compares, not fmin/fmax: those are libm calls here
-  x = x > 88.0f ? 88.0f : x;
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
-  const uint32_t bits = uint32_t(int32_t(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return y * scale;
-}
-
 inline float load(float v) { return v; }
 inline float load(uint16_t v) { return bf16_to_float(v); }
 inline void store(float* p, float v) { *p = v; }

@@ -182,79 +182,85 @@ namespace {
 
 constexpr int64_t kRowsPerTask = 64;
 
-template <typename T>
-void softmax_dropout_impl(const T* __restrict s, T* __restrict prob, T* __restrict dropped,
-                          const int64_t* __restrict valid, int64_t Bh, int64_t heads, int64_t Tq, int64_t Tk,
-                          float scale, uint64_t seed, uint32_t cut, float keep_scale) {
+// Every row of (B*h, Tq, Tk) weights, in parallel: real(row, L, scratch, bits) for a real query
+// (index < its pair's valid length L), with the row's 16-bit dropout draws in bits and Tk floats of
+// scratch; pad(row) for a pad query.
+template <typename Real, typename Pad>
+void for_rows(int64_t Bh, int64_t heads, int64_t Tq, int64_t Tk, const int64_t* __restrict valid, uint64_t seed,
+              const Real& real, const Pad& pad) {
   const int64_t rows = Bh * Tq;
   at::parallel_for(0, (rows + kRowsPerTask - 1) / kRowsPerTask, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> e(Tk);
+    std::vector<float> scratch(Tk);
     std::vector<uint16_t> bits(Tk);
     std::vector<uint64_t> words(Tk / 4 + 2);
     for (int64_t task = t0; task < t1; ++task)
       for (int64_t row = task * kRowsPerTask; row < std::min(rows, (task + 1) * kRowsPerTask); ++row) {
-        const int64_t L = valid[row / Tq / heads], i = row % Tq;
-        const T* __restrict srow = s + row * Tk;
-        T* __restrict prow = prob + row * Tk;
-        T* __restrict drow = dropped + row * Tk;
-        if (i >= L) {  // a pad query: never read into a loss
-          for (int64_t j = 0; j < Tk; ++j) store(prow + j, 0.f), store(drow + j, 0.f);
+        const int64_t L = valid[row / Tq / heads];
+        if (row % Tq >= L) {
+          pad(row);
           continue;
         }
-        float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-        for (int64_t j = 0; j < L; ++j) {
-          e[j] = load(srow[j]) * scale;
-          m = e[j] > m ? e[j] : m;
-        }
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < L; ++j) {
-          e[j] = fast_exp(e[j] - m);
-          sum += e[j];
-        }
-        const float inv = 1.f / sum;
-        fill_bits(seed, row * Tk, Tk, bits.data(), words.data());
-        for (int64_t j = 0; j < L; ++j) {
-          const float pj = e[j] * inv;
-          store(prow + j, pj);
-          store(drow + j, pj * keep_scale * float(uint32_t(bits[j]) >= cut));
-        }
-        for (int64_t j = L; j < Tk; ++j) store(prow + j, 0.f), store(drow + j, 0.f);  // masked pad keys
+        fill_bits(seed, row * Tk, Tk, bits.data(), words.data());  // element index of the (B, h, T, T) weights
+        real(row, L, scratch.data(), bits.data());
       }
   });
+}
+
+template <typename T>
+void softmax_dropout_impl(const T* __restrict s, T* __restrict prob, T* __restrict dropped,
+                          const int64_t* __restrict valid, int64_t Bh, int64_t heads, int64_t Tq, int64_t Tk,
+                          float scale, uint64_t seed, uint32_t cut, float keep_scale) {
+  auto zero_from = [&](int64_t row, int64_t j0) {  // pad keys (and whole pad queries) get weight 0
+    for (int64_t j = j0; j < Tk; ++j) store(prob + row * Tk + j, 0.f), store(dropped + row * Tk + j, 0.f);
+  };
+  auto real = [&](int64_t row, int64_t L, float* __restrict e, const uint16_t* __restrict bits) {
+    const T* __restrict srow = s + row * Tk;
+    T* __restrict prow = prob + row * Tk;
+    T* __restrict drow = dropped + row * Tk;
+    float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < L; ++j) {
+      e[j] = load(srow[j]) * scale;
+      m = e[j] > m ? e[j] : m;
+    }
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < L; ++j) {
+      e[j] = fast_exp(e[j] - m);
+      sum += e[j];
+    }
+    const float inv = 1.f / sum;
+    for (int64_t j = 0; j < L; ++j) {
+      const float pj = e[j] * inv;
+      store(prow + j, pj);
+      store(drow + j, pj * keep_scale * float(uint32_t(bits[j]) >= cut));
+    }
+    zero_from(row, L);
+  };
+  for_rows(Bh, heads, Tq, Tk, valid, seed, real, [&](int64_t row) { zero_from(row, 0); });
 }
 
 template <typename T>
 void softmax_dropout_backward_impl(const T* __restrict dd, const T* __restrict prob, T* __restrict ds,
                                    const int64_t* __restrict valid, int64_t Bh, int64_t heads, int64_t Tq,
                                    int64_t Tk, float scale, uint64_t seed, uint32_t cut, float keep_scale) {
-  const int64_t rows = Bh * Tq;
-  at::parallel_for(0, (rows + kRowsPerTask - 1) / kRowsPerTask, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> dp(Tk);
-    std::vector<uint16_t> bits(Tk);
-    std::vector<uint64_t> words(Tk / 4 + 2);
-    for (int64_t task = t0; task < t1; ++task)
-      for (int64_t row = task * kRowsPerTask; row < std::min(rows, (task + 1) * kRowsPerTask); ++row) {
-        const int64_t L = valid[row / Tq / heads], i = row % Tq;
-        T* __restrict out = ds + row * Tk;
-        if (i >= L) {
-          for (int64_t j = 0; j < Tk; ++j) store(out + j, 0.f);
-          continue;
-        }
-        const T* __restrict drow = dd + row * Tk;
-        const T* __restrict prow = prob + row * Tk;
-        fill_bits(seed, row * Tk, Tk, bits.data(), words.data());
-        float dot = 0.f;
+  auto zero_from = [&](int64_t row, int64_t j0) {
+    for (int64_t j = j0; j < Tk; ++j) store(ds + row * Tk + j, 0.f);
+  };
+  auto real = [&](int64_t row, int64_t L, float* __restrict dp, const uint16_t* __restrict bits) {
+    const T* __restrict drow = dd + row * Tk;
+    const T* __restrict prow = prob + row * Tk;
+    T* __restrict out = ds + row * Tk;
+    float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t j = 0; j < L; ++j) {
-          dp[j] = load(drow[j]) * keep_scale * float(uint32_t(bits[j]) >= cut);  // d(loss)/d(softmax)
-          dot += dp[j] * load(prow[j]);
-        }
-        for (int64_t j = 0; j < L; ++j) store(out + j, scale * load(prow[j]) * (dp[j] - dot));
-        for (int64_t j = L; j < Tk; ++j) store(out + j, 0.f);
-      }
-  });
+    for (int64_t j = 0; j < L; ++j) {
+      dp[j] = load(drow[j]) * keep_scale * float(uint32_t(bits[j]) >= cut);  // d(loss)/d(softmax)
+      dot += dp[j] * load(prow[j]);
+    }
+    for (int64_t j = 0; j < L; ++j) store(out + j, scale * load(prow[j]) * (dp[j] - dot));
+    zero_from(row, L);
+  };
+  for_rows(Bh, heads, Tq, Tk, valid, seed, real, [&](int64_t row) { zero_from(row, 0); });
 }
 
 void check_scores(const at::Tensor& s, const at::Tensor& valid, int64_t heads, const char* who) {

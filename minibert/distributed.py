@@ -81,8 +81,20 @@ def shutdown(clean: bool = True) -> None:
     same): the process exits and the launcher ends the rest."""
     if not dist.is_initialized() or not clean:
         return
-    dist.barrier()
+    # Keep the barrier's work object alive until the process exits. Otherwise gloo's worker thread
+    # destroys it once it completes, and with it the earlier collectives' tensors it holds: Python-owned
+    # tensors, so that thread takes the GIL. If the main thread meanwhile drops the last reference to the
+    # process group (DDP's Reducer is freed when `run_pretrain` returns), ~ProcessGroupGloo joins that
+    # worker while holding the GIL: a deadlock, seen once in CI as a rank stuck in ~ProcessGroupGloo
+    # (thread join) beside a gloo thread in ~AsyncBarrierWork waiting for the GIL. Held here, the work
+    # is released by the main thread at exit.
+    work = dist.barrier(async_op=True)
+    work.wait()
+    _FINISHED_WORK.append(work)
     dist.destroy_process_group()
+
+
+_FINISHED_WORK: list = []  # see shutdown()
 
 
 def all_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:

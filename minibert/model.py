@@ -103,18 +103,21 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(H)
 
     def attend(self, x: Tensor, idx: Tensor, B: int, T: int, key_keep: Tensor, valid_lens: Tensor) -> Tensor:
-        N, H = x.shape
-        h = self.heads
         qkv = self.qkv(x)  # (N, 3H)
         if self.training and self.p > 0 and x.device.type == "cpu":
             # rows -> heads, masked softmax + dropout, heads -> rows as single passes (kernels/attention.py)
-            return self.out(attention_rows(qkv, idx, valid_lens, T, h, self.p))
+            return self.out(attention_rows(qkv, idx, valid_lens, T, self.heads, self.p))
+        return self.out(self.attend_padded(qkv, idx, B, T, key_keep))
+
+    def attend_padded(self, qkv: Tensor, idx: Tensor, B: int, T: int, key_keep: Tensor) -> Tensor:
+        """The same attention in torch ops on the padded (B, h, T, dh) layout: inference, GPUs. (N, H)."""
+        N, H = qkv.shape[0], qkv.shape[1] // 3
+        h = self.heads
         padded = qkv.new_zeros(B * T, 3 * H)
         padded.index_copy_(0, idx, qkv)  # (B*T, 3H), zeros at pads
         q, k, v = padded.view(B, T, 3, h, H // h).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, T, dh)
         ctx = attention(q, k, v, key_keep, self.p, self.training)  # (B, h, T, dh)
-        ctx = ctx.transpose(1, 2).reshape(B * T, H).index_select(0, idx)  # (N, H)
-        return self.out(ctx)
+        return ctx.transpose(1, 2).reshape(B * T, H).index_select(0, idx)  # (N, H)
 
     def ffn(self, x: Tensor) -> Tensor:
         return self.ffn2(F.relu(self.ffn1(x)))

@@ -372,3 +372,30 @@ def test_compiled_model_runs_the_kernels_with_the_same_losses():
         out.append((torch.stack([mlm, nsp]).detach(), m.get_parameter("blocks.0.qkv.weight").grad))
     torch.testing.assert_close(out[0][0], out[1][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[0][1], out[1][1], atol=1e-5, rtol=1e-4)
+
+
+def test_cpu_training_attention_is_the_padded_torch_attention_with_the_same_dropout():
+    """Block.attend on CPU in training runs the fused kernels (kernels/attention.py); the padded torch-op
+    path (inference, GPUs) must give the same rows and gradients from the same global RNG state: the
+    seed drawn and the elements dropped are the same, only the roundings differ."""
+    from minibert.model import Block, token_layout
+
+    cfg = ModelConfig(num_layers=1, hidden=15, heads=3, ffn_hidden=37, dropout=0.3, max_len=13)
+    block = build_model(cfg, 99, 0).blocks[0].train()
+    valid = torch.tensor([13, 4, 9, 1, 11, 7, 12])
+    B, T = len(valid), 13
+    idx = token_layout(valid, T)  # real rows, then fillers at pad positions (bucketed)
+    n = int(valid.sum())
+    key_keep = (torch.arange(T) < valid[:, None]).view(B, 1, 1, T)
+    qkv = torch.randn(len(idx), 3 * 15, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    up = torch.randn(n, 15, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(7)
+    from minibert.kernels.attention import attention_rows
+    fused = attention_rows(qkv, idx, valid, T, cfg.heads, cfg.dropout)[:n]
+    (g_fused,) = torch.autograd.grad(fused, qkv, up)
+    torch.manual_seed(7)
+    plain = block.attend_padded(qkv, idx, B, T, key_keep)[:n]
+    (g_plain,) = torch.autograd.grad(plain, qkv, up)
+    assert isinstance(block, Block) and (fused != 0).any()
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_fused[:n], g_plain[:n], atol=1e-5, rtol=1e-5)

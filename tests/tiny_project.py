@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -46,15 +47,47 @@ def make_workspace(root: Path, train: dict | None = None, model: dict | None = N
     return root
 
 
-def stage(root: Path, name: str, *args: str, check: bool = True, **popen) -> subprocess.CompletedProcess:
-    """Run `python -m stages.<name>` in `root` with the project importable."""
+def stage(root: Path, name: str, *args: str, check: bool = True, timeout: float | None = None
+          ) -> subprocess.CompletedProcess:
+    """Run `python -m stages.<name>` in `root` with the project importable. Past `timeout` seconds the
+    stage and every process below it are killed (a multi-rank stage's torchrun and ranks, which would
+    otherwise keep running under the rest of the suite) and the error shows what it had printed."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run([sys.executable, "-m", f"stages.{name}", "--params", "params.yaml", *args],
-                          cwd=root, env=env, capture_output=True, text=True, **popen)
+    cmd = [sys.executable, "-m", f"stages.{name}", "--params", "params.yaml", *args]
+    child = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in [child.pid, *descendants(child.pid)]:  # torchrun starts each rank in its own session
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        out, err = child.communicate()
+        raise AssertionError(f"stages.{name} did not finish within {timeout} s; it and its children were killed. "
+                             f"stdout:\n{out[-3000:]}\nstderr:\n{err[-5000:]}") from None
+    proc = subprocess.CompletedProcess(cmd, child.returncode, out, err)
     if check and proc.returncode != 0:
         raise AssertionError(f"stages.{name} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, their children, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))  # fields[1]: the parent pid
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
 
 
 def popen_stage(root: Path, name: str) -> subprocess.Popen:

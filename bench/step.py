@@ -90,8 +90,14 @@ def patched(obj, name, value):
         setattr(obj, name, old)
 
 
-def sdpa_attention(q, k, v, key_keep, p, training):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_keep, dropout_p=p if training else 0.0)
+def sdpa_attention_rows(qkv, idx, valid_lens, T, heads, p):
+    """Training attention through torch's SDPA on the padded layout, in place of kernels/attention.py."""
+    B, H = valid_lens.numel(), qkv.shape[1] // 3
+    padded = qkv.new_zeros(B * T, 3 * H).index_copy_(0, idx, qkv)  # (B*T, 3H)
+    q, k, v = padded.view(B, T, 3, heads, H // heads).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, T, dh)
+    key_keep = (torch.arange(T) < valid_lens[:, None]).view(B, 1, 1, T)
+    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=key_keep, dropout_p=p)  # (B, h, T, dh)
+    return ctx.transpose(1, 2).reshape(B * T, H).index_select(0, idx)  # (N, H)
 
 
 def torch_dropout(x, p, training):
@@ -108,7 +114,7 @@ VARIANTS = {
     "model": ("model", nullcontext, None, {}),
     "model-padded": ("model", lambda: patched(mm, "token_layout", all_tokens), None, {}),
     "model-torch-dropout": ("model", lambda: patched(mm, "dropout", torch_dropout), None, {}),
-    "model-sdpa-train": ("model", lambda: patched(mm, "attention", sdpa_attention), None, {}),
+    "model-sdpa-train": ("model", lambda: patched(mm, "attention_rows", sdpa_attention_rows), None, {}),
     "model-bf16": ("model", nullcontext, torch.bfloat16, {}),
     "model-foreach-adam": ("model", nullcontext, None, {"foreach": True}),
     "model-fused-adam": ("model", nullcontext, None, {"fused": True}),

@@ -37,7 +37,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from minibert.config import TrainConfig
+from minibert.config import ModelConfig, TrainConfig
 from minibert.heap import tune_cpu_malloc
 from minibert.kernels import build
 from minibert.kernels.addnorm import add_norm
@@ -45,7 +45,7 @@ from minibert.kernels.attention import attention_rows
 from minibert.kernels.dropout import dropout
 from minibert.kernels.softmax_xent import softmax_xent_
 from minibert.loss import linear_cross_entropy
-from minibert.model import attention, token_layout
+from minibert.model import Block, token_layout
 
 P, H, V, CHUNK = 0.2, 128, 20256, 512
 CUT = round(P * 65536) - 32768  # the old bit-mask: int16 bits >= CUT keep (drop probability round(p 2^16)/2^16)
@@ -122,12 +122,10 @@ def families(k: int) -> dict[str, tuple[int, callable, callable]]:
         for t in (att, y, x, norm.weight, norm.bias, qkv):
             t.grad = None
 
-    def eager_attention():  # minibert.model.Block.attend before kernels/attention.py
-        padded = qkv.new_zeros(B * 64, 3 * H)
-        padded.index_copy_(0, idx, qkv)  # (B*T, 3H)
-        q, k_, v = padded.view(B, 64, 3, 2, H // 2).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, T, dh)
-        ctx = attention(q, k_, v, key_keep, P, True).transpose(1, 2).reshape(B * 64, H).index_select(0, idx)
-        backward(ctx, d_ctx)
+    block = Block(ModelConfig(hidden=H, heads=2, dropout=P)).train()  # its torch-op path: the code before
+
+    def eager_attention():
+        backward(block.attend_padded(qkv, idx, B, 64, key_keep), d_ctx)
 
     def eager_addnorm():
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -22,6 +22,7 @@ from torch import nn
 import minibert.model as mm
 from minibert.config import ModelConfig
 from minibert.heap import tune_cpu_malloc
+from minibert.kernels.attention import reference_from_heads, reference_to_heads
 
 V, B, T, P = 20256, 512, 64, 10
 
@@ -92,12 +93,11 @@ def patched(obj, name, value):
 
 def sdpa_attention_rows(qkv, idx, valid_lens, T, heads, p):
     """Training attention through torch's SDPA on the padded layout, in place of kernels/attention.py."""
-    B, H = valid_lens.numel(), qkv.shape[1] // 3
-    padded = qkv.new_zeros(B * T, 3 * H).index_copy_(0, idx, qkv)  # (B*T, 3H)
-    q, k, v = padded.view(B, T, 3, heads, H // heads).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, T, dh)
+    B = valid_lens.numel()
+    q, k, v = (t.view(B, heads, T, -1) for t in reference_to_heads(qkv, idx, B, T, heads))  # 3 x (B, h, T, dh)
     key_keep = (torch.arange(T) < valid_lens[:, None]).view(B, 1, 1, T)
     ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=key_keep, dropout_p=p)  # (B, h, T, dh)
-    return ctx.transpose(1, 2).reshape(B * T, H).index_select(0, idx)  # (N, H)
+    return reference_from_heads(ctx.flatten(0, 1), idx, heads)  # (N, H)
 
 
 def torch_dropout(x, p, training):

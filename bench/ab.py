@@ -4,8 +4,9 @@
 
 On the shared 2-core machines a step's time swings by +-10 % from minute to minute, so one run of each
 version compares the machine's moods, not the code. Here each round runs every checkout once, in turn,
-as its own process (its own `minibert`, its own C++ kernel build): a fresh bf16 model (the book's
-config), 2 warm-up steps, then `--steps` timed calls of that checkout's `minibert.train.train_step`
+as its own process (its own `minibert`, its own C++ kernel build): a fresh model (the book's
+config) in `--precision` (default `auto`: what `train.precision: auto` picks on this CPU, bf16 where it
+multiplies bf16 natively, fp32 elsewhere, e.g. on an AVX2-only CPU, where bf16 is emulated), 2 warm-up steps, then `--steps` timed calls of that checkout's `minibert.train.train_step`
 on the real WikiText-2 train pairs (built once by this checkout's pipeline functions, as bench.train
 does) in `fit`'s batch order. A round reports each checkout's median step; the summary gives the
 median over rounds, the best step, and each round's ratio to the first checkout (a burst of load
@@ -23,14 +24,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from bench.train import DEFAULT_DATA, load_splits
 from minibert import layout
+from minibert.train import resolve_precision
 from minibert.artifacts import save_arrays
 
 CHILD = """
 import json, sys, time
-code, pairs, steps, micro = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+code, pairs, steps, micro, precision = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 sys.path.insert(0, code)
 import torch
 from safetensors.numpy import load_file
@@ -40,8 +43,9 @@ from minibert.batches import take, to_tensors
 from minibert.config import ModelConfig, TrainConfig
 from minibert.heap import tune_cpu_malloc
 from minibert.model import build_model
-from minibert.train import batch_indices, make_optimizer, train_step
+from minibert.train import batch_indices, make_optimizer, resolve_precision, train_step
 tune_cpu_malloc()
+dtype = resolve_precision(precision, torch.device("cpu"))
 arrays = load_file(pairs)
 vocab = int(arrays.pop("vocab_size")[0])
 data = to_tensors(arrays, torch.device("cpu"))
@@ -52,15 +56,16 @@ for s in range(2 + steps):
     torch.manual_seed(s)
     batch = take(data, batch_indices(s, n, 512, 0))
     t0 = time.perf_counter()
-    mlm, _ = train_step(model, opt, None, batch, 1.0, 1.0, torch.bfloat16, torch.device("cpu"), micro)
+    mlm, _ = train_step(model, opt, None, batch, 1.0, 1.0, dtype, torch.device("cpu"), micro)
     float(mlm)
     times.append(time.perf_counter() - t0)
 print(json.dumps({"ms": [round(t * 1e3, 2) for t in times[2:]], "mlm_last": float(mlm)}))
 """
 
 
-def run_one(code: Path, pairs: Path, steps: int, micro: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(code), str(pairs), str(steps), str(micro)], cwd=code,
+def run_one(code: Path, pairs: Path, steps: int, micro: int, precision: str = "auto") -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, str(code), str(pairs), str(steps), str(micro), precision],
+                         cwd=code,
                          capture_output=True, text=True)
     if out.returncode:
         tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
@@ -74,6 +79,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per checkout per round (after 2 warm-up)")
     ap.add_argument("--micro-batches", type=int, default=4)
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="train.precision of every checkout (auto: bf16 where the CPU has bf16 instructions)")
     ap.add_argument("--data", default=DEFAULT_DATA, help="WikiText-2 folder or zip (pairs built in-process)")
     ap.add_argument("--pairs", type=Path, default=layout.PAIRS, help="pipeline pairs folder, used if present")
     a = ap.parse_args()
@@ -90,11 +97,12 @@ def main() -> None:
         pairs = Path(tmp) / "train.safetensors"
         save_arrays(pairs, {**splits["train"], "vocab_size": np.array([vocab], dtype=np.int64)})
         print(f"train pairs: {len(splits['train']['nsp_labels'])} ({source}); {a.rounds} rounds x {a.steps} steps, "
-              f"bf16, {a.micro_batches} micro-batches", file=sys.stderr)
+              f"{a.precision} ({resolve_precision(a.precision, torch.device('cpu')) or 'fp32'}), "
+              f"{a.micro_batches} micro-batches", file=sys.stderr)
         for r in range(a.rounds):
             for i, c in enumerate(codes):
                 t0 = time.perf_counter()
-                res = run_one(c, pairs, a.steps, a.micro_batches)
+                res = run_one(c, pairs, a.steps, a.micro_batches, a.precision)
                 med = statistics.median(res["ms"])
                 medians[i].append(med)
                 best[i] = min(best[i], min(res["ms"]))

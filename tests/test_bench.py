@@ -208,6 +208,19 @@ def test_ab_bench_times_each_checkout_in_its_own_process(tmp_path):
     assert bad.returncode != 0 and "not a minibert checkout" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
+def test_ab_bench_trains_in_the_precision_asked_for():
+    """--precision reaches the child: fp32 and auto train the same bits on a CPU without bf16 instructions
+    (auto picks fp32 there) and different ones where the CPU multiplies bf16 (auto picks bf16)."""
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    native_bf16 = any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+    last = {}
+    for precision in ("fp32", "auto"):
+        out = subprocess.run([sys.executable, "-m", "bench.ab", "--rounds", "1", "--steps", "1", "--precision",
+                              precision], cwd=ROOT, capture_output=True, text=True, timeout=600, check=True).stdout
+        last[precision] = next(json.loads(line) for line in out.splitlines() if '"ab"' in line)["mlm_last"]
+    assert (last["fp32"] != last["auto"]) == native_bf16
+
+
 def test_outage_bench_runs_the_stage_against_a_real_server_killed_mid_run():
     """bench.outage builds its own workspace (train and valid pairs: the stage's held-out curve reads
     both) and runs the real pretrain stage twice, the server SIGKILLed in the second run."""

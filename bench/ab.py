@@ -1,12 +1,13 @@
 """Whole training steps of two (or more) checkouts, interleaved: is one code version faster than another?
 
-    python -m bench.ab --code OTHER_CHECKOUT . [--rounds 8] [--steps 10] [--micro-batches 4] [--data PATH]
+    python -m bench.ab --code OTHER_CHECKOUT . [--rounds 8] [--steps 10] [--micro-batches 4] [--precision auto] [--data PATH]
 
 On the shared 2-core machines a step's time swings by +-10 % from minute to minute, so one run of each
 version compares the machine's moods, not the code. Here each round runs every checkout once, in turn,
 as its own process (its own `minibert`, its own C++ kernel build): a fresh model (the book's
 config) in `--precision` (default `auto`: what `train.precision: auto` picks on this CPU, bf16 where it
-multiplies bf16 natively, fp32 elsewhere, e.g. on an AVX2-only CPU, where bf16 is emulated), 2 warm-up steps, then `--steps` timed calls of that checkout's `minibert.train.train_step`
+multiplies bf16 natively, fp32 elsewhere, e.g. on an AVX2-only CPU, where bf16 is emulated), 2 warm-up
+steps, then `--steps` timed calls of that checkout's `minibert.train.train_step`
 on the real WikiText-2 train pairs (built once by this checkout's pipeline functions, as bench.train
 does) in `fit`'s batch order. A round reports each checkout's median step; the summary gives the
 median over rounds, the best step, and each round's ratio to the first checkout (a burst of load
@@ -65,8 +66,7 @@ print(json.dumps({"ms": [round(t * 1e3, 2) for t in times[2:]], "mlm_last": floa
 
 def run_one(code: Path, pairs: Path, steps: int, micro: int, precision: str = "auto") -> dict:
     out = subprocess.run([sys.executable, "-c", CHILD, str(code), str(pairs), str(steps), str(micro), precision],
-                         cwd=code,
-                         capture_output=True, text=True)
+                         cwd=code, capture_output=True, text=True)
     if out.returncode:
         tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
         raise SystemExit(f"bench.ab: {code}: the child failed ({tail})")

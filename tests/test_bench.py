@@ -21,6 +21,7 @@ from minibert.pairs import make_pairs
 from minibert.batches import take, to_tensors
 from minibert.train import make_optimizer, train_step
 from minibert.vocab import build_vocab, encode_paragraphs
+from tests.test_train import cpu_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -211,8 +212,7 @@ def test_ab_bench_times_each_checkout_in_its_own_process(tmp_path):
 def test_ab_bench_trains_in_the_precision_asked_for():
     """--precision reaches the child: fp32 and auto train the same bits on a CPU without bf16 instructions
     (auto picks fp32 there) and different ones where the CPU multiplies bf16 (auto picks bf16)."""
-    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    native_bf16 = any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+    native_bf16 = bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
     last = {}
     for precision in ("fp32", "auto"):
         out = subprocess.run([sys.executable, "-m", "bench.ab", "--rounds", "1", "--steps", "1", "--precision",

@@ -218,7 +218,9 @@ ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
 def cpu_kind(cpuinfo: str) -> str:
     """The microarchitecture from /proc/cpuinfo's vendor, family and model, e.g. "AMD Zen 4 (family 25
     model 17)": the model name of a cloud VM is often just "AMD EPYC", and Zen 4 and Zen 5 both have
-    AVX512-BF16 but differ 2x in bf16 matmul rate (Zen 5 has full-width 512-bit units)."""
+    AVX512-BF16 but differ 2x in bf16 matmul rate (Zen 5 has full-width 512-bit units). A chip whose silicon
+    has AVX-512 but whose flags lack avx512f gets ", AVX-512 hidden": a hypervisor masked it, so torch (and
+    `precision: auto`) sees an AVX2 CPU, and its figures belong to that kind, not to the chip's name."""
     first = {}
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
@@ -227,17 +229,27 @@ def cpu_kind(cpuinfo: str) -> str:
     if not (family.isdigit() and model.isdigit()):
         return platform.processor() or "unknown"
     f, m = int(family), int(model)
-    where = f"family {f} model {m}"
+    masked = "flags" in first and "avx512f" not in first["flags"].split()
     if vendor == "AuthenticAMD":
         name = {23: "Zen 2" if m >= 0x30 else "Zen/Zen+", 26: "Zen 5"}.get(f)
         if f == 25:
             name = "Zen 4" if 0x10 <= m <= 0x1F or 0x60 <= m <= 0xAF else "Zen 3"
-        return f"AMD {name} ({where})" if name else f"AMD ({where})"
+        return f"AMD {name} ({_where(f, m, name, masked)})" if name else f"AMD ({_where(f, m, name, masked)})"
     if vendor == "GenuineIntel":
         name = {0x8F: "Sapphire Rapids", 0xCF: "Emerald Rapids", 0xAD: "Granite Rapids", 0xAE: "Granite Rapids",
                 0x6A: "Ice Lake", 0x55: "Skylake/Cascade Lake"}.get(m) if f == 6 else None
-        return f"Intel {name} ({where})" if name else f"Intel ({where})"
-    return f"{vendor or 'unknown'} ({where})"
+        return f"Intel {name} ({_where(f, m, name, masked)})" if name else f"Intel ({_where(f, m, name, masked)})"
+    return f"{vendor or 'unknown'} ({_where(f, m, None, masked)})"
+
+
+# microarchitectures whose every part executes AVX-512 (Zen 4 double-pumps it, Zen 5 runs it full width)
+AVX512_SILICON = {"Zen 4", "Zen 5", "Sapphire Rapids", "Emerald Rapids", "Granite Rapids", "Ice Lake",
+                  "Skylake/Cascade Lake"}
+
+
+def _where(family: int, model: int, name: str | None, masked: bool) -> str:
+    hidden = ", AVX-512 hidden" if masked and name in AVX512_SILICON else ""
+    return f"family {family} model {model}{hidden}"
 
 
 def runnable_precisions(precisions: list[str], fast_bf16: bool) -> tuple[list[str], list[str]]:

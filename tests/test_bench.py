@@ -103,6 +103,17 @@ def test_cpu_kind_names_the_microarchitecture_from_family_and_model(vendor, fami
     assert cpu_kind(cpuinfo) == f"{want} (family {family} model {model})"  # the first CPU's fields
 
 
+@pytest.mark.parametrize("family,model,flags,want", [
+    (25, 17, "fpu avx avx2 fma", "AMD Zen 4 (family 25 model 17, AVX-512 hidden)"),  # a masking hypervisor
+    (25, 17, "fpu avx2 avx512f avx512_bf16", "AMD Zen 4 (family 25 model 17)"),
+    (25, 1, "fpu avx avx2 fma", "AMD Zen 3 (family 25 model 1)"),  # Zen 3 never had AVX-512: nothing hidden
+])
+def test_cpu_kind_says_when_a_hypervisor_hides_the_chips_avx512(family, model, flags, want):
+    cpuinfo = (f"processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel\t\t: {model}\n"
+               f"flags\t\t: {flags}\n")
+    assert cpu_kind(cpuinfo) == want
+
+
 def test_train_bench_reports_every_figure_per_precision():
     rows = run_bench("bench.train", "--steps", "1", "--warmup", "1", "--precision", "fp32,bf16",
                      "--micro-batches", "2,1")

@@ -118,11 +118,17 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
-    """Up to `parts` interleaved micro-batches (rows j, j + parts, ...), each trimmed to its longest pair."""
+    """Up to `parts` micro-batches of pairs of similar length, each trimmed to its longest pair.
+
+    The batch is sorted by valid length (stable: ties keep batch order) and cut into contiguous runs.
+    Interleaved rows (j, j + parts, ...) left every micro-batch as long as the batch's longest pair
+    (~64 at WikiText-2's lengths); sorted runs are ~40, 48, 56 and 64 long, so the attention's padded
+    (T, T) work drops to ~2/3. The gradient is the same: train_step weights each pass by its share."""
     n = len(batch["nsp_labels"])
     if parts <= 1 or n <= 1:
         return [batch]
-    return [take(batch, np.arange(j, n, parts)) for j in range(min(parts, n))]
+    order = np.argsort(batch["valid_lens"].cpu().numpy(), kind="stable")
+    return [take(batch, idx) for idx in np.array_split(order, min(parts, n))]
 
 
 def train_step(model, opt, scaler, batch: dict[str, torch.Tensor], scale_mlm: float, scale_nsp: float,

@@ -64,6 +64,22 @@ def test_micro_batches_give_the_one_pass_gradient_and_losses(parts):
         torch.testing.assert_close(g1[n], gk[n], atol=1e-6, rtol=1e-5, msg=n)
 
 
+def test_micro_batches_hold_pairs_of_similar_length_each_trimmed_to_its_longest():
+    from tiny_project import tiny_batch
+
+    keys = ("token_ids", "segments", "valid_lens", "pred_positions", "mlm_weights", "mlm_labels", "nsp_labels")
+    lens = [13, 5, 9, 7, 13, 6, 11]
+    batch = dict(zip(keys, tiny_batch(lens, [3, 1, 2, 3, 2, 1, 3])))
+    parts = split_batch(batch, 3)
+    # by hand: sorted 5 6 7 | 9 11 | 13 13 -> padded widths 7, 11, 13 (interleaved rows gave 13, 13, 13)
+    assert [p["valid_lens"].tolist() for p in parts] == [[5, 6, 7], [9, 11], [13, 13]]
+    assert [p["token_ids"].shape[1] for p in parts] == [7, 11, 13]
+    assert [p["segments"].shape[1] for p in parts] == [7, 11, 13]
+    # each row keeps its own tokens and labels (the 11-long pair is row 6 of the batch)
+    torch.testing.assert_close(parts[1]["token_ids"][1], batch["token_ids"][6, :11])
+    torch.testing.assert_close(parts[1]["mlm_labels"][1], batch["mlm_labels"][6])
+
+
 def cpu_flags() -> set[str]:
     """The kernel's CPU feature flags, read independently of torch's probes."""
     try:

@@ -57,8 +57,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss -= softmax_xent_(g, lab, n, b, grad_b).sum()
             if need_grad:
                 torch.mm(g, w, out=grad_h[s:s + CHUNK])  # (c, H)
-                part = (g.t() @ hc).float()  # (V, H), accumulated in fp32
-                grad_w = part if grad_w is None else grad_w.add_(part)
+                if grad_w is None:
+                    grad_w = (g.t() @ hc).float()  # (V, H), accumulated in fp32
+                elif dtype == torch.float32:
+                    grad_w.addmm_(g.t(), hc)  # summed inside the GEMM: no (V, H) temporary, no extra pass
+                else:
+                    grad_w.add_(g.t() @ hc)  # the bf16 product added into fp32 directly (no fp32 copy)
         if need_grad and grad_w is None:  # no slots at all
             grad_w = torch.zeros(w.shape, dtype=torch.float32, device=h.device)
         ctx.save_for_backward(grad_h[:M] if need_grad else None, grad_w, grad_b)

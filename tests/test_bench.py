@@ -19,7 +19,7 @@ from minibert.config import ModelConfig, PairsConfig, TrainConfig
 from minibert.model import build_model
 from minibert.pairs import make_pairs
 from minibert.batches import take, to_tensors
-from minibert.train import make_optimizer, train_step
+from minibert.train import batch_indices, make_optimizer, train_step
 from minibert.vocab import build_vocab, encode_paragraphs
 from tests.test_train import cpu_flags
 
@@ -201,6 +201,19 @@ def test_kernels_bench_runs_every_lever():
                          capture_output=True, text=True, timeout=300, check=True).stdout
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert len(rows) == 5 and all(r["new_ms"] > 0 and r["before_ms"] > 0 for r in rows)
+
+
+def test_split_bench_times_both_splits_on_fits_batches():
+    """bench.split's micro-batch widths, recomputed here from the batches' valid lengths with plain numpy:
+    interleaved rows j::4 (each as long as its longest), sorted lengths cut into 4 runs."""
+    rows = run_bench("bench.split", "--batches", "2", "--rounds", "1", "--precision", "fp32")
+    by = {r["split"]: r for r in rows if r["bench"] == "split"}
+    lens = load_splits(("train",), os.environ["MINIBERT_DATA"], Path("/nonexistent/pairs"))[0]["train"]["valid_lens"]
+    for s in range(2):
+        batch = lens[batch_indices(s, len(lens), 512, 0)]
+        assert by["interleaved"]["widths"][s] == [int(batch[j::4].max()) for j in range(4)]
+        assert by["sorted"]["widths"][s] == [int(run.max()) for run in np.array_split(np.sort(batch), 4)]
+    assert by["sorted"]["attention_area_vs_interleaved"] < 0.9 and by["interleaved"]["ms_step"] > 0
 
 
 def test_ab_bench_times_each_checkout_in_its_own_process(tmp_path):

@@ -229,27 +229,25 @@ def cpu_kind(cpuinfo: str) -> str:
     if not (family.isdigit() and model.isdigit()):
         return platform.processor() or "unknown"
     f, m = int(family), int(model)
-    masked = "flags" in first and "avx512f" not in first["flags"].split()
     if vendor == "AuthenticAMD":
         name = {23: "Zen 2" if m >= 0x30 else "Zen/Zen+", 26: "Zen 5"}.get(f)
         if f == 25:
             name = "Zen 4" if 0x10 <= m <= 0x1F or 0x60 <= m <= 0xAF else "Zen 3"
-        return f"AMD {name} ({_where(f, m, name, masked)})" if name else f"AMD ({_where(f, m, name, masked)})"
-    if vendor == "GenuineIntel":
+        label = f"AMD {name}" if name else "AMD"
+    elif vendor == "GenuineIntel":
         name = {0x8F: "Sapphire Rapids", 0xCF: "Emerald Rapids", 0xAD: "Granite Rapids", 0xAE: "Granite Rapids",
                 0x6A: "Ice Lake", 0x55: "Skylake/Cascade Lake"}.get(m) if f == 6 else None
-        return f"Intel {name} ({_where(f, m, name, masked)})" if name else f"Intel ({_where(f, m, name, masked)})"
-    return f"{vendor or 'unknown'} ({_where(f, m, None, masked)})"
+        label = f"Intel {name}" if name else "Intel"
+    else:
+        name, label = None, vendor or "unknown"
+    masked = "flags" in first and "avx512f" not in first["flags"].split()
+    hidden = ", AVX-512 hidden" if masked and name in AVX512_SILICON else ""
+    return f"{label} (family {f} model {m}{hidden})"
 
 
 # microarchitectures whose every part executes AVX-512 (Zen 4 double-pumps it, Zen 5 runs it full width)
 AVX512_SILICON = {"Zen 4", "Zen 5", "Sapphire Rapids", "Emerald Rapids", "Granite Rapids", "Ice Lake",
                   "Skylake/Cascade Lake"}
-
-
-def _where(family: int, model: int, name: str | None, masked: bool) -> str:
-    hidden = ", AVX-512 hidden" if masked and name in AVX512_SILICON else ""
-    return f"family {family} model {model}{hidden}"
 
 
 def runnable_precisions(precisions: list[str], fast_bf16: bool) -> tuple[list[str], list[str]]:

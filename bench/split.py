@@ -75,9 +75,9 @@ def main() -> None:
         mt.split_batch = variants["sorted"]
     area = {}
     for name, split in variants.items():
-        widths = [[p["token_ids"].shape[1] for p in split(b, a.micro_batches)] for b in batches]
-        area[name] = sum(len(p["nsp_labels"]) * p["token_ids"].shape[1] ** 2 for b in batches
-                         for p in split(b, a.micro_batches))
+        parts = [split(b, a.micro_batches) for b in batches]
+        widths = [[p["token_ids"].shape[1] for p in ps] for ps in parts]
+        area[name] = sum(len(p["nsp_labels"]) * p["token_ids"].shape[1] ** 2 for ps in parts for p in ps)
         print(json.dumps({"bench": "split", "split": name, "ms_step": round(sum(best[name]) / a.batches * 1e3, 1),
                           "widths": widths, "attention_area_vs_interleaved": round(area[name] / area["interleaved"], 3)}))
     print(json.dumps({"bench": "split_summary", "sorted_vs_interleaved": round(sum(best["sorted"]) /

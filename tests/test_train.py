@@ -48,8 +48,7 @@ def test_micro_batches_give_the_one_pass_gradient_and_losses(parts):
     from tiny_project import tiny_batch
 
     torch.manual_seed(0)
-    keys = ("token_ids", "segments", "valid_lens", "pred_positions", "mlm_weights", "mlm_labels", "nsp_labels")
-    batch = dict(zip(keys, tiny_batch([13, 5, 9, 7, 13, 6, 11], [3, 1, 2, 3, 2, 1, 3])))
+    batch = dict(zip(FIELDS, tiny_batch([13, 5, 9, 7, 13, 6, 11], [3, 1, 2, 3, 2, 1, 3])))
     assert sum(len(p["nsp_labels"]) for p in split_batch(batch, parts)) == 7
     cfg = ModelConfig(num_layers=2, hidden=12, heads=3, ffn_hidden=37, dropout=0.0, max_len=13)
     got = []
@@ -67,9 +66,8 @@ def test_micro_batches_give_the_one_pass_gradient_and_losses(parts):
 def test_micro_batches_hold_pairs_of_similar_length_each_trimmed_to_its_longest():
     from tiny_project import tiny_batch
 
-    keys = ("token_ids", "segments", "valid_lens", "pred_positions", "mlm_weights", "mlm_labels", "nsp_labels")
     lens = [13, 5, 9, 7, 13, 6, 11]
-    batch = dict(zip(keys, tiny_batch(lens, [3, 1, 2, 3, 2, 1, 3])))
+    batch = dict(zip(FIELDS, tiny_batch(lens, [3, 1, 2, 3, 2, 1, 3])))
     parts = split_batch(batch, 3)
     # by hand: sorted 5 6 7 | 9 11 | 13 13 -> padded widths 7, 11, 13 (interleaved rows gave 13, 13, 13)
     assert [p["valid_lens"].tolist() for p in parts] == [[5, 6, 7], [9, 11], [13, 13]]

@@ -17,6 +17,9 @@ over 1024^3, 2048^3 and 3072^3 in the precision's dtype, printed with its spread
 run divides by the same figure. The CPU's ISA flags (avx512_bf16, amx_bf16, ...) are printed too.
 `ceiling` is pairs/s / MFU: the rate if all of the step's FLOPs ran at that peak and nothing else
 took time, so `ceil x d2l` bounds what any implementation of the book's FLOPs can reach on this CPU.
+`RSS +MB` is resident memory after the last timed step minus at the end of warm-up: a run whose memory
+keeps growing (oneDNN's per-shape primitives on the bf16 kinds, heap fragmentation) shows it there;
+`distinct_widths` (JSON) counts the micro-batch widths T the timed steps used.
 
 Data: `--pairs DIR` (default data/pairs, the pipeline's output, with data/tokens/vocab.txt) when it
 holds train.safetensors; otherwise the pairs are built in-process from `--data` (MINIBERT_DATA or
@@ -56,6 +59,7 @@ from minibert.train import (
     cpu_has_fast_bf16,
     make_optimizer,
     resolve_precision,
+    split_batch,
     step_seed,
     train_step,
 )
@@ -159,6 +163,11 @@ def phase_marks(opt: torch.optim.Optimizer):
         handle.remove()
 
 
+def resident_mb() -> float:
+    """This process's resident memory now (not the peak): /proc/self/statm's second field, in pages."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def run_precision(precision: str, pairs_file: Path, vocab_size: int, steps: int, warmup: int,
                   micro_batches: int, peak_gflops: float | None = None) -> dict:
     tuned = tune_cpu_malloc()  # first, before any big allocation (as the pretrain stage does)
@@ -171,9 +180,11 @@ def run_precision(precision: str, pairs_file: Path, vocab_size: int, steps: int,
     n = len(data["nsp_labels"])
     model = build_model(model_cfg, vocab_size, seed=cfg.seed).to(DEVICE).train()
     opt = make_optimizer(model.parameters(), cfg)
-    rows = []
+    rows, widths = [], set()
     with phase_marks(opt) as marks:
         for step in range(warmup + steps):
+            if step == warmup:
+                rss_warm = resident_mb()
             t0 = time.perf_counter()
             batch = take(data, batch_indices(step, n, cfg.batch_size, cfg.seed))
             torch.manual_seed(step_seed(cfg.seed, 0, step))
@@ -181,6 +192,8 @@ def run_precision(precision: str, pairs_file: Path, vocab_size: int, steps: int,
             t1 = time.perf_counter()
             mlm, nsp = train_step(model, opt, None, batch, 1.0, 1.0, amp_dtype, DEVICE, cfg.micro_batches)
             t2 = time.perf_counter()
+            if step >= warmup:
+                widths.update(p["token_ids"].shape[1] for p in split_batch(batch, cfg.micro_batches))
             if set(marks) != {"bwd", "opt"}:
                 raise RuntimeError("train_step no longer calls Tensor.backward and optimizer.step; update phase_marks")
             rows.append({"data": t1 - t0, "forward": marks["opt"] - t1 - marks["bwd"], "backward": marks["bwd"],
@@ -199,6 +212,9 @@ def run_precision(precision: str, pairs_file: Path, vocab_size: int, steps: int,
             "tokens_per_s": round(sum(r["tokens"] for r in timed) / total_s, 1),
             **ms, "ms_step": round(1e3 * total_s / steps, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            # Memory still growing over the timed steps: oneDNN (the bf16 GEMMs) caches a primitive per
+            # matmul shape, and the micro-batches' widths (the attention's T) vary from step to step.
+            "rss_growth_mb": round(resident_mb() - rss_warm, 1), "distinct_widths": len(widths),
             "gflop_per_step": round(sum(r["flops"] for r in timed) / steps / 1e9, 2),
             "achieved_gflops": round(achieved / 1e9, 2), "matmul_peak_gflops": round(peak / 1e9, 1),
             "mfu": round(achieved / peak, 4),
@@ -300,7 +316,7 @@ def table(rows: list[dict]) -> str:
             ("tokens_per_s", "tokens/s", "{:.0f}"), ("ms_data", "data ms", "{:.1f}"),
             ("ms_forward", "fwd ms", "{:.1f}"),
             ("ms_backward", "bwd ms", "{:.1f}"), ("ms_optimizer", "opt ms", "{:.1f}"), ("ms_step", "step ms", "{:.1f}"),
-            ("peak_rss_mb", "RSS MB", "{:.0f}"), ("achieved_gflops", "GFLOP/s", "{:.1f}"), ("mfu", "MFU", "{:.1%}"),
+            ("peak_rss_mb", "RSS MB", "{:.0f}"), ("rss_growth_mb", "RSS +MB", "{:.0f}"), ("achieved_gflops", "GFLOP/s", "{:.1f}"), ("mfu", "MFU", "{:.1%}"),
             ("vs_d2l", "x d2l", "{:.2f}"), ("ceiling_pairs_per_s", "ceiling", "{:.0f}"),
             ("ceiling_vs_d2l", "ceil x d2l", "{:.2f}")]
     cells = [[h for _, h, _ in cols]] + [[f.format(r[k]) if k in r else "-" for k, _, f in cols] for r in rows]

@@ -132,6 +132,9 @@ def test_train_bench_reports_every_figure_per_precision():
         assert_positive(r, ("pairs_per_s", "tokens_per_s", "ms_forward", "ms_backward", "ms_optimizer", "ms_step",
                             "peak_rss_mb", "gflop_per_step", "achieved_gflops", "matmul_peak_gflops", "mfu"))
         assert r["tokens_per_s"] > r["pairs_per_s"]  # several real tokens per pair
+        # resident now (statm) minus resident after warm-up: both at most the kernel's own peak (ru_maxrss)
+        assert -r["peak_rss_mb"] < r["rss_growth_mb"] < r["peak_rss_mb"]
+        assert 1 <= r["distinct_widths"] <= r["micro_batches"] * r["steps"]
         assert r["ms_step"] >= r["ms_forward"] + r["ms_backward"] + r["ms_optimizer"] - 0.2  # rounding
         # the ceiling is the same FLOPs at the peak: above the achieved rate, and exactly pairs/s at MFU 1
         batch_gflop_per_pair = r["gflop_per_step"] / r["batch_size"]

@@ -316,7 +316,8 @@ def table(rows: list[dict]) -> str:
             ("tokens_per_s", "tokens/s", "{:.0f}"), ("ms_data", "data ms", "{:.1f}"),
             ("ms_forward", "fwd ms", "{:.1f}"),
             ("ms_backward", "bwd ms", "{:.1f}"), ("ms_optimizer", "opt ms", "{:.1f}"), ("ms_step", "step ms", "{:.1f}"),
-            ("peak_rss_mb", "RSS MB", "{:.0f}"), ("rss_growth_mb", "RSS +MB", "{:.0f}"), ("achieved_gflops", "GFLOP/s", "{:.1f}"), ("mfu", "MFU", "{:.1%}"),
+            ("peak_rss_mb", "RSS MB", "{:.0f}"), ("rss_growth_mb", "RSS +MB", "{:.0f}"),
+            ("achieved_gflops", "GFLOP/s", "{:.1f}"), ("mfu", "MFU", "{:.1%}"),
             ("vs_d2l", "x d2l", "{:.2f}"), ("ceiling_pairs_per_s", "ceiling", "{:.0f}"),
             ("ceiling_vs_d2l", "ceil x d2l", "{:.2f}")]
     cells = [[h for _, h, _ in cols]] + [[f.format(r[k]) if k in r else "-" for k, _, f in cols] for r in rows]

@@ -4,7 +4,7 @@
 
 The book's config: ModelConfig() defaults, batch 512, Adam 1e-3. Each precision runs in its own
 subprocess (so `ru_maxrss`, which is process-wide, is that precision's peak): tune_cpu_malloc(), a
-fresh model, 2 warm-up steps, then N timed steps of the real `minibert.train.train_step` on the
+fresh model, 2 warm-up steps, then N timed steps of the real `minibert.training.loop.train_step` on the
 batches `fit` would draw (seed 0). Per step we time data (index + `take`), forward (+ loss),
 backward and optimizer; the split comes from hooks on the real step (the Tensor.backward calls, one
 per micro-batch, and the optimizer's step pre-hook), so no copy of train_step can drift from it.
@@ -48,13 +48,13 @@ import torch
 from bench.data import SHARED, data_dir
 from minibert import layout
 from minibert.artifacts import load_arrays, save_arrays
-from minibert.batches import take, to_tensors
+from minibert.data.batches import take, to_tensors
 from minibert.config import ModelConfig, PairsConfig, TrainConfig, VocabConfig
-from minibert.corpus import read_paragraphs, split_file
-from minibert.heap import tune_cpu_malloc
-from minibert.model import build_model
-from minibert.pairs import make_pairs
-from minibert.train import (
+from minibert.data.corpus import read_paragraphs, split_file
+from minibert.training.heap import tune_cpu_malloc
+from minibert.model.bert import build_model
+from minibert.data.pairs import make_pairs
+from minibert.training.loop import (
     batch_indices,
     cpu_has_fast_bf16,
     make_optimizer,
@@ -63,7 +63,7 @@ from minibert.train import (
     step_seed,
     train_step,
 )
-from minibert.vocab import Vocab, build_vocab, encode_paragraphs
+from minibert.data.vocab import Vocab, build_vocab, encode_paragraphs
 
 DEFAULT_DATA = os.environ.get("MINIBERT_DATA", str(SHARED / "data/wikitext-2"))
 DEVICE = torch.device("cpu")  # the issue compares against the book's code on the same CPU

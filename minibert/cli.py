@@ -119,18 +119,18 @@ def _table(df, title: str, mark: list[bool] | None = None) -> Table:
 def _load(checkpoint: Path | None, run: str | None, vocab: Path | None, tmp: Path, model: str | None = None):
     """(model, vocabulary, bert.json) from a folder, the `weights/` artifacts of an MLflow run, or a
     registered model (`models:/minibert-encoder@champion`)."""
-    from minibert.model import check_vocab, load_pretrained
-    from minibert.vocab import Vocab
+    from minibert.model.bert import check_vocab, load_pretrained
+    from minibert.data.vocab import Vocab
 
     if sum(x is not None for x in (checkpoint, run, model)) > 1:
         raise MinibertError("give one of --checkpoint, --run, --model")
     folder = checkpoint or layout.MODELS
     if run:
-        from minibert.tracking import download_artifacts
+        from minibert.tracking.tracker import download_artifacts
 
         folder = download_artifacts(run, "weights", tmp, Path("."))
     if model:
-        from minibert.tracking import download_model
+        from minibert.tracking.tracker import download_model
 
         folder = download_model(model, tmp, Path("."))
     vocab = vocab or (folder / layout.VOCAB.name if run or model else layout.VOCAB)
@@ -151,7 +151,7 @@ def encode(
     out: Optional[Path] = typer.Option(None, help="Also write the table to this parquet file."),
 ) -> None:
     """Encode a sentence (or pair) with a pretrained model; print each token's vector summary."""
-    from minibert.probes import UnknownWordWarning, encode_probe, probe_table
+    from minibert.evaluation.probes import UnknownWordWarning, encode_probe, probe_table
 
     with stage_errors("encode"):
         for what, s in (("sentence", text), ("--pair", pair)):
@@ -192,7 +192,7 @@ def export_hf(
     """A folder Hugging Face transformers loads (AutoTokenizer; AutoModel* with trust_remote_code=True)."""
     import json
 
-    from minibert.export_hf import export_hf as write_folder
+    from minibert.export.hf import export_hf as write_folder
 
     with stage_errors("export hf"):
         with tempfile.TemporaryDirectory(prefix="minibert-export-") as tmp:
@@ -204,7 +204,7 @@ def export_hf(
                 raise MinibertError(f"{path}: not found; run the evaluate stage or leave out --metrics")
             figures = json.loads(path.read_text())
         elif run:
-            from minibert.tracking import run_metrics
+            from minibert.tracking.tracker import run_metrics
 
             figures = {k.removeprefix("valid_"): v for k, v in run_metrics(run, Path(".")).items()
                        if k.startswith("valid_")} or None
@@ -216,7 +216,7 @@ def export_hf(
 
 
 def _runs_frame(experiment: str, max_results: int):
-    from minibert.tracking import list_runs, tracking_uri
+    from minibert.tracking.tracker import list_runs, tracking_uri
 
     uri = tracking_uri(Path("."))
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
@@ -279,7 +279,7 @@ def ui_url(
     chart: bool = typer.Option(False, "--chart", help="The chart view (metric curves of all runs) instead of the table."),
 ) -> None:
     """Print the URL of the experiment's training-runs table, with the columns worth comparing."""
-    from minibert.tracking import ui_url as url
+    from minibert.tracking.tracker import ui_url as url
 
     with stage_errors("ui-url"):
         _runs_frame(experiment, 1)  # one clear line when there is no store or no run yet

@@ -42,7 +42,7 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
 class DataConfig:
     corpus: Literal["wikitext-2", "wikitext-103", "text"] = "wikitext-2"
     """`wikitext-2` (the book), `wikitext-103` (same mirrors, its own pinned SHA-1s) or `text`: the
-    user's own `.txt` files named by `text_glob` (one paragraph per line; see minibert/text.py)."""
+    user's own `.txt` files named by `text_glob` (one paragraph per line; see minibert/data/text.py)."""
     text_glob: str = ""
     """For `corpus: text`: a folder (every `*.txt` below it) or a glob of `.txt` files."""
     wikitext_103_zip_url: str = "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip"

@@ -12,12 +12,12 @@ import typer
 
 from minibert import layout
 from minibert.artifacts import sha256_file, write_json
-from minibert.batches import resolve_device
+from minibert.data.batches import resolve_device
 from minibert.config import load_config
 from minibert.errors import stage_errors
-from minibert.evaluate import baselines, evaluate, load_pairs
-from minibert.model import check_vocab, load_pretrained
-from minibert.tracking import pretrain_run, set_champion
+from minibert.evaluation.heldout import baselines, evaluate, load_pairs
+from minibert.model.bert import check_vocab, load_pretrained
+from minibert.tracking.tracker import pretrain_run, set_champion
 
 app = typer.Typer(add_completion=False)
 

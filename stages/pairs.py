@@ -4,7 +4,7 @@ The train split is drawn from `pairs.seed`; valid and test from `pairs.heldout_s
 figures stay comparable when only the training seed changes. Each split is cut into shards of about
 `pairs.shard_tokens` tokens, paired by a process pool (`data.workers`) and concatenated in shard
 order: memory is bounded by one shard per worker, and NSP negatives come from the same shard
-(`minibert.pairs`, "Shards").
+(`minibert.data.pairs`, "Shards").
 """
 import shutil
 from pathlib import Path
@@ -14,11 +14,11 @@ import typer
 from minibert import layout
 from minibert.artifacts import atomic_dir, write_json
 from minibert.config import load_config
-from minibert.corpus import SPLITS
+from minibert.data.corpus import SPLITS
 from minibert.errors import DataError, stage_errors
-from minibert.pairs import pairs_shard, paragraph_shards, sums_stats, write_pairs
-from minibert.shards import open_safetensors, pool_map, workers
-from minibert.vocab import Vocab
+from minibert.data.pairs import pairs_shard, paragraph_shards, sums_stats, write_pairs
+from minibert.data.shards import open_safetensors, pool_map, workers
+from minibert.data.vocab import Vocab
 
 app = typer.Typer(add_completion=False)
 

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import typer
 
-from minibert import distributed, layout
+from minibert.training import distributed
+
+from minibert import layout
 from minibert.config import flatten, load_config
 from minibert.errors import stage_errors
-from minibert.pretrain import Paths, run_pretrain
+from minibert.training.pretrain import Paths, run_pretrain
 
 app = typer.Typer(add_completion=False)
 

@@ -14,12 +14,12 @@ from minibert import layout
 from minibert.artifacts import atomic_path, write_json
 from minibert.config import load_config
 from minibert.errors import stage_errors
-from minibert.model import check_vocab, load_pretrained
+from minibert.model.bert import check_vocab, load_pretrained
 from minibert.plots import similarity_heatmap
-from minibert.probes import flat_metrics, run_probes
-from minibert.tracking import pretrain_run
-from minibert.batches import resolve_device
-from minibert.vocab import Vocab
+from minibert.evaluation.probes import flat_metrics, run_probes
+from minibert.tracking.tracker import pretrain_run
+from minibert.data.batches import resolve_device
+from minibert.data.vocab import Vocab
 
 app = typer.Typer(add_completion=False)
 

@@ -5,7 +5,7 @@ Reads data/raw/corpus/wiki.{train,valid,test}.tokens; writes data/tokens/ (vocab
 Streams: each split is cut into byte shards (`SHARD_BYTES`), a process pool (`data.workers`) counts
 the train shards (one pass, merged counts → vocabulary) then encodes every shard to part files that
 are concatenated in shard order. Memory is bounded by one shard per worker; the bytes do not depend
-on the shard size or the number of workers (`minibert.encode`).
+on the shard size or the number of workers (`minibert.data.tokenize`).
 """
 import shutil
 from collections import Counter
@@ -17,11 +17,11 @@ import typer
 from minibert import layout
 from minibert.artifacts import atomic_dir, atomic_path, write_json
 from minibert.config import load_config
-from minibert.corpus import SPLITS, split_file
+from minibert.data.corpus import SPLITS, split_file
 from minibert.errors import DataError, stage_errors
-from minibert.shards import byte_shards, pool_imap, pool_map, workers
-from minibert.encode import count_shard, encode_shard, write_split
-from minibert.vocab import count_stats, vocab_from_counts
+from minibert.data.shards import byte_shards, pool_imap, pool_map, workers
+from minibert.data.tokenize import count_shard, encode_shard, write_split
+from minibert.data.vocab import count_stats, vocab_from_counts
 
 SHARD_BYTES = 4 << 20  # ~0.7M WikiText tokens: a few MB of ids per worker; WikiText-2's train file is 3 shards
 

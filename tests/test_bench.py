@@ -16,11 +16,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench.train import cpu_kind, forward_flops, load_splits, matmul_peak, runnable_precisions
 from minibert.artifacts import save_arrays
 from minibert.config import ModelConfig, PairsConfig, TrainConfig
-from minibert.model import build_model
-from minibert.pairs import make_pairs
-from minibert.batches import take, to_tensors
-from minibert.train import batch_indices, make_optimizer, train_step
-from minibert.vocab import build_vocab, encode_paragraphs
+from minibert.model.bert import build_model
+from minibert.data.pairs import make_pairs
+from minibert.data.batches import take, to_tensors
+from minibert.training.loop import batch_indices, make_optimizer, train_step
+from minibert.data.vocab import build_vocab, encode_paragraphs
 from tests.test_train import cpu_flags
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,13 +38,13 @@ def tiny_pairs(n: int = 13, T: int = 13, P: int = 3, V: int = 37, seed: int = 7)
 
 
 def test_forward_flops_match_torch_flop_counter_over_a_train_step(monkeypatch):
-    import minibert.loss
-    import minibert.model
+    import minibert.model.loss
+    import minibert.model.bert
 
     # No row padding: at this size rounding 9 MLM slots up to 128 would swamp the count (at the
     # book's size it is < 1 % of a step).
-    monkeypatch.setattr(minibert.loss, "GRAIN", 1)
-    monkeypatch.setattr(minibert.model, "SLOT_BUCKET", 1)
+    monkeypatch.setattr(minibert.model.loss, "GRAIN", 1)
+    monkeypatch.setattr(minibert.model.bert, "SLOT_BUCKET", 1)
     cfg, V = ModelConfig(num_layers=2, hidden=14, heads=2, ffn_hidden=13, max_len=13), 37
     batch = take(to_tensors(tiny_pairs(V=V), CPU), np.arange(13))
     model = build_model(cfg, V, seed=0).train()

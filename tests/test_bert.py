@@ -1,4 +1,4 @@
-"""minibert.model: shapes, same math as a plain padded BERT, padding invariance, loss, persistence."""
+"""minibert.model.bert: shapes, same math as a plain padded BERT, padding invariance, loss, persistence."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from minibert.config import ModelConfig
 from minibert.errors import DataError, MinibertError
-from minibert.model import BERT, build_model, check_vocab, load_pretrained, pretrain_loss, save_pretrained
-from minibert.ops import achieved_drop_prob, dropout
+from minibert.model.bert import BERT, build_model, check_vocab, load_pretrained, pretrain_loss, save_pretrained
+from minibert.model.ops import achieved_drop_prob, dropout
 
 V, H, HEADS, FFN, T, B, P = 99, 12, 3, 37, 13, 7, 5
 CFG = ModelConfig(num_layers=2, hidden=H, heads=HEADS, ffn_hidden=FFN, dropout=0.2, max_len=T + 4)
@@ -252,7 +252,7 @@ def test_bf16_autocast_step_gives_fp32_losses():
 
 def test_filler_rows_change_no_loss_or_gradient():
     """Training rounds the row count up with filler rows at pad positions: same losses and grads."""
-    import minibert.model as mm
+    import minibert.model.bert as mm
     from tiny_project import tiny_batch
     torch.manual_seed(3)
     cfg = ModelConfig(num_layers=2, hidden=12, heads=3, ffn_hidden=37, dropout=0.0, max_len=13)
@@ -284,7 +284,7 @@ def test_filler_rows_change_no_loss_or_gradient():
 def test_mlm_head_shapes_repeat_across_batches():
     """The MLM MLP sees slot counts rounded up to SLOT_BUCKET: batches with 13 and 21 slots give one
     shape (oneDNN caches a primitive per matmul shape; a new M every batch grew RSS without bound)."""
-    import minibert.model as mm
+    import minibert.model.bert as mm
     from tiny_project import tiny_batch
 
     torch.manual_seed(4)
@@ -312,7 +312,7 @@ def test_training_attention_gives_pad_keys_exactly_zero_weight():
     """The dropout path (train mode, p > 0, the hand-written baddbmm one) read back directly: with V
     one-hot per key (dh = T), weights @ V is the dropped-out weight matrix itself. Pad keys must get
     exactly 0; a real key 0 (dropped) or the plain softmax over the real keys alone, times 1/(1 - p)."""
-    from minibert.model import attention
+    from minibert.model.bert import attention
 
     g = torch.Generator().manual_seed(0)
     b, h, t, p = 2, 3, 7, 0.3
@@ -335,7 +335,7 @@ def test_pad_tokens_never_reach_real_rows_in_training():
     """Train mode, dropout > 0, filler rows present (a row bucket of 16 pads 63 real rows to 64 with a
     pad position): changing every pad token changes the filler's keys and values, so the loss and the
     real rows stay identical under the same dropout seed only if pad keys are masked out."""
-    import minibert.model as mm
+    import minibert.model.bert as mm
     from tiny_project import tiny_batch
 
     torch.manual_seed(3)
@@ -378,7 +378,7 @@ def test_cpu_training_attention_is_the_padded_torch_attention_with_the_same_drop
     """Block.attend on CPU in training runs the fused kernels (kernels/attention.py); the padded torch-op
     path (inference, GPUs) must give the same rows and gradients from the same global RNG state: the
     seed drawn and the elements dropped are the same, only the roundings differ."""
-    from minibert.model import Block, token_layout
+    from minibert.model.bert import Block, token_layout
 
     cfg = ModelConfig(num_layers=1, hidden=15, heads=3, ffn_hidden=37, dropout=0.3, max_len=13)
     block = build_model(cfg, 99, 0).blocks[0].train()
@@ -390,7 +390,7 @@ def test_cpu_training_attention_is_the_padded_torch_attention_with_the_same_drop
     qkv = torch.randn(len(idx), 3 * 15, generator=torch.Generator().manual_seed(1)).requires_grad_()
     up = torch.randn(n, 15, generator=torch.Generator().manual_seed(2))
     torch.manual_seed(7)
-    from minibert.kernels.attention import attention_rows
+    from minibert.model.kernels.attention import attention_rows
     fused = attention_rows(qkv, idx, valid, T, cfg.heads, cfg.dropout)[:n]
     (g_fused,) = torch.autograd.grad(fused, qkv, up)
     torch.manual_seed(7)

@@ -1,4 +1,4 @@
-"""minibert.corpus: verification, safe extraction, parquet rebuild, streamed download, fallback."""
+"""minibert.data.corpus: verification, safe extraction, parquet rebuild, streamed download, fallback."""
 from __future__ import annotations
 
 import hashlib
@@ -9,7 +9,7 @@ import zipfile
 import pytest
 
 from minibert.config import DataConfig
-from minibert.corpus import (SHA256, SPLITS, TOKENS_SHA256, download, fetch_wikitext, read_paragraphs,
+from minibert.data.corpus import (SHA256, SPLITS, TOKENS_SHA256, download, fetch_wikitext, read_paragraphs,
                              rebuild_from_parquet, safe_extract, split_file, tokens_sha256, verify_files)
 from minibert.errors import DataError
 
@@ -207,7 +207,7 @@ def test_corrupt_member_data_is_a_data_error(wikitext_zip, tmp_path):
 
 
 def test_wikitext_103_pins_are_the_published_sha1s():
-    from minibert.corpus import PINS
+    from minibert.data.corpus import PINS
     # GluonNLP's dataset records, as quoted in issue 15 (an independent source: not this code)
     assert PINS["wikitext-103"].checksums == {
         "train": ("sha1", "b7497e2dfe77e72cfef5e3dbc61b7b53712ac211"),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from minibert.corpus import SPLITS, split_file, verify_files
+from minibert.data.corpus import SPLITS, split_file, verify_files
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = sorted(f"wiki.{s}.tokens" for s in SPLITS)

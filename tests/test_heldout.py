@@ -16,12 +16,12 @@ import yaml
 from minibert.artifacts import save_arrays
 from minibert.config import ModelConfig, PairsConfig, TrackingConfig
 from minibert.errors import DataError
-from minibert.evaluate import baselines, evaluate, heldout_hook, heldout_subset, load_pairs
-from minibert.tracking import pretrain_run_id
-from minibert.model import build_model, load_pretrained, save_pretrained
-from minibert.pairs import make_pairs
-from minibert.tracking import start_run, tracking_uri
-from minibert.vocab import SPECIALS
+from minibert.evaluation.heldout import baselines, evaluate, heldout_hook, heldout_subset, load_pairs
+from minibert.tracking.tracker import pretrain_run_id
+from minibert.model.bert import build_model, load_pretrained, save_pretrained
+from minibert.data.pairs import make_pairs
+from minibert.tracking.tracker import start_run, tracking_uri
+from minibert.data.vocab import SPECIALS
 
 ROOT = Path(__file__).resolve().parents[1]
 V = 99
@@ -214,7 +214,7 @@ def test_stage_one_line_errors(tmp_path, model, pairs):
 
 
 def test_heldout_batch_size_is_at_most_one_training_micro_batch():
-    from minibert.evaluate import heldout_batch_size
+    from minibert.evaluation.heldout import heldout_batch_size
 
     assert heldout_batch_size(1024, 512, 4) == 128       # the defaults: 512 pairs in 4 passes
     assert heldout_batch_size(1024, 512, 4, world=2) == 64  # each rank's pass is half as big

@@ -11,9 +11,9 @@ from safetensors.numpy import load_file as load_np
 from safetensors.torch import load_file
 
 from minibert.config import ModelConfig, TrainConfig
-from minibert.model import build_model, load_pretrained
-from minibert.pairs import FIELDS
-from minibert.train import batch_indices, get_lr, resolve_precision, split_batch, step_seed, train_step
+from minibert.model.bert import build_model, load_pretrained
+from minibert.data.pairs import FIELDS
+from minibert.training.loop import batch_indices, get_lr, resolve_precision, split_batch, step_seed, train_step
 from tiny_project import TINY_MODEL, make_workspace, popen_stage, stage
 
 
@@ -180,7 +180,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
 def test_fingerprint_changes_with_every_number_of_the_run():
     """Hand-listed settings that change the numbers must give another checkpoint folder; the
     bookkeeping ones (how often to log or checkpoint) must not, so a run resumes across them."""
-    from minibert.pretrain import run_fingerprint
+    from minibert.training.pretrain import run_fingerprint
 
     model, train = ModelConfig(**TINY_MODEL), TrainConfig(device="cpu")
     base = run_fingerprint(model, train, "data", "vocab", 1)
@@ -274,12 +274,12 @@ def test_two_gloo_processes_match_one(tmp_path):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_on_cpu(tmp_path, precision):
-    from minibert import distributed
+    from minibert.training import distributed
     from minibert.artifacts import load_arrays
     from minibert.config import ModelConfig
-    from minibert.model import build_model
-    from minibert.batches import to_tensors
-    from minibert.train import fit, make_optimizer
+    from minibert.model.bert import build_model
+    from minibert.data.batches import to_tensors
+    from minibert.training.loop import fit, make_optimizer
     from tiny_project import TINY_MODEL
 
     root = make_workspace(tmp_path)
@@ -296,10 +296,10 @@ def test_mixed_precision_trains_on_cpu(tmp_path, precision):
 
 
 def _fit_tiny(root, eval_every, hook):
-    from minibert import distributed
+    from minibert.training import distributed
     from minibert.artifacts import load_arrays
-    from minibert.batches import to_tensors
-    from minibert.train import fit, make_optimizer
+    from minibert.data.batches import to_tensors
+    from minibert.training.loop import fit, make_optimizer
 
     cfg = TrainConfig(batch_size=13, max_steps=11, lr=3e-3, device="cpu", precision="fp32", checkpoint_every=0,
                       eval_every=eval_every, threads=1)
@@ -313,7 +313,7 @@ def _fit_tiny(root, eval_every, hook):
 
 def test_evaluation_hook_runs_at_its_steps_and_leaves_training_bit_for_bit(tmp_path):
     from minibert.artifacts import load_arrays
-    from minibert.evaluate import evaluate, heldout_hook
+    from minibert.evaluation.heldout import evaluate, heldout_hook
 
     root = make_workspace(tmp_path)
     valid = load_arrays(root / "data/pairs/valid.safetensors")
@@ -366,7 +366,7 @@ def test_pretrain_stage_logs_the_heldout_curve_to_csv_and_mlflow(tmp_path):
     import yaml
 
     from minibert.artifacts import load_arrays
-    from minibert.evaluate import evaluate, heldout_subset
+    from minibert.evaluation.heldout import evaluate, heldout_subset
 
     root = make_workspace(tmp_path, train={"eval_every": 5, "checkpoint_every": 0}, tracking=True)
     params = yaml.safe_load((root / "params.yaml").read_text())
@@ -393,11 +393,11 @@ def test_every_step_draws_its_own_dropout_masks():
     """One pair, so every step sees the same batch, and an optimizer that holds none of the model's
     weights, so they never change: the loss of step s then varies only through the dropout masks.
     Each step must draw fresh masks (all losses differ) from its own seed, step_seed(seed, 0, s)."""
-    from minibert import distributed
+    from minibert.training import distributed
     from minibert.config import PairsConfig
-    from minibert.pairs import make_pairs
-    from minibert.batches import to_tensors
-    from minibert.train import fit
+    from minibert.data.pairs import make_pairs
+    from minibert.data.batches import to_tensors
+    from minibert.training.loop import fit
     from tiny_project import synthetic_split
 
     pairs = make_pairs(synthetic_split(np.random.default_rng(5), n_para=7), PairsConfig(max_len=29), 99,

@@ -24,10 +24,10 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from mlflow import MlflowClient  # noqa: E402  (tests read back through MLflow's own client)
 
 from minibert.config import ProbeSpec, TrackingConfig  # noqa: E402
-from minibert.model import load_pretrained  # noqa: E402
-from minibert.probes import encode_probe, probe_words  # noqa: E402
-from minibert.tracking import set_champion, start_run  # noqa: E402
-from minibert.vocab import MASK, Vocab  # noqa: E402
+from minibert.model.bert import load_pretrained  # noqa: E402
+from minibert.evaluation.probes import encode_probe, probe_words  # noqa: E402
+from minibert.tracking.tracker import set_champion, start_run  # noqa: E402
+from minibert.data.vocab import MASK, Vocab  # noqa: E402
 
 from mlflow_server import free_port  # noqa: E402
 from tiny_project import ROOT, make_workspace, stage  # noqa: E402
@@ -211,7 +211,7 @@ def test_fluent_calls_leave_no_tracking_or_registry_uri_behind(tmp_path, monkeyp
     every subprocess it starts, e.g. `mlflow models serve`) would use this run's store."""
     import mlflow
 
-    from minibert.tracking_models import register_version
+    from minibert.tracking.registry import register_version
 
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         monkeypatch.delenv(var, raising=False)

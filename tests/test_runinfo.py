@@ -16,8 +16,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from mlflow import MlflowClient  # noqa: E402  (read back through MLflow's own client)
 
 from minibert.config import TrackingConfig, flatten, load_config
-from minibert.describe import params_diff, short_name
-from minibert.tracking import start_run, tracking_uri
+from minibert.tracking.runinfo import params_diff, short_name
+from minibert.tracking.tracker import start_run, tracking_uri
 
 try:
     from tests.tiny_project import ROOT, make_workspace

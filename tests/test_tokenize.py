@@ -1,4 +1,4 @@
-"""minibert.encode: the streamed tokenize (byte shards, pool) gives the in-memory path's bytes —
+"""minibert.data.tokenize: the streamed tokenize (byte shards, pool) gives the in-memory path's bytes —
 `read_paragraphs` + `build_vocab` + `encode_paragraphs` + `save_arrays` — for any shard size and
 worker count."""
 from __future__ import annotations
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from minibert.artifacts import save_arrays
-from minibert.corpus import read_paragraphs
-from minibert.encode import count_shard, encode_shard, write_split
-from minibert.shards import byte_shards, pool_map
-from minibert.vocab import UNK, build_vocab, encode_paragraphs, vocab_from_counts
+from minibert.data.corpus import read_paragraphs
+from minibert.data.tokenize import count_shard, encode_shard, write_split
+from minibert.data.shards import byte_shards, pool_map
+from minibert.data.vocab import UNK, build_vocab, encode_paragraphs, vocab_from_counts
 
 
 def wikitext_like(rng, n_lines=99) -> str:

@@ -19,7 +19,7 @@ from mlflow import MlflowClient  # noqa: E402  (tests read back through MLflow's
 
 from minibert.config import TrackingConfig
 from minibert.errors import MinibertError
-from minibert.tracking import NullTracker, MlflowTracker, git_tags, list_runs, start_run, tracking_uri
+from minibert.tracking.tracker import NullTracker, MlflowTracker, git_tags, list_runs, start_run, tracking_uri
 
 try:
     from tests.mlflow_server import free_port, start_mlflow_server, stop_mlflow_server
@@ -294,7 +294,7 @@ def _delivered(t, client, steps) -> bool:
 def test_server_killed_mid_run_buffers_then_flushes(mlflow_server, tmp_path, monkeypatch, caplog):
     uri = mlflow_server.uri
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    caplog.set_level(logging.WARNING, logger="minibert.tracking")
+    caplog.set_level(logging.WARNING, logger="minibert.tracking.tracker")
     t = start_run(CFG, tmp_path)
     t._client = rec = ThreadRecorder(t._client)
     t.log_params({"hidden": 13})
@@ -327,11 +327,11 @@ def test_server_killed_mid_run_buffers_then_flushes(mlflow_server, tmp_path, mon
 
 def test_close_gives_up_within_its_bound_when_the_server_stays_down(mlflow_server, tmp_path, monkeypatch,
                                                                     caplog):
-    import minibert.tracking as tracking
+    import minibert.tracking.tracker as tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     monkeypatch.setattr(tracking, "_CLOSE_WAIT_S", 2.0)
-    caplog.set_level(logging.WARNING, logger="minibert.tracking")
+    caplog.set_level(logging.WARNING, logger="minibert.tracking.tracker")
     t = start_run(CFG, tmp_path)
     _log_steps(t, range(3))
     _wait_for(lambda: _delivered(t, MlflowClient(mlflow_server.uri), range(3)))
@@ -352,12 +352,12 @@ def test_close_gives_up_within_its_bound_when_the_server_stays_down(mlflow_serve
 
 
 def test_import_is_cheap():
-    code = "import sys, minibert.tracking; assert 'mlflow' not in sys.modules, 'mlflow imported eagerly'"
+    code = "import sys, minibert.tracking.tracker; assert 'mlflow' not in sys.modules, 'mlflow imported eagerly'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_dvc_temp_experiments_log_into_the_repository_store(tmp_path, monkeypatch):
-    from minibert.tracking import project_root, tracking_uri
+    from minibert.tracking.tracker import project_root, tracking_uri
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     exp_dir = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "run" / "tmp1a2b"
     exp_dir.mkdir(parents=True)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from minibert.errors import MinibertError
-from minibert.pairs import FIELDS
+from minibert.data.pairs import FIELDS
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

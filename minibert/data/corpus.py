@@ -2,7 +2,7 @@
 
 `fetch_wikitext(cfg, dest, local)` fills `dest` with exactly `wiki.{train,valid,test}.tokens` of the
 corpus `cfg.corpus` names (`PINS`: each corpus's pinned checksums; the user's own text is
-`minibert.text`).
+`minibert.data.text`).
 Sources, in order: `local` alone when given (a zip, a folder holding the three `.tokens` files,
 or a folder holding the three Hugging Face parquet files) — no network at all; otherwise the
 official archive `cfg.zip_url`, then the Hugging Face parquet copy `cfg.parquet_urls`.

@@ -30,8 +30,8 @@ import numpy as np
 
 from minibert.config import PairsConfig
 from minibert.errors import DataError
-from minibert.shards import open_safetensors, write_safetensors
-from minibert.vocab import CLS, MASK, PAD, SEP, SPECIALS
+from minibert.data.shards import open_safetensors, write_safetensors
+from minibert.data.vocab import CLS, MASK, PAD, SEP, SPECIALS
 
 FIELDS = ("token_ids", "segments", "valid_lens", "pred_positions", "mlm_weights", "mlm_labels", "nsp_labels")
 
@@ -101,7 +101,7 @@ def mask_tokens(tokens, valid_lens, candidates, cfg: PairsConfig, vocab_size: in
 
 def make_pairs(split: dict[str, np.ndarray], cfg: PairsConfig, vocab_size: int,
                rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """NSP pairs with static MLM masks for one encoded split (see `minibert.vocab.encode_paragraphs`)."""
+    """NSP pairs with static MLM masks for one encoded split (see `minibert.data.vocab.encode_paragraphs`)."""
     ids, sent_off, para_off = split["ids"], split["sentence_offsets"], split["paragraph_offsets"]
     order = rng.permutation(len(para_off) - 1)                        # the book shuffles paragraphs
     a_idx = candidate_pairs(para_off, order)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Iterator
 
 from minibert.artifacts import atomic_dir
-from minibert.corpus import SPLITS, paragraph, split_file
+from minibert.data.corpus import SPLITS, paragraph, split_file
 from minibert.errors import DataError
 
 TOKEN = re.compile(r"[^\W_]+(?:['’][^\W_]+)*|\S")

@@ -3,7 +3,7 @@
 `count_shard` counts one byte shard of the train file (the vocabulary is the merged counts: one
 pass, no token list kept), `encode_shard` writes one shard's ids and lengths as raw part files, and
 `write_split` concatenates the parts, in shard order, into the split's safetensors file (the layout
-of `minibert.vocab`), turning lengths into running offsets. Counting and encoding are per line, so
+of `minibert.data.vocab`), turning lengths into running offsets. Counting and encoding are per line, so
 the bytes are the same for any shard size or worker count, and equal `encode_paragraphs`'s.
 """
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from minibert.corpus import paragraph
-from minibert.shards import ByteShard, shard_lines, write_safetensors
-from minibert.vocab import UNK, Vocab
+from minibert.data.corpus import paragraph
+from minibert.data.shards import ByteShard, shard_lines, write_safetensors
+from minibert.data.vocab import UNK, Vocab
 
 
 

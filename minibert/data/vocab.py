@@ -9,7 +9,7 @@ special, so the set of entries is the book's (20256 on WikiText-2 with min_freq 
 A split on disk is three flat arrays instead of nested lists (loads in milliseconds, hashes the same
 everywhere): `ids` (all tokens, int32), `sentence_offsets` (n_sentences + 1) and
 `paragraph_offsets` (n_paragraphs + 1, in sentences).
-The tokenize stage streams these same arrays shard by shard: `minibert.encode`.
+The tokenize stage streams these same arrays shard by shard: `minibert.data.tokenize`.
 """
 from __future__ import annotations
 

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from minibert.errors import DataError, MinibertError
-from minibert.pairs import load_pairs  # noqa: F401 (re-exported: the evaluate stage reads valid pairs)
+from minibert.data.pairs import load_pairs  # noqa: F401 (re-exported: the evaluate stage reads valid pairs)
 from minibert.progress import Progress
-from minibert.batches import take, to_tensors
+from minibert.data.batches import take, to_tensors
 
 # The figures the held-out curve logs per step (prefixed `valid_`).
 CURVE = ("mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy")

@@ -15,7 +15,7 @@ import torch
 
 from minibert.config import ProbeConfig, ProbeSpec
 from minibert.errors import DataError, MinibertError
-from minibert.vocab import CLS, SEP, Vocab
+from minibert.data.vocab import CLS, SEP, Vocab
 
 N_VALUES = 4  # leading vector components shown per token in the table (v0..v3)
 

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from minibert.artifacts import atomic_dir
 from minibert.errors import MinibertError
-from minibert.vocab import CLS, MASK, PAD, SEP, SPECIALS, UNK, Vocab
+from minibert.data.vocab import CLS, MASK, PAD, SEP, SPECIALS, UNK, Vocab
 
 MODELING_FILE = Path(__file__).with_name("modeling_minibert.py")
 HEADS = ("mlm.", "nsp_hidden.", "nsp.")  # minibert parameter prefixes outside the encoder
@@ -50,7 +50,7 @@ def hf_state_dict(bert: torch.nn.Module) -> dict[str, torch.Tensor]:
 def hf_config(cfg, vocab_size: int):
     """The shipped `MinibertConfig` for minibert's `ModelConfig` (field names as BERT's config has them)."""
     _transformers()
-    from minibert.modeling_minibert import MinibertConfig
+    from minibert.export.modeling_minibert import MinibertConfig
 
     config = MinibertConfig(vocab_size=vocab_size, hidden_size=cfg.hidden, num_hidden_layers=cfg.num_layers,
                             num_attention_heads=cfg.heads, intermediate_size=cfg.ffn_hidden,
@@ -61,7 +61,7 @@ def hf_config(cfg, vocab_size: int):
 
 
 def build_tokenizer(vocab: Vocab, max_len: int):
-    """A `PreTrainedTokenizerFast` that splits and numbers text exactly as `minibert.probes` does."""
+    """A `PreTrainedTokenizerFast` that splits and numbers text exactly as `minibert.evaluation.probes` does."""
     transformers = _transformers()
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel

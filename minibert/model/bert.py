@@ -13,11 +13,11 @@ What differs is only how the work is laid out, because every FLOP counts on a 2-
 - the MLM head sees only the M real prediction slots, never the padded ones.
 - on CPU, dropout is one fused pass whose mask is a pure function of (seed, element): the seed is one
   draw from torch's global generator, the drop probability round(p * 2**16) / 2**16 (p=0.2 ->
-  0.19999695), kept values scaled by 1/(1 - p) (minibert/kernels/dropout.py); and the post-LN AddNorm,
-  LayerNorm(dropout(y) + x), is one pass forward and one backward (minibert/kernels/addnorm.py); the
+  0.19999695), kept values scaled by 1/(1 - p) (minibert/model/kernels/dropout.py); and the post-LN AddNorm,
+  LayerNorm(dropout(y) + x), is one pass forward and one backward (minibert/model/kernels/addnorm.py); the
   attention's scatter to padded heads, masked softmax + dropout of its weights and gather back to rows
-  are one pass each way (minibert/kernels/attention.py), the weights' dropout bits the same as above.
-- embedding lookups backpropagate with one index_add_ (minibert/ops.py); segment and position
+  are one pass each way (minibert/model/kernels/attention.py), the weights' dropout bits the same as above.
+- embedding lookups backpropagate with one index_add_ (minibert/model/ops.py); segment and position
   embeddings are summed into one (2T, H) table first.
 - the MLM loss averages over real slots only (d2l issue #2582: the book averages the padded ones in too).
 """
@@ -35,10 +35,10 @@ from torch import Tensor, nn
 from minibert.artifacts import atomic_path, write_json
 from minibert.config import ModelConfig
 from minibert.errors import DataError, MinibertError
-from minibert.loss import linear_cross_entropy, pretrain_loss  # noqa: F401 (pretrain_loss: public API)
-from minibert.kernels.addnorm import add_norm
-from minibert.kernels.attention import attention_rows
-from minibert.ops import dropout, gather_rows
+from minibert.model.loss import linear_cross_entropy, pretrain_loss  # noqa: F401 (pretrain_loss: public API)
+from minibert.model.kernels.addnorm import add_norm
+from minibert.model.kernels.attention import attention_rows
+from minibert.model.ops import dropout, gather_rows
 
 WEIGHTS_FILE = "bert.safetensors"
 META_FILE = "bert.json"

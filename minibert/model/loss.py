@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minibert.kernels.softmax_xent import softmax_xent_
+from minibert.model.kernels.softmax_xent import softmax_xent_
 
 
 def pretrain_loss(mlm_logits: Tensor, mlm_labels: Tensor, mlm_weights: Tensor, nsp_logits: Tensor,
@@ -49,7 +49,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_b = torch.zeros(b.shape, dtype=torch.float32, device=h.device) if need_grad else None
         for s in range(0, M, CHUNK):
             hc, lab, n = hp[s:s + CHUNK], labels[s:s + CHUNK], min(CHUNK, M - s)
-            # One in-place pass (minibert/kernels/softmax_xent.py): the bias-less logits get the bias
+            # One in-place pass (minibert/model/kernels/softmax_xent.py): the bias-less logits get the bias
             # and become the gradient of the summed loss, softmax - onehot, in the matmul dtype (padding
             # rows zeroed), its column sums are added into dL/db, and log p[label] comes from an fp32
             # logsumexp, so a label whose probability underflows keeps a finite loss.

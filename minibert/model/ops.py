@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minibert.kernels.dropout import drop_cut
-from minibert.kernels.dropout import dropout as kernel_dropout
+from minibert.model.kernels.dropout import drop_cut
+from minibert.model.kernels.dropout import dropout as kernel_dropout
 
 
 # ---------------------------------------------------------------------------- dropout
@@ -19,7 +19,7 @@ def achieved_drop_prob(p: float) -> float:
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """Inverted dropout; on CPU the fused kernel (minibert/kernels/dropout.py: mask drawn and applied
+    """Inverted dropout; on CPU the fused kernel (minibert/model/kernels/dropout.py: mask drawn and applied
     in one pass, regenerated from its seed in backward, ~15x faster than a mask tensor), elsewhere
     torch's fused kernel."""
     if not training or p == 0.0:

@@ -1,6 +1,6 @@
 """MLflow models of minibert: the text-in pyfunc, the Model Registry versions and the `champion` alias.
 
-Split from tracking.py only because that file was over 400 lines; `minibert.tracking` re-exports
+Split from tracking.py only because that file was over 400 lines; `minibert.tracking.tracker` re-exports
 everything public here, mlflow is still imported through `tracking._mlflow()` only, and nothing else
 in minibert touches mlflow.
 
@@ -37,7 +37,7 @@ MODES = ("encode", "fill-mask")
 
 
 def _bad(message: str):
-    from minibert.tracking import _mlflow
+    from minibert.tracking.tracker import _mlflow
 
     return _mlflow().exceptions.MlflowException.invalid_parameter_value(message)
 
@@ -69,14 +69,14 @@ def _rows(model_input) -> list[tuple[str, str | None]]:
 
 def make_text_model():
     """The pyfunc instance; its class is built here so importing this module does not import mlflow."""
-    from minibert.tracking import _mlflow
+    from minibert.tracking.tracker import _mlflow
 
     class MinibertText(_mlflow().pyfunc.PythonModel):
         """Text in; tokens with encodings, or top-k words for each `<mask>`, out."""
 
         def load_context(self, context):
-            from minibert.model import load_pretrained
-            from minibert.vocab import Vocab
+            from minibert.model.bert import load_pretrained
+            from minibert.data.vocab import Vocab
 
             folder = Path(context.artifacts["model"])
             self.model, _ = load_pretrained(folder)
@@ -102,8 +102,8 @@ def encode_rows(model, vocab, rows, mode: str, top_k: int) -> list[dict]:
     import torch
 
     from minibert.config import ProbeSpec
-    from minibert.probes import probe_words
-    from minibert.vocab import MASK
+    from minibert.evaluation.probes import probe_words
+    from minibert.data.vocab import MASK
 
     ids, segs = [], []
     for i, (a, b) in enumerate(rows):
@@ -146,7 +146,7 @@ def encode_rows(model, vocab, rows, mode: str, top_k: int) -> list[dict]:
 
 def set_text_model() -> None:
     """Called by pyfunc_model.py when MLflow loads the model from code."""
-    from minibert.tracking import _mlflow
+    from minibert.tracking.tracker import _mlflow
 
     _mlflow().models.set_model(make_text_model())
 
@@ -155,7 +155,7 @@ def set_text_model() -> None:
 
 
 def _signature():
-    from minibert.tracking import _mlflow
+    from minibert.tracking.tracker import _mlflow
 
     mlflow = _mlflow()
     from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
@@ -171,7 +171,7 @@ def log_text_model(tracker, model_dir: Path, vocab_path: Path) -> str | None:
     """Log the text pyfunc into the tracker's run; its model URI, or None (tracking off or it failed)."""
     if getattr(tracker, "uri", None) is None or tracker.run_id is None:
         return None
-    from minibert.tracking import _mlflow, _one_line, fluent_uris
+    from minibert.tracking.tracker import _mlflow, _one_line, fluent_uris
 
     mlflow = _mlflow()
     import mlflow.pyfunc  # noqa: F811 - the submodule
@@ -185,7 +185,7 @@ def log_text_model(tracker, model_dir: Path, vocab_path: Path) -> str | None:
             for f in (Path(model_dir) / "bert.safetensors", Path(model_dir) / "bert.json", Path(vocab_path)):
                 shutil.copyfile(f, staged / f.name)
             code = Path(tmp) / "minibert"  # the package the model runs with, without bytecode caches
-            shutil.copytree(Path(__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shutil.copytree(Path(__file__).parents[1], code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
             with fluent_uris(tracker.uri), mlflow.start_run(run_id=tracker.run_id):
                 info = mlflow.pyfunc.log_model(
                     name=MODEL_NAME, python_model=str(ENTRY_FILE), artifacts={"model": str(staged)},
@@ -201,7 +201,7 @@ def register_version(tracker, name: str, model_uri: str | None, tags: dict[str, 
     """Register `model_uri` as a new version of `name`; the version number, or None (off or failed)."""
     if not name or model_uri is None or tracker.run_id is None:
         return None
-    from minibert.tracking import _mlflow, _one_line, fluent_uris
+    from minibert.tracking.tracker import _mlflow, _one_line, fluent_uris
 
     mlflow = _mlflow()
     try:
@@ -221,7 +221,7 @@ def set_champion(tracker, name: str, valid_sha256: str, valid_mlm_loss: float) -
     Returns the champion's version, or None when registration is off or the run registered nothing."""
     if not name or tracker.run_id is None:
         return None
-    from minibert.tracking import _mlflow, _one_line
+    from minibert.tracking.tracker import _mlflow, _one_line
 
     client = _mlflow().MlflowClient(tracker.uri, registry_uri=tracker.uri)
     try:
@@ -245,7 +245,7 @@ def set_champion(tracker, name: str, valid_sha256: str, valid_mlm_loss: float) -
 def download_model(model_uri: str, dest: str | Path, root: Path) -> Path:
     """The folder (bert.safetensors, bert.json, vocab.txt) of a registered text model, e.g.
     `models:/minibert-encoder@champion`, copied under `dest`."""
-    from minibert.tracking import _connect, _mlflow, _one_line, tracking_uri
+    from minibert.tracking.tracker import _connect, _mlflow, _one_line, tracking_uri
 
     uri = tracking_uri(root)
     _connect(uri)  # an unreachable server fails here, in seconds, with one line
@@ -267,7 +267,7 @@ def download_model(model_uri: str, dest: str | Path, root: Path) -> Path:
 
 def run_metrics(run_id: str, root: Path) -> dict[str, float]:
     """The latest value of every metric of run `run_id`."""
-    from minibert.tracking import _connect, _one_line, tracking_uri
+    from minibert.tracking.tracker import _connect, _one_line, tracking_uri
 
     uri = tracking_uri(root)
     try:

@@ -22,9 +22,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from minibert import view
+from minibert.tracking import view
 from minibert.config import TrackingConfig
-from minibert.describe import describe_run, hyperparams
+from minibert.tracking.runinfo import describe_run, hyperparams
 from minibert.errors import MinibertError
 
 log = logging.getLogger(__name__)
@@ -460,7 +460,7 @@ def start_run(cfg: TrackingConfig, root: Path, run_id: str | None = None, run_na
               params: dict[str, Any] | None = None, params_file: Path | None = None) -> Tracker:
     """Open a run: resume `run_id` when given, else a new run in `cfg.experiment` tagged with git
     state. A new run with `params` (the flattened config) logs its hyperparameters and is named and
-    described from them and `params_file` (minibert/describe.py)."""
+    described from them and `params_file` (minibert/tracking/runinfo.py)."""
     if not cfg.enabled:
         return NullTracker()
     uri = tracking_uri(root)
@@ -547,13 +547,13 @@ def pretrain_run(cfg: TrackingConfig, train_metrics: str | Path, root: Path = Pa
 
 # The text-in pyfunc, the Model Registry and the `champion` alias live in tracking_models.py (this
 # file was already over 400 lines); re-exported here lazily, so importing tracking stays cheap and
-# `minibert.tracking` remains the one door to MLflow.
+# `minibert.tracking.tracker` remains the one door to MLflow.
 _MODEL_API = ("log_text_model", "register_version", "set_champion", "download_model", "run_metrics", "CHAMPION")
 
 
 def __getattr__(name: str):
     if name in _MODEL_API:
-        from minibert import tracking_models
+        from minibert.tracking import registry as tracking_models
 
         return getattr(tracking_models, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,7 +23,7 @@ VIEW_KEY = "minibert-compare"
 VIEW_NAME = "minibert: held-out loss by recipe"
 VIEW_CREATED_MS = 1_764_028_800_000  # fixed, so re-writing the tag is a no-op when nothing changed
 
-# each held-out figure with its trivial baseline beside it (minibert.evaluate.baselines)
+# each held-out figure with its trivial baseline beside it (minibert.evaluation.heldout.baselines)
 METRICS = ("valid_mlm_loss", "baseline_unigram_mlm_loss", "valid_mlm_accuracy", "baseline_unigram_mlm_accuracy",
            "valid_nsp_accuracy", "baseline_majority_nsp_accuracy", "mlm_loss", "nsp_loss", "pairs_per_sec")
 PARAMS = ("preset", "train.lr", "train.max_steps", "train.batch_size", "train.schedule", "model.num_layers",

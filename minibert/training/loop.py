@@ -17,8 +17,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from minibert import distributed
-from minibert.batches import take
+from minibert.training import distributed
+from minibert.data.batches import take
 from minibert.config import TrainConfig
 from minibert.errors import Interrupted, MinibertError
 

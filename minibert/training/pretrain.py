@@ -15,22 +15,24 @@ from typing import Any
 import pandas as pd
 import torch
 
-from minibert import checkpoint, distributed, layout, plots
+from minibert.training import checkpoint, distributed
+
+from minibert import layout, plots
 from minibert.artifacts import atomic_path, sha256_file, write_json
-from minibert.batches import resolve_device, to_tensors
-from minibert.cpus import ThreadShare
+from minibert.data.batches import resolve_device, to_tensors
+from minibert.training.cpus import ThreadShare
 from minibert.config import EvalConfig, ModelConfig, TrackingConfig, TrainConfig
-from minibert.describe import DIFF_TAG, describe_run
+from minibert.tracking.runinfo import DIFF_TAG, describe_run
 from minibert.errors import Interrupted
-from minibert.evaluate import CURVE, heldout_batch_size, heldout_hook, heldout_subset
-from minibert.heap import release_cpu_memory, tune_cpu_malloc
-from minibert.model import Encoder, build_model, check_vocab, save_pretrained
-from minibert.pairs import load_pairs
+from minibert.evaluation.heldout import CURVE, heldout_batch_size, heldout_hook, heldout_subset
+from minibert.training.heap import release_cpu_memory, tune_cpu_malloc
+from minibert.model.bert import Encoder, build_model, check_vocab, save_pretrained
+from minibert.data.pairs import load_pairs
 from minibert.progress import Progress
-from minibert.shards import release
-from minibert.tracking import NullTracker, log_text_model, register_version, start_run
-from minibert.train import fit, make_optimizer, resolve_precision
-from minibert.vocab import Vocab
+from minibert.data.shards import release
+from minibert.tracking.tracker import NullTracker, log_text_model, register_version, start_run
+from minibert.training.loop import fit, make_optimizer, resolve_precision
+from minibert.data.vocab import Vocab
 
 @dataclass(frozen=True)
 class Paths:

@@ -3,7 +3,7 @@
 The residual sum is formed in fp32 (eager autocast rounds dropout(y) to bf16 first); y may be
 float32 or bfloat16 (a Linear's output under autocast), x and the LayerNorm parameters float32,
 the output float32 like autocast's layer_norm. Saved for backward: s = x + dropout(y) and the
-row statistics; the mask is regenerated from the seed (minibert.kernels.dropout).
+row statistics; the mask is regenerated from the seed (minibert.model.kernels.dropout).
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minibert.kernels import build
-from minibert.kernels.dropout import draw_seed, reference_keep
+from minibert.model.kernels import build
+from minibert.model.kernels.dropout import draw_seed, reference_keep
 
 
 def reference_add_norm(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor, p: float, seed: int,

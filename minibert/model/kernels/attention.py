@@ -6,7 +6,7 @@ P V) run as torch ops; around them three single-pass kernels replace eager chain
 - `to_heads`: rows -> head-major padded q, k, v (B*h, T, dh), zeros at pads (eager: a zero fill, an
   index_copy, a permute copy each; backward a stack, a permute copy and an index_select);
 - `softmax_dropout`: key-padding mask, 1/sqrt(dh) scale, fp32 softmax and dropout of the weights in one
-  pass, the mask regenerated from its seed in backward (minibert.kernels.dropout's bits, at the element
+  pass, the mask regenerated from its seed in backward (minibert.model.kernels.dropout's bits, at the element
   index of the (B, h, T, T) weights); pad query rows come out as zeros (no loss reads them);
 - `from_heads`: context (B*h, T, dh) -> rows (N, H) (eager: a transpose copy and an index_select).
 Each has a plain-torch reference (`reference_*`) computing the same values; the tests compare both,
@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from minibert.kernels import build
-from minibert.kernels.dropout import draw_seed, reference_keep
+from minibert.model.kernels import build
+from minibert.model.kernels.dropout import draw_seed, reference_keep
 
 
 # ---------------------------------------------------------------------------- plain-torch references

@@ -1,6 +1,6 @@
 """Build and load minibert's C++ CPU kernels (csrc/*.cpp) as the torch op library `torch.ops.minibert`.
 
-`make install` builds them once (`python -m minibert.kernels.build`, ~30 s); a process that finds
+`make install` builds them once (`python -m minibert.model.kernels.build`, ~30 s); a process that finds
 no build for its exact sources, torch version, compiler flags and CPU builds it on first use. Builds
 live outside the project (DVC never sees them): $MINIBERT_KERNEL_CACHE, else
 ~/.cache/minibert/kernels/<key>. `-march=native` because the build happens on the machine that runs

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from minibert.kernels import build
+from minibert.model.kernels import build
 
 GOLDEN = 0x9E3779B97F4A7C15
 _M64 = (1 << 64) - 1

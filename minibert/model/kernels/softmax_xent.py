@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from minibert.kernels import build
+from minibert.model.kernels import build
 
 
 def reference_softmax_xent_(z: Tensor, labels: Tensor, n: int, bias: Tensor | None = None,

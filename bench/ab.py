@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.train import DEFAULT_DATA, load_splits
+from bench.common import DEFAULT_DATA, load_splits
 from minibert import layout
 from minibert.training.loop import resolve_precision
 from minibert.artifacts import save_arrays
@@ -40,7 +40,7 @@ import torch
 from safetensors.numpy import load_file
 import minibert
 assert minibert.__file__.startswith(code), minibert.__file__
-from minibert.data.batches import take, to_tensors
+from minibert.data.batches import gather_batch, to_tensors
 from minibert.config import ModelConfig, TrainConfig
 from minibert.training.heap import tune_cpu_malloc
 from minibert.model.bert import build_model
@@ -55,7 +55,7 @@ opt = make_optimizer(model.parameters(), TrainConfig())
 n, times = len(data["nsp_labels"]), []
 for s in range(2 + steps):
     torch.manual_seed(s)
-    batch = take(data, batch_indices(s, n, 512, 0))
+    batch = gather_batch(data, batch_indices(s, n, 512, 0))
     t0 = time.perf_counter()
     mlm, _ = train_step(model, opt, None, batch, 1.0, 1.0, dtype, torch.device("cpu"), micro)
     float(mlm)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bench.train import DEFAULT_DATA, DEVICE, load_splits
+from bench.common import DEFAULT_DATA, DEVICE, load_splits
 from minibert.training import distributed
 from minibert import layout
 from minibert.config import EvalConfig, ModelConfig, TrainConfig

@@ -87,7 +87,9 @@ def _post(url: str, rows: list[dict]) -> float:
 
 
 def serve_latency(requests: int) -> dict[str, float]:
-    from minibert.tracking.tracker import log_text_model, register_version, start_run
+    from minibert.tracking.registry import register_version
+    from minibert.tracking.runs import start_run
+    from minibert.tracking.serving import log_text_model
     from tests.mlflow_server import free_port
 
     bert, vocab = book_model("post")

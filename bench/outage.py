@@ -28,7 +28,7 @@ import pandas as pd
 import yaml
 
 from bench.data import data_dir
-from bench.train import DEFAULT_DATA
+from bench.common import DEFAULT_DATA
 from minibert import layout
 from minibert.artifacts import save_arrays
 from minibert.config import PairsConfig, VocabConfig

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.train import DEFAULT_DATA, DEVICE, load_splits
+from bench.common import DEFAULT_DATA, DEVICE, load_splits
 from minibert.training import distributed
 from minibert import layout
 from minibert.data.batches import to_tensors

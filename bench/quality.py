@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.train import DEFAULT_DATA, DEVICE, load_splits
+from bench.common import DEFAULT_DATA, DEVICE, load_splits
 from minibert.training import distributed
 from minibert import layout
 from minibert.data.batches import to_tensors

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 import minibert.training.loop as mt
-from bench.train import DEFAULT_DATA, load_splits
+from bench.common import DEFAULT_DATA, load_splits
 from minibert import layout
-from minibert.data.batches import take, to_tensors
+from minibert.data.batches import gather_batch, to_tensors
 from minibert.config import ModelConfig, TrainConfig
 from minibert.training.heap import tune_cpu_malloc
 from minibert.model.bert import build_model
@@ -34,7 +34,7 @@ from minibert.model.bert import build_model
 def interleaved_split(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
     """The split before the lever: rows j, j + parts, ... (each trimmed to its longest pair)."""
     n = len(batch["nsp_labels"])
-    return [take(batch, np.arange(j, n, parts)) for j in range(min(parts, n))]
+    return [gather_batch(batch, np.arange(j, n, parts)) for j in range(min(parts, n))]
 
 
 def main() -> None:
@@ -54,7 +54,7 @@ def main() -> None:
     splits, vocab, source = load_splits(("train",), a.data, a.pairs)
     data = to_tensors(splits["train"], cpu)
     n = len(splits["train"]["nsp_labels"])
-    batches = [take(data, mt.batch_indices(s, n, 512, 0)) for s in range(a.batches)]
+    batches = [gather_batch(data, mt.batch_indices(s, n, 512, 0)) for s in range(a.batches)]
     model = build_model(ModelConfig(), vocab, 0).train()
     opt = mt.make_optimizer(model.parameters(), TrainConfig())
     variants = {"interleaved": interleaved_split, "sorted": mt.split_batch}

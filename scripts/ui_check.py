@@ -91,7 +91,7 @@ def main() -> int:
         print("ui-check: chromium not found (apt-get install chromium); nothing checked", file=sys.stderr)
         return 2
     from minibert.config import TrackingConfig
-    from minibert.tracking.tracker import list_runs, ui_url
+    from minibert.tracking.runs import list_runs, ui_url
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{args.db.resolve()}"
     names = list(list_runs(TrackingConfig(experiment=args.experiment), Path("."))["run_name"])

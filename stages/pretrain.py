@@ -31,7 +31,7 @@ def main(params: Path = typer.Option(layout.PARAMS, help="params file"),
                                           help="resumable state (kept until a run completes)")) -> None:
     with stage_errors("pretrain"):
         cfg = load_config(params)
-        cmd = distributed.launch_command(cfg.train, sys.argv[1:])
+        cmd = distributed.launch_command(cfg.train, __spec__.name, sys.argv[1:])  # re-run this very script
         if cmd:
             print("pretrain: launching " + " ".join(cmd[1:]), flush=True)
             raise SystemExit(distributed.relaunch(cmd))

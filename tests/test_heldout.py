@@ -17,10 +17,11 @@ from minibert.artifacts import save_arrays
 from minibert.config import ModelConfig, PairsConfig, TrackingConfig
 from minibert.errors import DataError
 from minibert.evaluation.heldout import baselines, evaluate, heldout_hook, heldout_subset, load_pairs
-from minibert.tracking.tracker import pretrain_run_id
+from minibert.tracking.runs import pretrain_run_id
 from minibert.model.bert import build_model, load_pretrained, save_pretrained
 from minibert.data.pairs import make_pairs
-from minibert.tracking.tracker import start_run, tracking_uri
+from minibert.tracking.runs import start_run
+from minibert.tracking.store import tracking_uri
 from minibert.data.vocab import SPECIALS
 
 ROOT = Path(__file__).resolve().parents[1]

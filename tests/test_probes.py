@@ -19,7 +19,8 @@ from minibert.errors import DataError, MinibertError
 from minibert.model.bert import build_model, save_pretrained
 from minibert.evaluation.probes import (UnknownWordWarning, encode_probe, flat_metrics, run_probes,
                              similarity_matrix)
-from minibert.tracking.tracker import start_run, tracking_uri
+from minibert.tracking.runs import start_run
+from minibert.tracking.store import tracking_uri
 from minibert.data.vocab import SPECIALS, Vocab
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,7 +26,8 @@ from mlflow import MlflowClient  # noqa: E402  (tests read back through MLflow's
 from minibert.config import ProbeSpec, TrackingConfig  # noqa: E402
 from minibert.model.bert import load_pretrained  # noqa: E402
 from minibert.evaluation.probes import encode_probe, probe_words  # noqa: E402
-from minibert.tracking.tracker import set_champion, start_run  # noqa: E402
+from minibert.tracking.registry import set_champion  # noqa: E402
+from minibert.tracking.runs import start_run
 from minibert.data.vocab import MASK, Vocab  # noqa: E402
 
 from mlflow_server import free_port  # noqa: E402

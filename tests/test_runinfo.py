@@ -17,7 +17,8 @@ from mlflow import MlflowClient  # noqa: E402  (read back through MLflow's own c
 
 from minibert.config import TrackingConfig, flatten, load_config
 from minibert.tracking.runinfo import params_diff, short_name
-from minibert.tracking.tracker import start_run, tracking_uri
+from minibert.tracking.runs import start_run
+from minibert.tracking.store import tracking_uri
 
 try:
     from tests.tiny_project import ROOT, make_workspace

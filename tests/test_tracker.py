@@ -19,7 +19,10 @@ from mlflow import MlflowClient  # noqa: E402  (tests read back through MLflow's
 
 from minibert.config import TrackingConfig
 from minibert.errors import MinibertError
-from minibert.tracking.tracker import NullTracker, MlflowTracker, git_tags, list_runs, start_run, tracking_uri
+from minibert.tracking.runinfo import run_tags
+from minibert.tracking.runs import list_runs, start_run
+from minibert.tracking.store import tracking_uri
+from minibert.tracking.tracker import MlflowTracker, NullTracker
 
 try:
     from tests.mlflow_server import free_port, start_mlflow_server, stop_mlflow_server
@@ -172,9 +175,11 @@ def test_context_manager_marks_failed_and_list_runs(local, cfg, tmp_path):
     assert list_runs(TrackingConfig(experiment="none-7"), local).empty
 
 
-def test_git_tags(tmp_path, monkeypatch):
+def test_run_tags_record_git_state_and_the_dvc_experiment(tmp_path, monkeypatch):
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
-    assert git_tags(tmp_path) == {}  # not a repository: nothing, no error
+    state_keys = {"mlflow.source.git.commit", "mlflow.source.git.branch", "git_dirty", "dvc_exp_name"}
+    state = lambda: {k: v for k, v in run_tags(tmp_path).items() if k in state_keys}  # noqa: E731
+    assert state() == {}  # not a repository: nothing, no error
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t"}
     git = lambda *a: subprocess.run(["git", "-C", str(tmp_path), *a], check=True, env=env,  # noqa: E731
@@ -183,11 +188,12 @@ def test_git_tags(tmp_path, monkeypatch):
     (tmp_path / "f.txt").write_text("a")
     git("add", "f.txt")
     git("commit", "-qm", "c")
-    tags = git_tags(tmp_path)
-    assert tags == {"mlflow.source.git.commit": git("rev-parse", "HEAD"), "git_dirty": "false"}
+    tags = state()
+    assert tags == {"mlflow.source.git.commit": git("rev-parse", "HEAD"),
+                    "mlflow.source.git.branch": git("symbolic-ref", "--short", "HEAD"), "git_dirty": "false"}
     (tmp_path / "f.txt").write_text("b")
     monkeypatch.setenv("DVC_EXP_NAME", "e13")
-    assert git_tags(tmp_path) == {**tags, "git_dirty": "true", "dvc_exp_name": "e13"}
+    assert state() == {**tags, "git_dirty": "true", "dvc_exp_name": "e13"}
 
 
 def _assert_round_trip(uri, run_id, model, example):
@@ -357,7 +363,7 @@ def test_import_is_cheap():
 
 
 def test_dvc_temp_experiments_log_into_the_repository_store(tmp_path, monkeypatch):
-    from minibert.tracking.tracker import project_root, tracking_uri
+    from minibert.tracking.store import project_root, tracking_uri
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     exp_dir = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "run" / "tmp1a2b"
     exp_dir.mkdir(parents=True)

@@ -33,7 +33,7 @@ def to_tensors(pairs: dict[str, np.ndarray], device: torch.device) -> dict[str, 
     return out
 
 
-def take(data: dict[str, torch.Tensor], idx: np.ndarray) -> dict[str, torch.Tensor]:
+def gather_batch(data: dict[str, torch.Tensor], idx: np.ndarray) -> dict[str, torch.Tensor]:
     """One batch, trimmed to its longest sequence (pad columns beyond it change nothing)."""
     i = torch.from_numpy(idx).to(data["valid_lens"].device)
     batch = {k: v.index_select(0, i) for k, v in data.items()}

@@ -24,14 +24,16 @@ concatenates the shards' parts in shard order, so the bytes do not depend on the
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 
+from minibert.artifacts import atomic_dir
 from minibert.config import PairsConfig
 from minibert.errors import DataError
-from minibert.data.shards import open_safetensors, write_safetensors
-from minibert.data.vocab import CLS, MASK, PAD, SEP, SPECIALS
+from minibert.data.shards import open_safetensors, pool_map, write_safetensors
+from minibert.data.vocab import CLS, MASK, PAD, SEP, SPECIALS, Vocab
 
 FIELDS = ("token_ids", "segments", "valid_lens", "pred_positions", "mlm_weights", "mlm_labels", "nsp_labels")
 
@@ -200,3 +202,34 @@ def load_pairs(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
     if missing:
         raise DataError(f"{path}: missing arrays {missing}; re-run `dvc repro pairs`")
     return arrays, meta
+
+
+def pairs_splits(tokens: Path, out: Path, cfg: PairsConfig, n_workers: int,
+                 splits: tuple[str, ...]) -> tuple[dict[str, float], dict[str, int]]:
+    """The pairs stage's work: the pairs of `splits` from the tokenize stage's folder `tokens` into the
+    folder `out` (written whole or not at all); (pair stats `{split}_{key}`, shards per split).
+    `splits` is passed in (corpus.SPLITS) so that this module, which pretrain imports, needs no corpus code."""
+    vocab = Vocab.load(tokens / "vocab.txt")
+    jobs = []
+    with atomic_dir(out) as tmp:
+        (tmp / ".parts").mkdir()
+        for split in splits:
+            path = tokens / f"{split}.safetensors"
+            if not path.is_file():
+                raise DataError(f"{path}: token ids not found; run `dvc repro tokenize` first")
+            arrays, _ = open_safetensors(path)
+            seed = cfg.seed if split == "train" else cfg.heldout_seed
+            for i, (lo, hi) in enumerate(paragraph_shards(arrays["sentence_offsets"], arrays["paragraph_offsets"],
+                                                          cfg.shard_tokens)):
+                prefix = str(tmp / f".parts/{split}-{i:05d}")
+                jobs.append((split, (str(path), lo, hi, cfg, len(vocab), seed, i, prefix)))
+        sums = pool_map(pairs_shard, [args for _, args in jobs], n_workers)
+        stats, shards = {}, {}
+        for split in splits:
+            mine = [(args[-1], s) for (sp, args), s in zip(jobs, sums) if sp == split]
+            n = sum(s["pairs"] for _, s in mine)
+            write_pairs(tmp / f"{split}.safetensors", [p for p, _ in mine], n, cfg, vocab.sha256)
+            stats.update({f"{split}_{k}": v for k, v in sums_stats([s for _, s in mine]).items()})
+            shards[split] = len(mine)
+        shutil.rmtree(tmp / ".parts")
+    return stats, shards

@@ -171,7 +171,7 @@ def open_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str,
 
 
 
-def release(arrays: dict[str, np.ndarray]) -> None:
+def drop_mapped_pages(arrays: dict[str, np.ndarray]) -> None:
     """Drop the pages of `open_safetensors` maps from this process's RSS; they stay in the page
     cache and fault back in (minor faults) when touched again. Training calls it between steps:
     random batches would otherwise leave the whole mapped file counted in RSS (the kernel maps

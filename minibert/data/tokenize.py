@@ -8,15 +8,20 @@ the bytes are the same for any shard size or worker count, and equal `encode_par
 """
 from __future__ import annotations
 
+import shutil
 from array import array
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from minibert.data.corpus import paragraph
-from minibert.data.shards import ByteShard, shard_lines, write_safetensors
-from minibert.data.vocab import UNK, Vocab
+from minibert.artifacts import atomic_dir
+from minibert.data.corpus import SPLITS, paragraph, split_file
+from minibert.data.shards import ByteShard, byte_shards, pool_imap, pool_map, shard_lines, write_safetensors
+from minibert.data.vocab import UNK, Vocab, count_stats, vocab_from_counts
+from minibert.errors import DataError
+
+SHARD_BYTES = 4 << 20  # ~0.7M WikiText tokens: a few MB of ids per worker; WikiText-2's train file is 3 shards
 
 
 
@@ -69,3 +74,38 @@ def write_split(path: str | Path, prefixes: list[str], counts: dict[str, int], v
         "paragraph_offsets": (np.int64, (counts["paragraphs"] + 1,), _offsets(prefixes, ".plen")),
     }
     write_safetensors(path, fields, {"vocab_sha256": vocab_sha256})
+
+
+def shards_of(raw: Path, split: str) -> list:
+    path = split_file(raw, split)
+    if not path.is_file():
+        raise DataError(f"{path}: not found; run `dvc repro download` first (or set MINIBERT_DATA)")
+    return byte_shards(path, SHARD_BYTES)
+
+
+def tokenize_splits(raw: Path, out: Path, min_freq: int, n_workers: int) -> tuple[Vocab, list[dict]]:
+    """The tokenize stage's work: the vocabulary of `raw`'s train split and every split's ids into the
+    folder `out` (written whole or not at all); (vocabulary, one count_stats row per split)."""
+    shards = {split: shards_of(raw, split) for split in SPLITS}
+    counts: Counter = Counter()
+    for shard_counts in pool_imap(count_shard, [(s,) for s in shards["train"]], n_workers):
+        counts.update(shard_counts)  # folded as they come: one shard's Counter alive at a time
+    if not counts:
+        raise DataError(f"{split_file(raw, 'train')}: no paragraphs (a line with two ' . '-separated "
+                        "sentences); is the file empty?")
+    vocab = vocab_from_counts(counts, min_freq)
+    rows = []
+    with atomic_dir(out) as tmp:
+        vocab.save(tmp / "vocab.txt")
+        parts = tmp / ".parts"
+        parts.mkdir()
+        jobs = [(split, shard, str(parts / f"{split}-{i:05d}"))
+                for split in SPLITS for i, shard in enumerate(shards[split])]
+        done = pool_map(encode_shard, [(shard, str(tmp / "vocab.txt"), p) for _, shard, p in jobs], n_workers)
+        for split in SPLITS:
+            mine = [(p, c) for (s, _, p), c in zip(jobs, done) if s == split]
+            total = {k: sum(c[k] for _, c in mine) for k in ("paragraphs", "sentences", "tokens", "unk")}
+            write_split(tmp / f"{split}.safetensors", [p for p, _ in mine], total, vocab.sha256)
+            rows.append({"split": split, **count_stats(**total)})
+        shutil.rmtree(parts)
+    return vocab, rows

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from minibert.errors import DataError, MinibertError
 from minibert.data.pairs import load_pairs  # noqa: F401 (re-exported: the evaluate stage reads valid pairs)
 from minibert.progress import Progress
-from minibert.data.batches import take, to_tensors
+from minibert.data.batches import gather_batch, to_tensors
 
 # The figures the held-out curve logs per step (prefixed `valid_`).
 CURVE = ("mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy")
@@ -41,7 +41,7 @@ def evaluate(model: torch.nn.Module, pairs: dict[str, np.ndarray], batch_size: i
         with torch.inference_mode(), Progress("evaluate", math.ceil(n / batch_size), "batches",
                                                 enabled=progress) as bar:
             for lo in range(0, n, batch_size):
-                b = take(data, np.arange(lo, min(lo + batch_size, n)))
+                b = gather_batch(data, np.arange(lo, min(lo + batch_size, n)))
                 mlm_logits, nsp_logits = model(b["token_ids"], b["segments"], b["valid_lens"],
                                                b["pred_positions"], b["mlm_weights"])  # (M, V), (b, 2)
                 labels = b["mlm_labels"][b["mlm_weights"] > 0].long()  # (M,), forward's slot order

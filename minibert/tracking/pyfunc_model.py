@@ -3,6 +3,6 @@
 `mlflow.pyfunc.log_model(python_model=<this file>, code_paths=[minibert/])` stores it with the
 package; loading the model executes it, which hands MLflow the model instance.
 """
-from minibert.tracking.registry import set_text_model
+from minibert.tracking.serving import set_text_model
 
 set_text_model()

@@ -1,6 +1,7 @@
 """What a run says it is: its name, a one-line description, the hyperparameters worth comparing,
-and the source tags MLflow's own `mlflow.start_run` would set (runs here are made with
-`MlflowClient.create_run`, which sets none of them).
+and its tags: the source tags MLflow's own `mlflow.start_run` would set (runs here are made with
+`MlflowClient.create_run`, which sets none of them), whether the checkout is dirty, the DVC
+experiment. The one home of a run's tags and of reading `DVC_EXP_NAME`.
 
 Name: the DVC experiment name under `dvc exp run` (DVC sets `DVC_EXP_NAME`), else what differs
 from the committed `params.yaml` (`lr=0.002 steps=20`), else `baseline`.
@@ -121,9 +122,15 @@ def _source_name(root: Path) -> str:
         return main
 
 
-def source_tags(root: Path) -> dict[str, str]:
-    """The tags `mlflow.start_run` sets from its default and git context providers: user, source
-    name and type, git commit, branch (none when detached) and remote URL (without credentials)."""
+def dvc_experiment() -> str | None:
+    """The DVC experiment this process runs in (`dvc exp run` sets DVC_EXP_NAME), if any."""
+    return os.environ.get("DVC_EXP_NAME") or None
+
+
+def run_tags(root: Path) -> dict[str, str]:
+    """Every tag a new run gets from where it runs: the tags `mlflow.start_run` sets from its default
+    and git context providers (user, source name and type, git commit, branch (none when detached),
+    remote URL without credentials), whether tracked files differ from the commit, the DVC experiment."""
     tags = {"mlflow.user": os.environ.get("MLFLOW_TRACKING_USERNAME") or _user(),
             "mlflow.source.name": _source_name(root), "mlflow.source.type": "LOCAL"}
     for key, args in (("mlflow.source.git.commit", ("rev-parse", "HEAD")),
@@ -131,6 +138,12 @@ def source_tags(root: Path) -> dict[str, str]:
                       ("mlflow.source.git.repoURL", ("remote", "get-url", "origin"))):
         if value := _git(root, *args):
             tags[key] = re.sub(r"//[^/@]*@", "//", value)  # no tokens from https://user:token@host
+    if "mlflow.source.git.commit" in tags:
+        status = _git(root, "status", "--porcelain", "--untracked-files=no")
+        if status is not None:
+            tags["git_dirty"] = str(bool(status)).lower()
+    if exp := dvc_experiment():
+        tags["dvc_exp_name"] = exp
     return tags
 
 
@@ -141,13 +154,13 @@ def _user() -> str:
         return "unknown"
 
 
-def describe_run(params: dict[str, Any], params_file: Path | None, root: Path) -> tuple[str, dict[str, str]]:
-    """(run name, tags) of a new run from its flattened params and the params file it read."""
+def describe_run(params: dict[str, Any], params_file: Path | None) -> tuple[str, dict[str, str]]:
+    """(run name, description tags) of a new run from its flattened params and the params file it read."""
     current = yaml.safe_load(params_file.read_text()) if params_file and params_file.is_file() else None
     reference = committed_params(params_file) if current is not None else None
     diff = params_diff(reference, current) if reference is not None else None
-    name = os.environ.get("DVC_EXP_NAME") or (short_name(diff) if diff is not None else "uncommitted")
-    tags = {**source_tags(root), NOTE_TAG: description(params, diff)}
+    name = dvc_experiment() or (short_name(diff) if diff is not None else "uncommitted")
+    tags = {NOTE_TAG: description(params, diff)}
     if diff is not None:
         tags[DIFF_TAG] = short_name(diff)
     return name, tags

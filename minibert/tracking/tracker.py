@@ -1,6 +1,6 @@
 """Experiment tracking: the only module that imports mlflow.
 
-`start_run(cfg, root)` gives a `Tracker`: an `MlflowTracker` on a real run, or a `NullTracker`
+`runs.start_run(cfg, root)` gives a `Tracker`: an `MlflowTracker` on a real run, or a `NullTracker`
 when tracking is off. Tracking must never stop training: an unreachable server fails fast at
 the start (one line naming the URI), but once a run is open, failed metric points are kept in
 memory (bounded) and sent by a background thread, with their original steps and timestamps,
@@ -8,24 +8,15 @@ when the server answers again; `close()` waits for them at most `_CLOSE_WAIT_S`.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import ssl
-import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from minibert.tracking import view
-from minibert.config import TrackingConfig
-from minibert.tracking.runinfo import describe_run, hyperparams
-from minibert.errors import MinibertError
+from minibert.tracking.store import fluent_uris, is_http, mlflow_module, one_line, reachable
 
 log = logging.getLogger(__name__)
 
@@ -33,100 +24,9 @@ _MAX_BUFFERED = 100_000  # metric points kept while the server is down (~10 MB);
 _SEND_EVERY_S = 1.0  # the sender batches what arrived in this interval into one request
 _RETRY_EVERY_S = 2.0  # while the backend fails, the sender retries this often
 _CLOSE_WAIT_S = 30.0  # close() waits at most this long for the last points to go out
-_PROBE_TIMEOUT_S = 3.0
 # MLflow error codes that retrying cannot fix (bad values, missing runs): drop, warn, go on.
 _PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
               "INVALID_STATE", "BAD_REQUEST", "PERMISSION_DENIED", "UNAUTHENTICATED"}
-
-
-def _mlflow():
-    """Import mlflow on first use, with telemetry off and HTTP retries short.
-
-    MLflow's client retries a dead server for minutes by default; our own buffering is the
-    retry, so one quick retry per call is enough. `setdefault` lets a user override both.
-    """
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    import mlflow
-
-    return mlflow
-
-
-@contextmanager
-def fluent_uris(uri: str):
-    """MLflow's fluent API (log_model, register_model) pointed at `uri` for one call, then put back.
-
-    `mlflow.set_tracking_uri`/`set_registry_uri` also write MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI into
-    os.environ for subprocesses; left there, a later run of this process (`tracking_uri` reads the
-    variable first) or a subprocess it starts would talk to this run's store."""
-    mlflow = _mlflow()
-    from mlflow.tracking import _model_registry, _tracking_service
-
-    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    saved = (_tracking_service.utils._tracking_uri, _model_registry.utils._registry_uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield mlflow
-    finally:
-        _tracking_service.utils._tracking_uri, _model_registry.utils._registry_uri = saved
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def project_root(path: Path) -> Path:
-    """The repository a run's local store belongs to. DVC runs `exp run --temp` and queued
-    experiments in `<repo>/.dvc/tmp/exps/...`: their runs belong in `<repo>/mlflow.db`, not in a
-    folder that is deleted when the experiment ends."""
-    parts = Path(path).resolve().parts
-    for i in range(len(parts) - 2):
-        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i])
-    return Path(path).resolve()
-
-
-def tracking_uri(root: Path) -> str:
-    """`MLFLOW_TRACKING_URI` when set, else an sqlite file at the project root (absolute)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root(root)}/mlflow.db"
-
-
-def _is_http(uri: str) -> bool:
-    return uri.startswith(("http://", "https://"))
-
-
-def _reachable(uri: str, timeout: float = _PROBE_TIMEOUT_S) -> str | None:
-    """None when an HTTP server answers at `uri` (any status), else the reason it does not."""
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
-            return None
-    except urllib.error.HTTPError:
-        return None  # it answered: auth or routing problems surface from MLflow itself
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        return None if isinstance(reason, ssl.SSLError) else str(reason)  # TLS answered: MLflow decides
-
-
-def git_tags(root: Path) -> dict[str, str]:
-    """The commit and whether tracked files differ from it; the DVC experiment name when set."""
-    tags: dict[str, str] = {}
-    try:
-        git = ["git", "-C", str(root)]
-        sha = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if sha.returncode == 0:
-            tags["mlflow.source.git.commit"] = sha.stdout.strip()
-            st = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=10)
-            tags["git_dirty"] = str(bool(st.stdout.strip())).lower()
-    except (OSError, subprocess.TimeoutExpired):
-        pass  # no git: the run is still worth recording
-    if os.environ.get("DVC_EXP_NAME"):
-        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
-    return tags
 
 
 class Tracker(Protocol):
@@ -181,8 +81,8 @@ class MlflowTracker(_ContextMixin):
 
     def __init__(self, uri: str, run_id: str):
         self.uri, self.run_id = uri, run_id
-        self._client = _mlflow().MlflowClient(uri)
-        self._Metric = _mlflow().entities.Metric
+        self._client = mlflow_module().MlflowClient(uri)
+        self._Metric = mlflow_module().entities.Metric
         self._cv = threading.Condition()  # guards every queue and flag below; wakes the sender
         self._metrics: deque = deque()  # mlflow Metric entities not yet sent (bounded in log_metrics)
         self._params: dict[str, str] = {}
@@ -242,7 +142,7 @@ class MlflowTracker(_ContextMixin):
             log.warning("MLflow: log_model needs an input example (torch.export); model not logged to run %s",
                         self.run_id)
             return
-        mlflow = _mlflow()
+        mlflow = mlflow_module()
         import mlflow.pytorch  # noqa: F811 - the submodule, loaded on first use
         import torch
 
@@ -250,18 +150,25 @@ class MlflowTracker(_ContextMixin):
         was_training = model.training
         model.eval()  # export and signature must see inference behaviour (no dropout)
         try:
-            kwargs = dict(signature=_signature(model, example), input_example=tuple(example.values()),
+            kwargs = dict(signature=_encoder_signature(model, example), input_example=tuple(example.values()),
                           serialization_format="pt2")
-            # log_model only logs into the fluent active run: resume ours for the call, then
-            # put its status back (leaving the context marks it finished).
-            with fluent_uris(self.uri), mlflow.start_run(run_id=self.run_id):
+            with self.fluent_run():
                 mlflow.pytorch.log_model(model, name="model", pip_requirements=reqs, **kwargs)
-            self._client.update_run(self.run_id, status="RUNNING")
         except Exception as e:  # the model file is in DVC anyway: losing the copy must not fail the stage
             log.warning("MLflow: could not log the model to run %s at %s: %s", self.run_id, self.uri,
-                        _one_line(e)[:300])
+                        one_line(e)[:300])
         finally:
             model.train(was_training)
+
+    @contextmanager
+    def fluent_run(self):
+        """This run as MLflow's fluent active run, for calls that only log into that (log_model).
+
+        Leaving `mlflow.start_run`'s context marks the run finished: its status is put back to RUNNING."""
+        mlflow = mlflow_module()
+        with fluent_uris(self.uri), mlflow.start_run(run_id=self.run_id):
+            yield mlflow
+        self._client.update_run(self.run_id, status="RUNNING")
 
     def last_step(self, key: str) -> int | None:
         """Largest step already logged (or queued) for `key`; None when there is none."""
@@ -273,7 +180,7 @@ class MlflowTracker(_ContextMixin):
         try:
             steps += [m.step for m in self._client.get_metric_history(self.run_id, key)]
         except Exception as e:
-            log.warning("MLflow: could not read metric %r of run %s: %s", key, self.run_id, _one_line(e))
+            log.warning("MLflow: could not read metric %r of run %s: %s", key, self.run_id, one_line(e))
         return max(steps, default=None)
 
     def close(self, status: str = "FINISHED") -> None:
@@ -307,7 +214,7 @@ class MlflowTracker(_ContextMixin):
                     return
                 ending = self._status is not None
             try:
-                if self._down_since is not None and _is_http(self.uri) and _reachable(self.uri, 1.0) is not None:
+                if self._down_since is not None and is_http(self.uri) and reachable(self.uri, 1.0) is not None:
                     raise ConnectionError("no answer on /health")
                 self._send()
                 if ending:
@@ -332,14 +239,14 @@ class MlflowTracker(_ContextMixin):
         if self._down_since is None:
             self._down_since = time.monotonic()
             if not self._warned_down:
-                why = (_reachable(self.uri, timeout=1.0) if _is_http(self.uri) else None) or _one_line(e)[:200]
+                why = (reachable(self.uri, timeout=1.0) if is_http(self.uri) else None) or one_line(e)[:200]
                 log.warning("MLflow at %s is not answering (%s); buffering metrics in memory "
                             "and retrying, training goes on", self.uri, why)
                 self._warned_down = True
 
     def _send(self) -> None:
         """log_batch in MLflow's size limits; each chunk leaves the queue once stored (or rejected)."""
-        entities = _mlflow().entities
+        entities = mlflow_module().entities
         while True:
             with self._cv:
                 params, tags = list(self._params.items())[:100], list(self._tags.items())[:100]
@@ -383,14 +290,10 @@ class MlflowTracker(_ContextMixin):
         except Exception as e:
             if getattr(e, "error_code", None) not in _PERMANENT:
                 raise  # connection trouble: the caller keeps the data queued
-            log.warning("MLflow rejected data for run %s: %s", self.run_id, _one_line(e)[:300])
+            log.warning("MLflow rejected data for run %s: %s", self.run_id, one_line(e)[:300])
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
-def _signature(model, example: dict[str, Any]):
+def _encoder_signature(model, example: dict[str, Any]):
     """Inputs from `example`, outputs from running the model on it (caller set eval mode)."""
     import numpy as np
     import torch
@@ -409,151 +312,3 @@ def _signature(model, example: dict[str, Any]):
     def dynamic(schema):
         return Schema([TensorSpec(t.type, (-1,) * len(t.shape), t.name) for t in schema.inputs])
     return ModelSignature(inputs=dynamic(sig.inputs), outputs=dynamic(sig.outputs))
-
-
-def _connect(uri: str):
-    """A client for `uri`, failing in seconds with one line when the server is not there."""
-    if _is_http(uri) and (why := _reachable(uri)) is not None:
-        raise MinibertError(f"MLflow server {uri} is unreachable ({why}); start it, fix "
-                            "MLFLOW_TRACKING_URI, or set tracking.enabled: false in params.yaml")
-    return _mlflow().MlflowClient(uri)
-
-
-def _experiment_id(client, name: str, uri: str, root: Path) -> str:
-    exp = client.get_experiment_by_name(name)
-    if exp is None:
-        # Local stores keep artifacts beside the database, not in ./mlruns of whatever cwd is.
-        location = (project_root(root) / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
-        try:
-            return client.create_experiment(name, artifact_location=location, tags=view.experiment_tags())
-        except Exception:  # created meanwhile by another process
-            exp = client.get_experiment_by_name(name)
-            if exp is None:
-                raise
-    if exp.lifecycle_stage == "deleted":
-        raise MinibertError(f"MLflow experiment {name!r} at {uri} is deleted; restore it "
-                            "(mlflow experiments restore) or set tracking.experiment to another name")
-    _set_view_tags(client, exp)
-    return exp.experiment_id
-
-
-def _set_view_tags(client, exp) -> None:
-    """Give an experiment made before these tags existed the saved view; keep a kind a user chose."""
-    for key, value in view.experiment_tags().items():
-        if key not in exp.tags or (key != view.KIND_TAG and exp.tags[key] != value):
-            client.set_experiment_tag(exp.experiment_id, key, value)
-
-
-def ui_url(cfg: TrackingConfig, root: Path, base: str, chart: bool = False) -> str:
-    """URL of the experiment's training-runs table (or chart view) in an MLflow UI at `base`;
-    (re)writes the experiment's view tags so the URL's saved view exists."""
-    uri = tracking_uri(root)
-    client = _connect(uri)
-    exp = client.get_experiment_by_name(cfg.experiment)
-    if exp is None or exp.lifecycle_stage == "deleted":
-        raise MinibertError(f"no experiment {cfg.experiment!r} at {uri}; run the pipeline first (dvc repro)")
-    _set_view_tags(client, exp)
-    return view.runs_url(base, exp.experiment_id, chart=chart)
-
-
-def start_run(cfg: TrackingConfig, root: Path, run_id: str | None = None, run_name: str | None = None,
-              params: dict[str, Any] | None = None, params_file: Path | None = None) -> Tracker:
-    """Open a run: resume `run_id` when given, else a new run in `cfg.experiment` tagged with git
-    state. A new run with `params` (the flattened config) logs its hyperparameters and is named and
-    described from them and `params_file` (minibert/tracking/runinfo.py)."""
-    if not cfg.enabled:
-        return NullTracker()
-    uri = tracking_uri(root)
-    client = _connect(uri)
-    created = False
-    try:
-        if run_id is not None:
-            run = client.get_run(run_id)
-            if run.info.lifecycle_stage == "deleted":
-                raise MinibertError(f"MLflow run {run_id} at {uri} is deleted; restore it or rerun pretrain")
-            client.update_run(run_id, status="RUNNING")
-        else:
-            exp_id = _experiment_id(client, cfg.experiment, uri, root)
-            tags = git_tags(root)
-            if params is not None:
-                name, described = describe_run(params, params_file, root)
-                run_name, tags = run_name or name, {**tags, **described}
-            run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
-            created = True
-    except MinibertError:
-        raise
-    except Exception as e:
-        what = f"run {run_id}" if run_id else f"a run in experiment {cfg.experiment!r}"
-        raise MinibertError(f"MLflow at {uri}: could not open {what}: {_one_line(e)[:300]}") from None
-    tracker = MlflowTracker(uri, run_id)
-    if params is not None and created:
-        tracker.log_params(hyperparams(params))
-    return tracker
-
-
-def list_runs(cfg: TrackingConfig, root: Path, max_results: int = 100):
-    """Runs of `cfg.experiment`, newest first: ids, status, times, then metrics./params./tags. columns."""
-    import pandas as pd
-
-    uri = tracking_uri(root)
-    client = _connect(uri)
-    exp = client.get_experiment_by_name(cfg.experiment)
-    base = ["run_id", "run_name", "status", "start_time", "end_time"]
-    if exp is None:
-        return pd.DataFrame(columns=base)
-    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"],
-                              max_results=max_results)
-    rows = []
-    for r in runs:
-        row = {"run_id": r.info.run_id, "run_name": r.info.run_name, "status": r.info.status,
-               "start_time": pd.to_datetime(r.info.start_time, unit="ms", utc=True),
-               "end_time": pd.to_datetime(r.info.end_time, unit="ms", utc=True) if r.info.end_time else pd.NaT}
-        row.update({f"metrics.{k}": v for k, v in r.data.metrics.items()})
-        row.update({f"params.{k}": v for k, v in r.data.params.items()})
-        row.update({f"tags.{k}": v for k, v in r.data.tags.items()})
-        rows.append(row)
-    return pd.DataFrame(rows, columns=None if rows else base)
-
-
-def download_artifacts(run_id: str, artifact_path: str, dest: str | Path, root: Path) -> Path:
-    """Copy the artifact folder (or file) `artifact_path` of run `run_id` into `dest`; the local copy's path."""
-    uri = tracking_uri(root)
-    client = _connect(uri)
-    try:
-        return Path(client.download_artifacts(run_id, artifact_path, str(dest)))
-    except Exception as e:
-        raise MinibertError(f"MLflow at {uri}: could not fetch {artifact_path!r} of run {run_id} "
-                            f"({_one_line(e)[:200]}); check the id with `minibert runs`") from None
-
-
-def pretrain_run_id(train_metrics: str | Path) -> str | None:
-    """The MLflow run the pretrain stage opened (`mlflow_run_id` in metrics/train.json), if any:
-    evaluate and probe log into it."""
-    path = Path(train_metrics)
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text()).get("mlflow_run_id") or None
-    except (json.JSONDecodeError, AttributeError):
-        raise MinibertError(f"{path}: not a JSON object; re-run the pretrain stage") from None
-
-
-def pretrain_run(cfg: TrackingConfig, train_metrics: str | Path, root: Path = Path(".")) -> Tracker:
-    """The pretrain stage's run, resumed so evaluate and probe log into it; a `NullTracker` when
-    tracking is off or the pretrain recorded no run."""
-    run_id = pretrain_run_id(train_metrics) if cfg.enabled else None
-    return start_run(cfg, root, run_id=run_id) if run_id else NullTracker()
-
-
-# The text-in pyfunc, the Model Registry and the `champion` alias live in tracking_models.py (this
-# file was already over 400 lines); re-exported here lazily, so importing tracking stays cheap and
-# `minibert.tracking.tracker` remains the one door to MLflow.
-_MODEL_API = ("log_text_model", "register_version", "set_champion", "download_model", "run_metrics", "CHAMPION")
-
-
-def __getattr__(name: str):
-    if name in _MODEL_API:
-        from minibert.tracking import registry as tracking_models
-
-        return getattr(tracking_models, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -48,8 +48,9 @@ def procs_per_node(cfg: TrainConfig) -> int:
     return cfg.devices
 
 
-def launch_command(cfg: TrainConfig, argv: list[str], module: str = "stages.pretrain") -> list[str] | None:
-    """The torch.distributed.run command that re-runs this stage on every process, or None for one."""
+def launch_command(cfg: TrainConfig, module: str, argv: list[str]) -> list[str] | None:
+    """The torch.distributed.run command that re-runs `python -m <module> <argv>` (the caller's own script)
+    on every process, or None for one."""
     nproc = procs_per_node(cfg)
     if under_launcher() or (nproc == 1 and cfg.nodes == 1):
         return None

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from minibert.training import distributed
-from minibert.data.batches import take
+from minibert.data.batches import gather_batch
 from minibert.config import TrainConfig
 from minibert.errors import Interrupted, MinibertError
 
@@ -62,7 +62,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 
 @dataclass
-class Interval:
+class PendingLosses:
     """Per-step loss tensors kept on the device between host syncs."""
     steps: list[int] = field(default_factory=list)
     losses: list[torch.Tensor] = field(default_factory=list)      # each (2,): this rank's mlm, nsp means
@@ -128,7 +128,7 @@ def split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, to
     if parts <= 1 or n <= 1:
         return [batch]
     order = np.argsort(batch["valid_lens"].cpu().numpy(), kind="stable")
-    return [take(batch, idx) for idx in np.array_split(order, min(parts, n))]
+    return [gather_batch(batch, idx) for idx in np.array_split(order, min(parts, n))]
 
 
 def train_step(model, opt, scaler, batch: dict[str, torch.Tensor], scale_mlm: float, scale_nsp: float,
@@ -200,7 +200,7 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, da
     n = len(data["nsp_labels"])
     weights_all, lens_all = data["mlm_weights"].sum(1).cpu().numpy(), data["valid_lens"].cpu().numpy()
     history = list(history or [])
-    interval, last_ckpt = Interval(), None
+    interval, last_ckpt = PendingLosses(), None
     train_s, pairs, tokens = 0.0, 0, 0
     model.train()
     with StopFlag().installed() as stop:
@@ -213,7 +213,7 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, da
                 raise MinibertError(f"train.batch_size = {cfg.batch_size} leaves rank {d.rank} of {d.world} "
                                     "without pairs; use a batch of at least one pair per process")
             slots_total, slots = float(weights_all[global_idx].sum()), float(weights_all[idx].sum())
-            batch = take(data, idx)
+            batch = gather_batch(data, idx)
             torch.manual_seed(step_seed(cfg.seed, d.rank, step))
             mlm, nsp = train_step(model, opt, scaler, batch, slots / slots_total * d.world,
                                   len(idx) / len(global_idx) * d.world, amp_dtype, device, cfg.micro_batches)
@@ -241,7 +241,7 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, da
                 history += rows
                 if on_log:
                     on_log(rows)
-                interval = Interval()
+                interval = PendingLosses()
                 if (ckpt_due or stopping) and not last and on_checkpoint:
                     last_ckpt = on_checkpoint(step + 1, history, scaler.state_dict() if scaler else None)
                 if stopping and not last:  # on the last step: finish normally, outputs get written

@@ -100,7 +100,7 @@ def test_short_names_read_like_the_command_line():
     cur["preset"] = "pre_ln"  # one key, not the five keys the preset sets
     cur["pairs"]["seed"], cur["train"]["seed"] = 3, 7  # two sections share `seed`
     cur["eval"]["batch_size"], cur["train"]["compile"] = 99, True
-    cur["data"]["zip_url"] = "http://127.0.0.1:9/x.zip"  # not a hyperparameter: not in the name
+    cur["data"]["mirrors"]["wikitext-2"]["zip_url"] = "http://127.0.0.1:9/x.zip"  # not a hyperparameter: not in the name
     assert params_diff(ref, cur) == {"pairs.seed": 3, "train.seed": 7, "train.compile": True,
                                      "eval.batch_size": 99, "preset": "pre_ln"}
     assert short_name(params_diff(ref, cur)) == "pairs.seed=3 seed=7 compile=true eval.batch_size=99 preset=pre_ln"

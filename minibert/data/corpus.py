@@ -5,7 +5,7 @@ corpus `cfg.corpus` names (`PINS`: each corpus's pinned checksums; the user's ow
 `minibert.data.text`).
 Sources, in order: `local` alone when given (a zip, a folder holding the three `.tokens` files,
 or a folder holding the three Hugging Face parquet files) — no network at all; otherwise the
-official archive `cfg.zip_url`, then the Hugging Face parquet copy `cfg.parquet_urls`.
+corpus's mirrors in `cfg.mirrors`: its archive `zip_url`, then its Hugging Face parquet copy `parquet_urls`.
 
 Verification is by content, not by archive, so any mirror that holds the same text passes:
 
@@ -49,7 +49,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 
 from minibert.artifacts import atomic_dir, sha256_file
-from minibert.config import DataConfig
+from minibert.config import DataConfig, Mirror
 from minibert.errors import DataError
 
 SPLITS = ("train", "valid", "test")
@@ -321,10 +321,10 @@ def download(url: str, path: str | Path, timeout: float, retries: int,
 
 
 def mirrors(cfg: DataConfig) -> tuple[str, dict[str, list[str]]]:
-    """The zip URL and the per-split parquet URLs of the corpus `cfg.corpus` names."""
-    if cfg.corpus == "wikitext-103":
-        return cfg.wikitext_103_zip_url, {k: list(v) for k, v in cfg.wikitext_103_parquet_urls.items()}
-    return cfg.zip_url, {k: [v] for k, v in cfg.parquet_urls.items()}
+    """The zip URL and the per-split parquet URLs (lists) of the corpus `cfg.corpus` names; none when
+    `data.mirrors` has no entry for it."""
+    mirror = cfg.mirrors.get(cfg.corpus, Mirror())
+    return mirror.zip_url, {k: [v] if isinstance(v, str) else list(v) for k, v in mirror.parquet_urls.items()}
 
 
 def _from_local(local: Path, out: Path, pins: Pins) -> str:

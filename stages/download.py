@@ -15,7 +15,7 @@ import typer
 
 from minibert import layout
 from minibert.config import load_config
-from minibert.data.corpus import fetch_wikitext
+from minibert.data.fetch import fetch_wikitext
 from minibert.errors import stage_errors
 from minibert.data.text import fetch_text
 

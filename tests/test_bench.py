@@ -22,7 +22,7 @@ from minibert.data.pairs import make_pairs
 from minibert.data.batches import gather_batch, to_tensors
 from minibert.training.loop import batch_indices, make_optimizer, train_step
 from minibert.data.vocab import build_vocab, encode_paragraphs
-from tests.test_train import cpu_flags
+from tests.test_loop import cpu_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,hf]'
-	$(PY) -m minibert.kernels.build   # the C++ CPU kernels (minibert/kernels), ~10 s
+	$(PY) -m minibert.model.kernels.build   # the C++ CPU kernels (minibert/kernels), ~10 s
 	touch $@
 
 repro: install
@@ -36,7 +36,7 @@ bench: install
 # Prints the URL of the experiment's training-runs table (MLflow 3 opens a GenAI overview otherwise).
 UI_PORT ?= 5000
 # Mutation testing of the core modules ([tool.mutmut] in pyproject.toml); slow, so never part of
-# `make test`. Narrow it with mutant-name globs: make mutation MUTANTS='minibert.pairs*'
+# `make test`. Narrow it with mutant-name globs: make mutation MUTANTS='minibert.data.pairs*'
 MUTANTS ?=
 MUTATION_JOBS ?= 1
 mutation: install

@@ -7,7 +7,7 @@ version compares the machine's moods, not the code. Here each round runs every c
 as its own process (its own `minibert`, its own C++ kernel build): a fresh model (the book's
 config) in `--precision` (default `auto`: what `train.precision: auto` picks on this CPU, bf16 where it
 multiplies bf16 natively, fp32 elsewhere, e.g. on an AVX2-only CPU, where bf16 is emulated), 2 warm-up
-steps, then `--steps` timed calls of that checkout's `minibert.train.train_step`
+steps, then `--steps` timed calls of that checkout's `minibert.training.loop.train_step`
 on the real WikiText-2 train pairs (built once by this checkout's pipeline functions, as bench.train
 does) in `fit`'s batch order. A round reports each checkout's median step; the summary gives the
 median over rounds, the best step, and each round's ratio to the first checkout (a burst of load
@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.train import DEFAULT_DATA, load_splits
+from bench.common import DEFAULT_DATA, load_splits
 from minibert import layout
-from minibert.train import resolve_precision
+from minibert.training.loop import resolve_precision
 from minibert.artifacts import save_arrays
 
 CHILD = """
@@ -40,11 +40,11 @@ import torch
 from safetensors.numpy import load_file
 import minibert
 assert minibert.__file__.startswith(code), minibert.__file__
-from minibert.batches import take, to_tensors
+from minibert.data.batches import gather_batch, to_tensors
 from minibert.config import ModelConfig, TrainConfig
-from minibert.heap import tune_cpu_malloc
-from minibert.model import build_model
-from minibert.train import batch_indices, make_optimizer, resolve_precision, train_step
+from minibert.training.heap import tune_cpu_malloc
+from minibert.model.bert import build_model
+from minibert.training.loop import batch_indices, make_optimizer, resolve_precision, train_step
 tune_cpu_malloc()
 dtype = resolve_precision(precision, torch.device("cpu"))
 arrays = load_file(pairs)
@@ -55,7 +55,7 @@ opt = make_optimizer(model.parameters(), TrainConfig())
 n, times = len(data["nsp_labels"]), []
 for s in range(2 + steps):
     torch.manual_seed(s)
-    batch = take(data, batch_indices(s, n, 512, 0))
+    batch = gather_batch(data, batch_indices(s, n, 512, 0))
     t0 = time.perf_counter()
     mlm, _ = train_step(model, opt, None, batch, 1.0, 1.0, dtype, torch.device("cpu"), micro)
     float(mlm)
@@ -86,7 +86,7 @@ def main() -> None:
     a = ap.parse_args()
     codes = [c.resolve() for c in a.code]
     if bad := [str(c) for c in codes if not (c / "minibert" / "train.py").is_file()]:
-        raise SystemExit(f"bench.ab: {', '.join(bad)}: not a minibert checkout (no minibert/train.py); "
+        raise SystemExit(f"bench.ab: {', '.join(bad)}: not a minibert checkout (no minibert/training/loop.py); "
                          "make one with `git worktree add DIR REV`")
     if a.rounds < 1 or a.steps < 1 or a.micro_batches < 1:
         raise SystemExit("bench.ab: --rounds, --steps and --micro-batches must be >= 1")

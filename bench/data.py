@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from minibert.config import PairsConfig, VocabConfig
-from minibert.corpus import SPLITS, read_paragraphs, split_file
-from minibert.pairs import make_pairs
-from minibert.vocab import build_vocab, encode_paragraphs
+from minibert.data.corpus import SPLITS, read_paragraphs, split_file
+from minibert.data.pairs import make_pairs
+from minibert.data.vocab import build_vocab, encode_paragraphs
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

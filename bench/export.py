@@ -28,8 +28,8 @@ import torch
 
 from minibert import layout
 from minibert.config import ModelConfig, TrackingConfig
-from minibert.model import build_model, save_pretrained
-from minibert.vocab import SPECIALS, Vocab
+from minibert.model.bert import build_model, save_pretrained
+from minibert.data.vocab import SPECIALS, Vocab
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTENCES = ["a crane is flying over the river", "he just left the bank", "the bird sat on the old wall",
@@ -44,8 +44,8 @@ def book_model(norm: str):
 def parity(norm: str) -> dict[str, float]:
     from transformers import AutoModel, AutoModelForPreTraining, AutoTokenizer, pipeline
 
-    from minibert.export_hf import export_hf
-    from minibert.probes import encode_probe
+    from minibert.export.hf import export_hf
+    from minibert.evaluation.probes import encode_probe
     from minibert.config import ProbeSpec
 
     bert, vocab = book_model(norm)
@@ -87,7 +87,9 @@ def _post(url: str, rows: list[dict]) -> float:
 
 
 def serve_latency(requests: int) -> dict[str, float]:
-    from minibert.tracking import log_text_model, register_version, start_run
+    from minibert.tracking.registry import register_version
+    from minibert.tracking.runs import start_run
+    from minibert.tracking.serving import log_text_model
     from tests.mlflow_server import free_port
 
     bert, vocab = book_model("post")

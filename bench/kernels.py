@@ -23,7 +23,7 @@ a WikiText-2 batch of 512 pairs holding ~23.6k real tokens and ~3.5k MLM slots, 
   -inf bias tensor in baddbmm, softmax, the dropout kernel, transpose copy + index_select);
 - the MLM decoder of one micro-batch (3.5k/K slots in 512-row chunks; its three GEMMs, the softmax
   pass, the fp32 dW accumulation): K a step, with the bias added inside the softmax pass (GEMMs with
-  K = hidden = 128, minibert.loss) against the bias as a ones column of the GEMMs (K = 129, dL/db
+  K = hidden = 128, minibert.model.loss) against the bias as a ones column of the GEMMs (K = 129, dL/db
   from the weight-gradient GEMM: minibert before this lever). Both use the C++ softmax pass.
 Prints one JSON line per family and a table.
 """
@@ -38,14 +38,14 @@ import torch
 import torch.nn.functional as F
 
 from minibert.config import ModelConfig, TrainConfig
-from minibert.heap import tune_cpu_malloc
-from minibert.kernels import build
-from minibert.kernels.addnorm import add_norm
-from minibert.kernels.attention import attention_rows
-from minibert.kernels.dropout import dropout
-from minibert.kernels.softmax_xent import softmax_xent_
-from minibert.loss import linear_cross_entropy
-from minibert.model import Block, token_layout
+from minibert.training.heap import tune_cpu_malloc
+from minibert.model.kernels import build
+from minibert.model.kernels.addnorm import add_norm
+from minibert.model.kernels.attention import attention_rows
+from minibert.model.kernels.dropout import dropout
+from minibert.model.kernels.softmax_xent import softmax_xent_
+from minibert.model.loss import linear_cross_entropy
+from minibert.model.bert import Block, token_layout
 
 P, H, V, CHUNK = 0.2, 128, 20256, 512
 CUT = round(P * 65536) - 32768  # the old bit-mask: int16 bits >= CUT keep (drop probability round(p 2^16)/2^16)

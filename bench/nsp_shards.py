@@ -3,7 +3,7 @@
     python -m bench.nsp_shards [--data DIR_OR_ZIP] [--shard-tokens 4000000,1000000,250000,60000]
 
 The book draws a negative `b` from the whole corpus; the pairs stage draws it from a's shard
-(`minibert.pairs`, "Shards"). A negative from a's own article shares its topic and is harder to tell
+(`minibert.data.pairs`, "Shards"). A negative from a's own article shares its topic and is harder to tell
 from the true next sentence, so the share of same-article negatives is what shards move. This script
 replays the pairs stage's draws on WikiText-2's train split (the same `paragraph_shards`, `shard_rng`,
 `candidate_pairs`, `choose_next`, and the max_len filter) and reports, per shard size, the share of
@@ -21,9 +21,9 @@ import numpy as np
 
 from bench.data import SHARED, data_dir
 from minibert.config import PairsConfig, VocabConfig
-from minibert.corpus import paragraph, split_file
-from minibert.pairs import candidate_pairs, choose_next, paragraph_shards, shard_rng
-from minibert.vocab import build_vocab, encode_paragraphs
+from minibert.data.corpus import paragraph, split_file
+from minibert.data.pairs import candidate_pairs, choose_next, paragraph_shards, shard_rng
+from minibert.data.vocab import build_vocab, encode_paragraphs
 
 TITLE = re.compile(r"^ = [^=].* = $")
 

@@ -28,13 +28,13 @@ import pandas as pd
 import yaml
 
 from bench.data import data_dir
-from bench.train import DEFAULT_DATA
+from bench.common import DEFAULT_DATA
 from minibert import layout
 from minibert.artifacts import save_arrays
 from minibert.config import PairsConfig, VocabConfig
-from minibert.corpus import read_paragraphs, split_file
-from minibert.pairs import make_pairs
-from minibert.vocab import build_vocab, encode_paragraphs
+from minibert.data.corpus import read_paragraphs, split_file
+from minibert.data.pairs import make_pairs
+from minibert.data.vocab import build_vocab, encode_paragraphs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))

@@ -20,14 +20,15 @@ from pathlib import Path
 
 import yaml
 
-from bench.train import DEFAULT_DATA, DEVICE, load_splits
-from minibert import distributed, layout
-from minibert.batches import to_tensors
+from bench.common import DEFAULT_DATA, DEVICE, load_splits
+from minibert.training import distributed
+from minibert import layout
+from minibert.data.batches import to_tensors
 from minibert.config import config_from_dict
-from minibert.evaluate import heldout_hook
-from minibert.heap import tune_cpu_malloc
-from minibert.model import build_model
-from minibert.train import fit, make_optimizer
+from minibert.evaluation.heldout import heldout_hook
+from minibert.training.heap import tune_cpu_malloc
+from minibert.model.bert import build_model
+from minibert.training.loop import fit, make_optimizer
 
 
 class Reached(Exception):

@@ -4,7 +4,7 @@
 
 For each seed x precision, trains the book's model (ModelConfig() defaults, batch 512, Adam 1e-3) from
 scratch with train.seed = seed on the fixed train pairs with `fit` itself, and evaluates on all the
-valid pairs through fit's evaluation hook (minibert.evaluate.heldout_hook: `evaluate`, fp32, no
+valid pairs through fit's evaluation hook (minibert.evaluation.heldout.heldout_hook: `evaluate`, fp32, no
 dropout) at every requested step count on the way to the largest, so one run per seed x precision
 serves all step counts; `train_s` leaves the evaluations out. Prints one
 JSON line per evaluation, then a mean ± std table per (precision, steps) and one JSON line per cell.
@@ -21,14 +21,15 @@ import sys
 import time
 from pathlib import Path
 
-from bench.train import DEFAULT_DATA, DEVICE, load_splits
-from minibert import distributed, layout
-from minibert.batches import to_tensors
+from bench.common import DEFAULT_DATA, DEVICE, load_splits
+from minibert.training import distributed
+from minibert import layout
+from minibert.data.batches import to_tensors
 from minibert.config import EvalConfig, ModelConfig, TrainConfig
-from minibert.evaluate import heldout_hook
-from minibert.heap import tune_cpu_malloc
-from minibert.model import build_model
-from minibert.train import fit, make_optimizer
+from minibert.evaluation.heldout import heldout_hook
+from minibert.training.heap import tune_cpu_malloc
+from minibert.model.bert import build_model
+from minibert.training.loop import fit, make_optimizer
 
 METRICS = ("mlm_loss", "mlm_accuracy", "nsp_accuracy")
 

@@ -23,7 +23,7 @@ import yaml
 
 from minibert import layout
 
-from bench.train import DEFAULT_DATA
+from bench.common import DEFAULT_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -37,7 +37,7 @@ import yaml
 
 from bench.data import SHARED, data_dir
 from minibert import layout
-from minibert.corpus import SPLITS, split_file
+from minibert.data.corpus import SPLITS, split_file
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,7 @@
 
     python -m bench.split [--batches 6] [--rounds 8] [--micro-batches 4] [--precision auto] [--data PATH]
 
-`minibert.train.split_batch` sorts a batch by valid length and cuts it into runs, each trimmed to its
+`minibert.training.loop.split_batch` sorts a batch by valid length and cuts it into runs, each trimmed to its
 longest pair; before, micro-batch j held rows j, j + K, ... and every one was as long as the batch's
 longest pair (~64). The lever saves a few per cent of a step, less than the shared machine's swings
 between processes (bench.ab's per-round ratios spread 0.73-1.14 on 2026-12-03), so here both splits
@@ -22,19 +22,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import minibert.train as mt
-from bench.train import DEFAULT_DATA, load_splits
+import minibert.training.loop as mt
+from bench.common import DEFAULT_DATA, load_splits
 from minibert import layout
-from minibert.batches import take, to_tensors
+from minibert.data.batches import gather_batch, to_tensors
 from minibert.config import ModelConfig, TrainConfig
-from minibert.heap import tune_cpu_malloc
-from minibert.model import build_model
+from minibert.training.heap import tune_cpu_malloc
+from minibert.model.bert import build_model
 
 
 def interleaved_split(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
     """The split before the lever: rows j, j + parts, ... (each trimmed to its longest pair)."""
     n = len(batch["nsp_labels"])
-    return [take(batch, np.arange(j, n, parts)) for j in range(min(parts, n))]
+    return [gather_batch(batch, np.arange(j, n, parts)) for j in range(min(parts, n))]
 
 
 def main() -> None:
@@ -54,7 +54,7 @@ def main() -> None:
     splits, vocab, source = load_splits(("train",), a.data, a.pairs)
     data = to_tensors(splits["train"], cpu)
     n = len(splits["train"]["nsp_labels"])
-    batches = [take(data, mt.batch_indices(s, n, 512, 0)) for s in range(a.batches)]
+    batches = [gather_batch(data, mt.batch_indices(s, n, 512, 0)) for s in range(a.batches)]
     model = build_model(ModelConfig(), vocab, 0).train()
     opt = mt.make_optimizer(model.parameters(), TrainConfig())
     variants = {"interleaved": interleaved_split, "sorted": mt.split_batch}

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import minibert.model as mm
+import minibert.model.bert as mm
 from minibert.config import ModelConfig
-from minibert.heap import tune_cpu_malloc
-from minibert.kernels.attention import reference_from_heads, reference_to_heads
+from minibert.training.heap import tune_cpu_malloc
+from minibert.model.kernels.attention import reference_from_heads, reference_to_heads
 
 V, B, T, P = 20256, 512, 64, 10
 
@@ -162,7 +162,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3, help="cycle through the variants this often, keep each one's best")
-    ap.add_argument("--no-malloc-tune", action="store_true", help="skip minibert.heap.tune_cpu_malloc()")
+    ap.add_argument("--no-malloc-tune", action="store_true", help="skip minibert.training.heap.tune_cpu_malloc()")
     ap.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variant names")
     args = ap.parse_args()
     tuned = False if args.no_malloc_tune else tune_cpu_malloc()

@@ -26,11 +26,11 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[4])
 from mlflow_server import start_mlflow_server, stop_mlflow_server
 from minibert.config import TrackingConfig
-from minibert.tracking import start_run
+from minibert.tracking.runs import start_run
 calls, every, tmp = int(sys.argv[1]), float(sys.argv[2]), Path(sys.argv[3])
 uri, proc = start_mlflow_server(tmp)
 os.environ["MLFLOW_TRACKING_URI"] = uri
-import minibert.tracking; print("code:", minibert.tracking.__file__, file=sys.stderr)
+import minibert.tracking.tracker; print("code:", minibert.tracking.tracker.__file__, file=sys.stderr)
 t = start_run(TrackingConfig(experiment="calls"), tmp)
 def phase(first):
     times = []

@@ -4,7 +4,7 @@
 
 The book's config: ModelConfig() defaults, batch 512, Adam 1e-3. Each precision runs in its own
 subprocess (so `ru_maxrss`, which is process-wide, is that precision's peak): tune_cpu_malloc(), a
-fresh model, 2 warm-up steps, then N timed steps of the real `minibert.train.train_step` on the
+fresh model, 2 warm-up steps, then N timed steps of the real `minibert.training.loop.train_step` on the
 batches `fit` would draw (seed 0). Per step we time data (index + `take`), forward (+ loss),
 backward and optimizer; the split comes from hooks on the real step (the Tensor.backward calls, one
 per micro-batch, and the optimizer's step pre-hook), so no copy of train_step can drift from it.
@@ -42,19 +42,17 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from bench.common import DEFAULT_DATA, DEVICE, load_splits
 from bench.data import SHARED, data_dir
 from minibert import layout
 from minibert.artifacts import load_arrays, save_arrays
-from minibert.batches import take, to_tensors
-from minibert.config import ModelConfig, PairsConfig, TrainConfig, VocabConfig
-from minibert.corpus import read_paragraphs, split_file
-from minibert.heap import tune_cpu_malloc
-from minibert.model import build_model
-from minibert.pairs import make_pairs
-from minibert.train import (
+from minibert.data.batches import gather_batch, to_tensors
+from minibert.config import ModelConfig, TrainConfig
+from minibert.training.heap import tune_cpu_malloc
+from minibert.model.bert import build_model
+from minibert.training.loop import (
     batch_indices,
     cpu_has_fast_bf16,
     make_optimizer,
@@ -63,32 +61,6 @@ from minibert.train import (
     step_seed,
     train_step,
 )
-from minibert.vocab import Vocab, build_vocab, encode_paragraphs
-
-DEFAULT_DATA = os.environ.get("MINIBERT_DATA", str(SHARED / "data/wikitext-2"))
-DEVICE = torch.device("cpu")  # the issue compares against the book's code on the same CPU
-
-
-# ---------------------------------------------------------------------------- data
-
-
-def load_splits(splits: tuple[str, ...], data: str, pairs_dir: Path) -> tuple[dict[str, dict], int, str]:
-    """({split: pair arrays}, vocab size, where they came from): the pipeline's files when present,
-    else built in-process exactly as the tokenize and pairs stages do with default params."""
-    vocab_file = pairs_dir.parent / layout.TOKENS.name / layout.VOCAB.name
-    if all((pairs_dir / f"{s}.safetensors").is_file() for s in splits) and vocab_file.is_file():
-        return {s: load_arrays(pairs_dir / f"{s}.safetensors") for s in splits}, len(Vocab.load(vocab_file)), \
-            str(pairs_dir)
-    raw = data_dir(data)
-    train_paragraphs = read_paragraphs(split_file(raw, "train"))
-    vocab = build_vocab(train_paragraphs, VocabConfig().min_freq)
-    cfg, out = PairsConfig(), {}
-    for s in splits:
-        paragraphs = train_paragraphs if s == "train" else read_paragraphs(split_file(raw, s))
-        rng = np.random.default_rng(cfg.seed if s == "train" else cfg.heldout_seed)  # as stages/pairs.py
-        out[s] = make_pairs(encode_paragraphs(paragraphs, vocab), cfg, len(vocab), rng)
-    return out, len(vocab), f"built in-process from {raw}"
-
 
 # ---------------------------------------------------------------------------- FLOPs and peak
 
@@ -186,7 +158,7 @@ def run_precision(precision: str, pairs_file: Path, vocab_size: int, steps: int,
             if step == warmup:
                 rss_warm = resident_mb()
             t0 = time.perf_counter()
-            batch = take(data, batch_indices(step, n, cfg.batch_size, cfg.seed))
+            batch = gather_batch(data, batch_indices(step, n, cfg.batch_size, cfg.seed))
             torch.manual_seed(step_seed(cfg.seed, 0, step))
             marks.clear()
             t1 = time.perf_counter()

@@ -10,12 +10,12 @@
 """
 from __future__ import annotations
 
-import functools
 import math
+import os
+import subprocess
 import sys
 import tempfile
 import warnings
-from importlib import import_module
 from pathlib import Path
 from typing import Optional
 
@@ -49,22 +49,23 @@ RUN_COLUMNS = {  # list_runs column -> short header of `minibert runs`
 }
 
 
-def _stage_command(name: str):
-    main = import_module(f"stages.{name}").main
-    if name != "pretrain":
-        return main
-
-    @functools.wraps(main)
-    def pretrain_main(*args, **kwargs):
-        # Multi-process training re-runs `python -m stages.pretrain <sys.argv[1:]>`: drop our subcommand.
-        if sys.argv[1:2] == ["pretrain"]:
-            sys.argv = [sys.argv[0], *sys.argv[2:]]
-        return main(*args, **kwargs)
-    return pretrain_main
+def _stage_command(name: str, help: str):
+    """`minibert <name> ARGS` runs `python -m stages.<name> ARGS`, the stage's own script (the command
+    dvc.yaml gives), in a child process from the project root: the library never imports the scripts,
+    and a multi-process pretrain relaunches that script, not this command."""
+    @app.command(name, help=help + " Options: see `minibert " + name + " --help`.", add_help_option=False,
+                 context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def run_stage(ctx: typer.Context) -> None:
+        roots = [Path.cwd(), *(Path(d) for d in os.environ.get("PYTHONPATH", "").split(os.pathsep) if d)]
+        if not any((r / "stages" / f"{name}.py").is_file() for r in roots):
+            print(f"error: minibert {name}: no stages/{name}.py in {Path.cwd()}; run it from the project root "
+                  "(the folder with dvc.yaml)", file=sys.stderr)
+            raise typer.Exit(2)
+        raise typer.Exit(subprocess.run([sys.executable, "-m", f"stages.{name}", *ctx.args], check=False).returncode)
 
 
 for _name, _help in STAGES.items():
-    app.command(_name, help=_help)(_stage_command(_name))
+    _stage_command(_name, _help)
 
 
 # ---------------------------------------------------------------------------- display
@@ -119,24 +120,23 @@ def _table(df, title: str, mark: list[bool] | None = None) -> Table:
 def _load(checkpoint: Path | None, run: str | None, vocab: Path | None, tmp: Path, model: str | None = None):
     """(model, vocabulary, bert.json) from a folder, the `weights/` artifacts of an MLflow run, or a
     registered model (`models:/minibert-encoder@champion`)."""
-    from minibert.model import check_vocab, load_pretrained
-    from minibert.vocab import Vocab
+    from minibert.evaluation.inference import load_for_inference
+    from minibert.data.vocab import Vocab
 
     if sum(x is not None for x in (checkpoint, run, model)) > 1:
         raise MinibertError("give one of --checkpoint, --run, --model")
     folder = checkpoint or layout.MODELS
     if run:
-        from minibert.tracking import download_artifacts
+        from minibert.tracking.runs import download_artifacts
 
         folder = download_artifacts(run, "weights", tmp, Path("."))
     if model:
-        from minibert.tracking import download_model
+        from minibert.tracking.registry import download_model
 
         folder = download_model(model, tmp, Path("."))
     vocab = vocab or (folder / layout.VOCAB.name if run or model else layout.VOCAB)
-    model, meta = load_pretrained(folder)
     voc = Vocab.load(vocab)
-    check_vocab(meta, voc.sha256, vocab)
+    model, meta, _ = load_for_inference(folder, {vocab: voc.sha256}, device="cpu")
     return model, voc, meta
 
 
@@ -151,7 +151,7 @@ def encode(
     out: Optional[Path] = typer.Option(None, help="Also write the table to this parquet file."),
 ) -> None:
     """Encode a sentence (or pair) with a pretrained model; print each token's vector summary."""
-    from minibert.probes import UnknownWordWarning, encode_probe, probe_table
+    from minibert.evaluation.probes import UnknownWordWarning, encode_probe, probe_table
 
     with stage_errors("encode"):
         for what, s in (("sentence", text), ("--pair", pair)):
@@ -192,7 +192,7 @@ def export_hf(
     """A folder Hugging Face transformers loads (AutoTokenizer; AutoModel* with trust_remote_code=True)."""
     import json
 
-    from minibert.export_hf import export_hf as write_folder
+    from minibert.export.hf import export_hf as write_folder
 
     with stage_errors("export hf"):
         with tempfile.TemporaryDirectory(prefix="minibert-export-") as tmp:
@@ -204,7 +204,7 @@ def export_hf(
                 raise MinibertError(f"{path}: not found; run the evaluate stage or leave out --metrics")
             figures = json.loads(path.read_text())
         elif run:
-            from minibert.tracking import run_metrics
+            from minibert.tracking.runs import run_metrics
 
             figures = {k.removeprefix("valid_"): v for k, v in run_metrics(run, Path(".")).items()
                        if k.startswith("valid_")} or None
@@ -216,7 +216,8 @@ def export_hf(
 
 
 def _runs_frame(experiment: str, max_results: int):
-    from minibert.tracking import list_runs, tracking_uri
+    from minibert.tracking.runs import list_runs
+    from minibert.tracking.store import tracking_uri
 
     uri = tracking_uri(Path("."))
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
@@ -279,7 +280,7 @@ def ui_url(
     chart: bool = typer.Option(False, "--chart", help="The chart view (metric curves of all runs) instead of the table."),
 ) -> None:
     """Print the URL of the experiment's training-runs table, with the columns worth comparing."""
-    from minibert.tracking import ui_url as url
+    from minibert.tracking.runs import ui_url as url
 
     with stage_errors("ui-url"):
         _runs_frame(experiment, 1)  # one clear line when there is no store or no run yet

@@ -38,21 +38,33 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise _Invalid(key, value, allowed)
 
 
+WIKITEXT_ZIP = "https://s3.amazonaws.com/research.metamind.io/wikitext/{}-v1.zip"  # the d2l book's mirror
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """Where one corpus can be downloaded: an archive, then a parquet copy."""
+    zip_url: str = ""
+    """The corpus archive (the d2l book's mirror); tried first."""
+    parquet_urls: dict[str, str | tuple[str, ...]] = field(default_factory=dict)
+    """Hugging Face parquet copy: per split (`train`, `valid`, `test`) one URL or a list (WikiText-103's
+    train comes in two files); tried second."""
+
+    def __post_init__(self):
+        _require(not self.parquet_urls or set(self.parquet_urls) == {"train", "valid", "test"},
+                 "parquet_urls", sorted(self.parquet_urls), "exactly the keys train, valid, test")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     corpus: Literal["wikitext-2", "wikitext-103", "text"] = "wikitext-2"
-    """`wikitext-2` (the book), `wikitext-103` (same mirrors, its own pinned SHA-1s) or `text`: the
-    user's own `.txt` files named by `text_glob` (one paragraph per line; see minibert/text.py)."""
+    """`wikitext-2` (the book), `wikitext-103` (its own mirrors and pinned SHA-1s) or `text`: the
+    user's own `.txt` files named by `text_glob` (one paragraph per line; see minibert/data/text.py)."""
     text_glob: str = ""
     """For `corpus: text`: a folder (every `*.txt` below it) or a glob of `.txt` files."""
-    wikitext_103_zip_url: str = "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip"
-    """WikiText-103's archive at the book's mirror; tried first."""
-    wikitext_103_parquet_urls: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    """WikiText-103's Hugging Face parquet copy: a list of URLs per split (train comes in two files)."""
-    zip_url: str = "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip"
-    """The archive the d2l book downloads; tried first."""
-    parquet_urls: dict[str, str] = field(default_factory=dict)
-    """Hugging Face parquet copy, one URL per split (`train`, `valid`, `test`); tried second."""
+    mirrors: dict[str, Mirror] = field(default_factory=lambda: {
+        "wikitext-2": Mirror(WIKITEXT_ZIP.format("wikitext-2")), "wikitext-103": Mirror(WIKITEXT_ZIP.format("wikitext-103"))})
+    """The mirrors of each downloadable corpus, keyed by its `corpus` name."""
     timeout_s: float = 30.0
     """Seconds before an HTTP connection or read gives up."""
     retries: int = 2
@@ -61,11 +73,6 @@ class DataConfig:
     """Processes of the tokenize and pairs stages (0: every usable core); never changes their bytes."""
 
     def __post_init__(self):
-        _require(not self.parquet_urls or set(self.parquet_urls) == {"train", "valid", "test"},
-                 "parquet_urls", sorted(self.parquet_urls), "exactly the keys train, valid, test")
-        urls_103 = self.wikitext_103_parquet_urls
-        _require(not urls_103 or set(urls_103) == {"train", "valid", "test"},
-                 "wikitext_103_parquet_urls", sorted(urls_103), "exactly the keys train, valid, test")
         _require(self.corpus != "text" or bool(self.text_glob.strip()), "text_glob", self.text_glob,
                  "a folder or glob of .txt files (corpus: text needs one)")
         _require(self.timeout_s > 0, "timeout_s", self.timeout_s, "a number > 0")

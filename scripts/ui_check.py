@@ -47,7 +47,7 @@ def render(url: str, screenshot: Path | None = None, timeout_s: float = 180.0) -
 
 def problems(dom: str, run_names: list[str]) -> list[str]:
     """What the page lacks: the saved view, the held-out column, each run's name."""
-    from minibert import view
+    from minibert.tracking import view
 
     wanted = {f"saved view {view.VIEW_NAME!r}": view.VIEW_NAME, "column valid_mlm_loss": ">valid_mlm_loss<",
               **{f"run {n!r}": f">{html.escape(n, quote=False)}<" for n in run_names}}
@@ -91,7 +91,7 @@ def main() -> int:
         print("ui-check: chromium not found (apt-get install chromium); nothing checked", file=sys.stderr)
         return 2
     from minibert.config import TrackingConfig
-    from minibert.tracking import list_runs, ui_url
+    from minibert.tracking.runs import list_runs, ui_url
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{args.db.resolve()}"
     names = list(list_runs(TrackingConfig(experiment=args.experiment), Path("."))["run_name"])

@@ -3,8 +3,8 @@
 WikiText-2 / WikiText-103: `MINIBERT_DATA` alone when set (a local `<corpus>-v1.zip`, or a folder
 holding the three `.tokens` files or the Hugging Face parquet files; no network), otherwise the
 mirrors in `params.yaml` `data` in order. Every file is checked against the corpus's pinned
-checksums before the output folder appears; see `minibert.corpus`. `text`: the user's `.txt`
-files (`data.text_glob`), normalised and split by the rules in `minibert.text`.
+checksums before the output folder appears; see `minibert.data.corpus`. `text`: the user's `.txt`
+files (`data.text_glob`), normalised and split by the rules in `minibert.data.text`.
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import typer
 
 from minibert import layout
 from minibert.config import load_config
-from minibert.corpus import fetch_wikitext
+from minibert.data.fetch import fetch_wikitext
 from minibert.errors import stage_errors
-from minibert.text import fetch_text
+from minibert.data.text import fetch_text
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 

@@ -12,12 +12,12 @@ import typer
 
 from minibert import layout
 from minibert.artifacts import sha256_file, write_json
-from minibert.batches import resolve_device
 from minibert.config import load_config
 from minibert.errors import stage_errors
-from minibert.evaluate import baselines, evaluate, load_pairs
-from minibert.model import check_vocab, load_pretrained
-from minibert.tracking import pretrain_run, set_champion
+from minibert.evaluation.heldout import baselines, evaluate, load_pairs
+from minibert.evaluation.inference import load_for_inference
+from minibert.tracking.registry import set_champion
+from minibert.tracking.runs import pretrain_run
 
 app = typer.Typer(add_completion=False)
 
@@ -31,12 +31,10 @@ def main(params: Path = typer.Option(layout.PARAMS, help="params file"),
          out: Path = typer.Option(layout.EVAL_METRICS, help="output metrics file")) -> None:
     with stage_errors("evaluate"):
         cfg = load_config(params)
-        device = resolve_device("auto")
-        model, meta = load_pretrained(models, device)
         arrays, pairs_meta = load_pairs(pairs)
-        check_vocab(meta, pairs_meta.get("vocab_sha256"), pairs)
         train_arrays, train_meta = load_pairs(train_pairs)
-        check_vocab(meta, train_meta.get("vocab_sha256"), train_pairs)
+        model, meta, device = load_for_inference(models, {pairs: pairs_meta.get("vocab_sha256"),
+                                                          train_pairs: train_meta.get("vocab_sha256")})
         m = evaluate(model, arrays, cfg.eval.batch_size, device)
         base = baselines(train_arrays, arrays, meta["vocab_size"])
         m = {k: round(v, 6) if isinstance(v, float) else v for k, v in {**m, **base}.items()}

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import typer
 
-from minibert import distributed, layout
+from minibert.training import distributed
+
+from minibert import layout
 from minibert.config import flatten, load_config
 from minibert.errors import stage_errors
-from minibert.pretrain import Paths, run_pretrain
+from minibert.training.pretrain import Paths, run_pretrain
 
 app = typer.Typer(add_completion=False)
 
@@ -29,7 +31,7 @@ def main(params: Path = typer.Option(layout.PARAMS, help="params file"),
                                           help="resumable state (kept until a run completes)")) -> None:
     with stage_errors("pretrain"):
         cfg = load_config(params)
-        cmd = distributed.launch_command(cfg.train, sys.argv[1:])
+        cmd = distributed.launch_command(cfg.train, __spec__.name, sys.argv[1:])  # re-run this very script
         if cmd:
             print("pretrain: launching " + " ".join(cmd[1:]), flush=True)
             raise SystemExit(distributed.relaunch(cmd))

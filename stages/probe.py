@@ -14,12 +14,11 @@ from minibert import layout
 from minibert.artifacts import atomic_path, write_json
 from minibert.config import load_config
 from minibert.errors import stage_errors
-from minibert.model import check_vocab, load_pretrained
+from minibert.evaluation.inference import load_for_inference
 from minibert.plots import similarity_heatmap
-from minibert.probes import flat_metrics, run_probes
-from minibert.tracking import pretrain_run
-from minibert.batches import resolve_device
-from minibert.vocab import Vocab
+from minibert.evaluation.probes import flat_metrics, run_probes
+from minibert.tracking.runs import pretrain_run
+from minibert.data.vocab import Vocab
 
 app = typer.Typer(add_completion=False)
 
@@ -34,10 +33,8 @@ def main(params: Path = typer.Option(layout.PARAMS, help="params file"),
          out: Path = typer.Option(layout.PROBE_METRICS, help="output metrics file")) -> None:
     with stage_errors("probe"):
         cfg = load_config(params)
-        device = resolve_device("auto")
-        model, meta = load_pretrained(models, device)
         voc = Vocab.load(vocab)
-        check_vocab(meta, voc.sha256, vocab)
+        model, meta, device = load_for_inference(models, {vocab: voc.sha256})
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             df, metrics, sim, labels = run_probes(model, voc, cfg.probe, device)

@@ -13,15 +13,16 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.train import cpu_kind, forward_flops, load_splits, matmul_peak, runnable_precisions
+from bench.common import load_splits
+from bench.train import cpu_kind, forward_flops, matmul_peak, runnable_precisions
 from minibert.artifacts import save_arrays
 from minibert.config import ModelConfig, PairsConfig, TrainConfig
-from minibert.model import build_model
-from minibert.pairs import make_pairs
-from minibert.batches import take, to_tensors
-from minibert.train import batch_indices, make_optimizer, train_step
-from minibert.vocab import build_vocab, encode_paragraphs
-from tests.test_train import cpu_flags
+from minibert.model.bert import build_model
+from minibert.data.pairs import make_pairs
+from minibert.data.batches import gather_batch, to_tensors
+from minibert.training.loop import batch_indices, make_optimizer, train_step
+from minibert.data.vocab import build_vocab, encode_paragraphs
+from tests.test_loop import cpu_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -29,7 +30,7 @@ CPU = torch.device("cpu")
 
 def tiny_pairs(n: int = 13, T: int = 13, P: int = 3, V: int = 37, seed: int = 7) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    valid = rng.integers(5, T - 1, n)  # shorter than T: take() trims, the attention term sees the trimmed T
+    valid = rng.integers(5, T - 1, n)  # shorter than T: gather_batch() trims, the attention term sees the trimmed T
     return {"token_ids": rng.integers(5, V, (n, T)),
             "segments": (np.arange(T)[None] >= valid[:, None] // 2).astype(int),
             "valid_lens": valid, "pred_positions": np.sort(rng.integers(1, 5, (n, P)), 1),
@@ -38,15 +39,15 @@ def tiny_pairs(n: int = 13, T: int = 13, P: int = 3, V: int = 37, seed: int = 7)
 
 
 def test_forward_flops_match_torch_flop_counter_over_a_train_step(monkeypatch):
-    import minibert.loss
-    import minibert.model
+    import minibert.model.loss
+    import minibert.model.bert
 
     # No row padding: at this size rounding 9 MLM slots up to 128 would swamp the count (at the
     # book's size it is < 1 % of a step).
-    monkeypatch.setattr(minibert.loss, "GRAIN", 1)
-    monkeypatch.setattr(minibert.model, "SLOT_BUCKET", 1)
+    monkeypatch.setattr(minibert.model.loss, "GRAIN", 1)
+    monkeypatch.setattr(minibert.model.bert, "SLOT_BUCKET", 1)
     cfg, V = ModelConfig(num_layers=2, hidden=14, heads=2, ffn_hidden=13, max_len=13), 37
-    batch = take(to_tensors(tiny_pairs(V=V), CPU), np.arange(13))
+    batch = gather_batch(to_tensors(tiny_pairs(V=V), CPU), np.arange(13))
     model = build_model(cfg, V, seed=0).train()
     opt = make_optimizer(model.parameters(), TrainConfig())
     with FlopCounterMode(display=False) as counter:

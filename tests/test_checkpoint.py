@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minibert import checkpoint, distributed
+from minibert.training import checkpoint, distributed
 from minibert.artifacts import load_arrays
 from minibert.config import ModelConfig, TrainConfig
-from minibert.model import build_model
-from minibert.batches import to_tensors
-from minibert.train import fit, make_optimizer
+from minibert.model.bert import build_model
+from minibert.data.batches import to_tensors
+from minibert.training.loop import fit, make_optimizer
 from tiny_project import TINY_MODEL, make_workspace, popen_stage, stage
 
 CPU = torch.device("cpu")

@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 
 from minibert.cli import STAGES, app
 from minibert.config import ModelConfig, TrackingConfig
-from minibert.model import build_model, save_pretrained
-from minibert.tracking import start_run
-from minibert.vocab import SPECIALS, Vocab
+from minibert.model.bert import build_model, save_pretrained
+from minibert.tracking.runs import start_run
+from minibert.data.vocab import SPECIALS, Vocab
 
 try:
     from tests.tiny_project import ROOT, TINY_MODEL, make_workspace
@@ -57,8 +57,17 @@ def test_help_lists_every_command():
     assert result.exit_code == 0
     for name in [*STAGES, "encode", "runs"]:
         assert f" {name} " in result.stdout, name
-    for name in STAGES:  # the stage's own options, reused rather than redeclared
-        assert "--params" in invoke(name, "--help").stdout
+    for name in STAGES:  # the stage script's own options: `minibert NAME` runs `python -m stages.NAME`
+        proc = subprocess.run([sys.executable, "-m", "minibert.cli", name, "--help"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0 and "--params" in proc.stdout, (name, proc.stderr)
+
+
+def test_a_stage_outside_the_project_says_where_to_run_it(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-m", "minibert.cli", "evaluate"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: minibert evaluate: no stages/evaluate.py in")
 
 
 def test_console_script_is_installed():
@@ -219,12 +228,13 @@ def test_stages_through_the_cli(tmp_path, monkeypatch):
     assert proc.returncode == 0, proc.stderr
     assert json.loads((root / "metrics/train.json").read_text())["world_size"] == 2
     assert "pretrain: 3/3 steps (100%)" in proc.stderr  # plain progress: stderr is not a terminal
-    monkeypatch.chdir(root)
-    result = invoke("evaluate", "--params", "params.yaml")
-    assert result.exit_code == 0, result.output
+    proc = subprocess.run([*cmd, "evaluate", "--params", "params.yaml"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
     assert json.loads((root / "metrics/eval.json").read_text())["examples"] > 0
-    result = invoke("evaluate", "--params", "missing.yaml")
-    assert result.exit_code == 1 and result.stderr.startswith("error: evaluate: missing.yaml")
+    proc = subprocess.run([*cmd, "evaluate", "--params", "missing.yaml"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: evaluate: missing.yaml"), proc.stderr
 
 
 # ---------------------------------------------------------------------------- the CI workflow for users

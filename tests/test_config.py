@@ -42,7 +42,8 @@ def test_missing_sections_take_defaults():
     ({"eval": {"subset_pairs": 0}}, "eval.subset_pairs", ">= 1"),
     ({"probe": {"sentences": [{"name": "x", "a": "a crane", "word": "bird"}]}}, "probe.sentences[0].word", "bird"),
     ({"probe": {"sentences": [{"name": "x"}]}}, "probe.sentences[0]", "missing"),
-    ({"data": {"parquet_urls": {"train": "u"}}}, "data.parquet_urls", "train, valid, test"),
+    ({"data": {"mirrors": {"wikitext-2": {"parquet_urls": {"train": "u"}}}}}, "data.mirrors.wikitext-2.parquet_urls",
+     "train, valid, test"),
     ({"tracking": {"registered_model": "it's"}}, "tracking.registered_model", "empty (no registration)"),
     ({"tracking": {"registered_model": 3}}, "tracking.registered_model", "a string"),
 ])
@@ -104,7 +105,8 @@ def test_project_presets_are_valid():
     ({"corpus": "wikitext-5"}, "data.corpus", "one of 'wikitext-2', 'wikitext-103', 'text'"),
     ({"corpus": "text"}, "data.text_glob", "a folder or glob of .txt files"),
     ({"workers": -1}, "data.workers", "an integer >= 0"),
-    ({"wikitext_103_parquet_urls": {"train": "u"}}, "data.wikitext_103_parquet_urls.train", "a list"),
+    ({"mirrors": {"wikitext-103": {"parquet_urls": {"train": 5}}}}, "data.mirrors.wikitext-103.parquet_urls.train",
+     "a string or tuple"),
 ])
 def test_corpus_keys_are_checked(data, key, fragment):
     with pytest.raises(ConfigError, match=f"{key} = .*expected {fragment}"):
@@ -114,6 +116,6 @@ def test_corpus_keys_are_checked(data, key, fragment):
 def test_project_params_choose_wikitext_2_and_one_pairs_shard_for_it():
     cfg = load_config(Path(__file__).resolve().parents[1] / "params.yaml")
     assert cfg.data.corpus == "wikitext-2" and cfg.pairs.shard_tokens > 1_926_788  # WikiText-2's train tokens
-    assert len(cfg.data.wikitext_103_parquet_urls["train"]) == 2
+    assert len(cfg.data.mirrors["wikitext-103"].parquet_urls["train"]) == 2
     with pytest.raises(ConfigError, match="pairs.shard_tokens = 999"):
         config_from_dict({"pairs": {"shard_tokens": 999}})

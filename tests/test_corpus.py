@@ -1,4 +1,4 @@
-"""minibert.corpus: verification, safe extraction, parquet rebuild, streamed download, fallback."""
+"""minibert.data.corpus: verification, safe extraction, parquet rebuild, streamed download, fallback."""
 from __future__ import annotations
 
 import hashlib
@@ -8,9 +8,10 @@ import zipfile
 
 import pytest
 
-from minibert.config import DataConfig
-from minibert.corpus import (SHA256, SPLITS, TOKENS_SHA256, download, fetch_wikitext, read_paragraphs,
-                             rebuild_from_parquet, safe_extract, split_file, tokens_sha256, verify_files)
+from minibert.config import DataConfig, Mirror
+from minibert.data.corpus import (SHA256, SPLITS, TOKENS_SHA256, read_paragraphs, rebuild_from_parquet, safe_extract,
+                                  split_file, tokens_sha256, verify_files)
+from minibert.data.fetch import download, fetch_wikitext
 from minibert.errors import DataError
 
 
@@ -185,8 +186,8 @@ def test_fetch_falls_back_from_a_broken_zip_to_parquet(http_server, hf_parquet_d
     for p in hf_parquet_dir.iterdir():
         shutil.copyfile(p, http_server.root / p.name)
     names = {"train": "train", "valid": "validation", "test": "test"}
-    cfg = DataConfig(zip_url=http_server.url("wikitext-2-v1.zip"), timeout_s=5, retries=0,
-                     parquet_urls={s: http_server.url(f"{n}-00000-of-00001.parquet") for s, n in names.items()})
+    cfg = DataConfig(timeout_s=5, retries=0, mirrors={"wikitext-2": Mirror(
+        http_server.url("wikitext-2-v1.zip"), {s: http_server.url(f"{n}-00000-of-00001.parquet") for s, n in names.items()})})
     dest = tmp_path / "raw" / "wikitext-2"
     source = fetch_wikitext(cfg, dest)
     assert source.startswith("parquet http://127.0.0.1:") and "token-level" not in source
@@ -207,7 +208,7 @@ def test_corrupt_member_data_is_a_data_error(wikitext_zip, tmp_path):
 
 
 def test_wikitext_103_pins_are_the_published_sha1s():
-    from minibert.corpus import PINS
+    from minibert.data.corpus import PINS
     # GluonNLP's dataset records, as quoted in issue 15 (an independent source: not this code)
     assert PINS["wikitext-103"].checksums == {
         "train": ("sha1", "b7497e2dfe77e72cfef5e3dbc61b7b53712ac211"),
@@ -277,8 +278,8 @@ def test_wikitext_103_through_its_mirrors_zip_then_two_file_parquet(http_server,
             name = f"{s}-{i:05d}-of-{len(parts):05d}.parquet"
             pq.write_table(pa.table({"text": part}), http_server.root / name)
             urls[s].append(http_server.url(name))
-    cfg = DataConfig(corpus="wikitext-103", wikitext_103_zip_url=http_server.url("wikitext-103-v1.zip"),
-                     wikitext_103_parquet_urls={s: tuple(u) for s, u in urls.items()}, timeout_s=5, retries=0)
+    cfg = DataConfig(corpus="wikitext-103", timeout_s=5, retries=0, mirrors={"wikitext-103": Mirror(
+        http_server.url("wikitext-103-v1.zip"), {s: tuple(u) for s, u in urls.items()})})
     note = fetch_wikitext(cfg, tmp_path / "raw", checksums=sha1s(files))
     assert note.startswith("parquet http://127.0.0.1") and len(urls["train"]) == 2
     assert {s: split_file(tmp_path / "raw", s).read_bytes() for s in SPLITS} == files
@@ -310,7 +311,7 @@ def test_local_zip_with_wrong_text_is_refused(wrong_text_zip, tmp_path):
 def test_zip_url_with_wrong_text_is_refused(wrong_text_zip, http_server, tmp_path):
     archive, got = wrong_text_zip
     shutil.copyfile(archive, http_server.root / "wikitext-2-v1.zip")
-    cfg = DataConfig(zip_url=http_server.url("wikitext-2-v1.zip"), parquet_urls={}, timeout_s=5, retries=0)
+    cfg = DataConfig(mirrors={"wikitext-2": Mirror(http_server.url("wikitext-2-v1.zip"))}, timeout_s=5, retries=0)
     dest = tmp_path / "raw" / "wikitext-2"
     dest.parent.mkdir()
     with pytest.raises(DataError, match=f"zip_url: .*wiki.valid.tokens has sha256 {got}"):

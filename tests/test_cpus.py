@@ -6,10 +6,10 @@ import sys
 import pytest
 import torch
 
-from minibert.cpus import ThreadShare, auto_threads, running_trainings
+from minibert.training.cpus import ThreadShare, auto_threads, running_trainings
 
 # A real training-like process: registers in the folder given, then waits until killed.
-HOLDER = ("import sys, time; from minibert.cpus import ThreadShare; "
+HOLDER = ("import sys, time; from minibert.training.cpus import ThreadShare; "
           "t = ThreadShare(1, folder=sys.argv[1]); t.start(); print('ready', flush=True); time.sleep(600)")
 
 

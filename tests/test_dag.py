@@ -21,15 +21,15 @@ PLUMBING = {
     "minibert/errors.py": "exception classes and the one-line error printer",
     "minibert/artifacts.py": "temp file then rename, sha256: writes the callers' bytes unchanged",
     "minibert/progress.py": "progress bars on stderr",
-    "minibert/heap.py": "glibc malloc settings: speed and memory, never values",
+    "minibert/training/heap.py": "glibc malloc settings: speed and memory, never values",
     "minibert/layout.py": "default paths; dvc.yaml spells them out itself (test_layout.py), so a move shows there",
-    "minibert/view.py": "the MLflow UI's saved view (experiment tags) and its URL: nothing a stage writes to disk",
+    "minibert/tracking/view.py": "the MLflow UI's saved view (experiment tags) and its URL: nothing a stage writes to disk",
 }
 
 
-# The C++ sources minibert/kernels/build.py compiles (and the header they share): code a stage runs
+# The C++ sources minibert/model/kernels/build.py compiles (and the header they share): code a stage runs
 # without importing it, found by listing the folder so a new kernel file cannot be forgotten.
-NATIVE_SOURCES = {p.relative_to(ROOT).as_posix() for p in (ROOT / "minibert/kernels/csrc").iterdir()
+NATIVE_SOURCES = {p.relative_to(ROOT).as_posix() for p in (ROOT / "minibert/model/kernels/csrc").iterdir()
                   if p.suffix in (".cpp", ".h")}
 
 
@@ -62,10 +62,10 @@ def transitive(script: str) -> set[str]:
 
 def test_imports_are_found_in_every_form(tmp_path, monkeypatch):
     src = tmp_path / "s.py"
-    src.write_text("import minibert.model as mm\nfrom minibert import checkpoint, plots\n"
-                   "from minibert.vocab import Vocab\ndef f():\n    from minibert.ops import dropout\n")
-    assert imported_modules(src) == {"minibert/model.py", "minibert/checkpoint.py", "minibert/plots.py",
-                                     "minibert/vocab.py", "minibert/ops.py"}
+    src.write_text("import minibert.model.bert as mm\nfrom minibert.training import checkpoint\nfrom minibert import plots\n"
+                   "from minibert.data.vocab import Vocab\ndef f():\n    from minibert.model.ops import dropout\n")
+    assert imported_modules(src) == {"minibert/model/bert.py", "minibert/training/checkpoint.py", "minibert/plots.py",
+                                     "minibert/data/vocab.py", "minibert/model/ops.py"}
 
 
 @pytest.mark.parametrize("name", sorted(DVC["stages"]))
@@ -75,7 +75,7 @@ def test_stage_code_deps_are_exactly_its_imports(name):
     assert stage["cmd"].startswith(f"python -m stages.{name} "), stage["cmd"]
     code = {d for d in stage["deps"] if isinstance(d, str) and (d.endswith(".py") or d.startswith("minibert/"))}
     want = {script} | (transitive(script) - set(PLUMBING))
-    if "minibert/kernels/build.py" in want:  # it compiles every C++ source the kernels are built from
+    if "minibert/model/kernels/build.py" in want:  # it compiles every C++ source the kernels are built from
         want |= NATIVE_SOURCES
     assert code == want, (f"dvc.yaml stage {name}: add {sorted(want - code)}, "
                           f"remove {sorted(code - want)}")

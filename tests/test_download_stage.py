@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from minibert.corpus import SPLITS, split_file, verify_files
+from minibert.data.corpus import SPLITS, split_file, verify_files
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = sorted(f"wiki.{s}.tokens" for s in SPLITS)
@@ -68,7 +68,8 @@ def test_local_parquet_folder(hf_parquet_dir, tmp_path):
 def test_zip_over_http(wikitext_zip, http_server, tmp_path):
     shutil.copyfile(wikitext_zip, http_server.root / "wikitext-2-v1.zip")
     http_server.plan["/wikitext-2-v1.zip"] = ["truncate"]  # the first attempt is cut short
-    proc, out = run_stage(tmp_path, None, {"zip_url": http_server.url("wikitext-2-v1.zip"), "retries": 1})
+    proc, out = run_stage(tmp_path, None, {"mirrors": {"wikitext-2": {"zip_url": http_server.url("wikitext-2-v1.zip")}},
+                                           "retries": 1})
     assert_ok(proc, out, http_server.url("wikitext-2-v1.zip"))
     assert http_server.hits["/wikitext-2-v1.zip"] == 2
     assert "MiB" in proc.stderr.splitlines()[-1]  # plain progress lines: stderr is not a TTY
@@ -78,8 +79,9 @@ def test_parquet_over_http_after_zip_fails(hf_parquet_dir, http_server, closed_p
     for p in hf_parquet_dir.iterdir():
         shutil.copyfile(p, http_server.root / p.name)
     names = {"train": "train", "valid": "validation", "test": "test"}
-    data = {"zip_url": f"{closed_port_url}/wikitext-2-v1.zip", "retries": 0, "timeout_s": 5,
-            "parquet_urls": {s: http_server.url(f"{n}-00000-of-00001.parquet") for s, n in names.items()}}
+    data = {"retries": 0, "timeout_s": 5, "mirrors": {"wikitext-2": {
+        "zip_url": f"{closed_port_url}/wikitext-2-v1.zip",
+        "parquet_urls": {s: http_server.url(f"{n}-00000-of-00001.parquet") for s, n in names.items()}}}}
     proc, out = run_stage(tmp_path, None, data)
     assert_ok(proc, out, "parquet http://127.0.0.1")
 
@@ -145,8 +147,8 @@ def test_nonexistent_path(tmp_path):
 
 
 def test_every_mirror_fails(closed_port_url, tmp_path):
-    data = {"zip_url": f"{closed_port_url}/w.zip", "retries": 1, "timeout_s": 5,
-            "parquet_urls": {s: f"{closed_port_url}/{s}.parquet" for s in SPLITS}}
+    data = {"retries": 1, "timeout_s": 5, "mirrors": {"wikitext-2": {
+        "zip_url": f"{closed_port_url}/w.zip", "parquet_urls": {s: f"{closed_port_url}/{s}.parquet" for s in SPLITS}}}}
     err = assert_failed(*run_stage(tmp_path, None, data), "every source failed",
                         f"zip_url: {closed_port_url}/w.zip", f"parquet_urls: {closed_port_url}/train.parquet",
                         "(2 attempts)", "set MINIBERT_DATA to a local")

@@ -1,6 +1,6 @@
 """`minibert export hf`: transformers loads the folder and computes what minibert computes.
 
-Expectations come from minibert's own forward (minibert/model.py: unpadded rows, index scatter,
+Expectations come from minibert's own forward (minibert/model/bert.py: unpadded rows, index scatter,
 fused qkv view), an independent code path from the shipped modeling_minibert.py (padded SDPA).
 The tiny model has odd sizes and hidden 15 / 3 heads (head dim 5 != heads), so a head/feature
 transposition changes the numbers; LayerNorm weights are randomised so swapped norms show too.
@@ -22,10 +22,10 @@ from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM,  # noqa: 
                           AutoModelForPreTraining, AutoTokenizer, pipeline)
 
 from minibert.config import ModelConfig, ProbeSpec  # noqa: E402
-from minibert.export_hf import export_hf  # noqa: E402
-from minibert.model import build_model  # noqa: E402
-from minibert.probes import probe_words  # noqa: E402
-from minibert.vocab import MASK, SPECIALS, Vocab  # noqa: E402
+from minibert.export.hf import export_hf  # noqa: E402
+from minibert.model.bert import build_model  # noqa: E402
+from minibert.evaluation.probes import probe_words  # noqa: E402
+from minibert.data.vocab import MASK, SPECIALS, Vocab  # noqa: E402
 
 WORDS = ("a crane is flying the bird sat on wall he just left driver came über straße ça ok "
          "river bank money").split()
@@ -141,7 +141,7 @@ def test_cli_export_from_models_folder(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from minibert.cli import app
-    from minibert.model import save_pretrained
+    from minibert.model.bert import save_pretrained
 
     bert = tiny_bert("post")
     save_pretrained(bert, tmp_path / "models", {"vocab_sha256": VOCAB.sha256, "step": 3})

@@ -1,4 +1,4 @@
-"""minibert.kernels.addnorm: LayerNorm(x + dropout(y)) against plain torch (forward and gradients),
+"""minibert.model.kernels.addnorm: LayerNorm(x + dropout(y)) against plain torch (forward and gradients),
 odd sizes so a transposed row/column fails, both y dtypes, and thread-count independence."""
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minibert.kernels import build
-from minibert.kernels.addnorm import add_norm, reference_add_norm
-from minibert.kernels.dropout import dropout
+from minibert.model.kernels import build
+from minibert.model.kernels.addnorm import add_norm, reference_add_norm
+from minibert.model.kernels.dropout import dropout
 
 pytestmark = pytest.mark.skipif(not build.load(), reason="C++ kernels unavailable (no compiler)")
 

@@ -1,4 +1,4 @@
-"""minibert.kernels.attention: the fused training attention against a per-pair loop in float64 written
+"""minibert.model.kernels.attention: the fused training attention against a per-pair loop in float64 written
 here (each pair's real rows only, no padding at all), forward and gradient, both dtypes, odd sizes
 (7 pairs, T = 13, 3 heads of 5), the dropout bits of the weights, filler rows, threads, bad input."""
 from __future__ import annotations
@@ -8,15 +8,15 @@ import math
 import pytest
 import torch
 
-from minibert.kernels import build
-from minibert.kernels.attention import (
+from minibert.model.kernels import build
+from minibert.model.kernels.attention import (
     attention_rows,
     reference_from_heads,
     reference_softmax_dropout,
     reference_to_heads,
 )
-from minibert.kernels.dropout import reference_keep
-from minibert.model import token_layout
+from minibert.model.kernels.dropout import reference_keep
+from minibert.model.bert import token_layout
 
 pytestmark = pytest.mark.skipif(not build.load(), reason="C++ kernels unavailable (no compiler)")
 

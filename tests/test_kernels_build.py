@@ -1,4 +1,4 @@
-"""minibert.kernels.build: the build key follows the sources, and without a compiler the model runs
+"""minibert.model.kernels.build: the build key follows the sources, and without a compiler the model runs
 the plain-torch references (one warning) with the very same dropout bits."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import warnings
 import pytest
 import torch
 
-from minibert.kernels import build
-from minibert.kernels.dropout import dropout
+from minibert.model.kernels import build
+from minibert.model.kernels.dropout import dropout
 
 pytestmark = pytest.mark.skipif(not build.load(), reason="C++ kernels unavailable (no compiler)")
 
@@ -60,9 +60,9 @@ def test_a_second_checkout_of_the_same_sources_reuses_the_build(tmp_path):
     import sys
     from pathlib import Path
 
-    package = Path(build.__file__).resolve().parents[1]  # minibert/
+    package = Path(build.__file__).resolve().parents[2]  # minibert/ (build.py is minibert/model/kernels/build.py)
     env = {**os.environ, "MINIBERT_KERNEL_CACHE": str(tmp_path / "cache")}
-    probe = ("import minibert, sys; from minibert.kernels import build; "
+    probe = ("import minibert, sys; from minibert.model.kernels import build; "
              "assert minibert.__file__.startswith(sys.argv[1]), minibert.__file__; "
              "assert build.load(), build._state; print(build.cache_dir())")
 

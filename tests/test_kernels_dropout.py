@@ -1,4 +1,4 @@
-"""minibert.kernels.dropout: the C++ kernel against the published splitmix64 stream, a plain-torch
+"""minibert.model.kernels.dropout: the C++ kernel against the published splitmix64 stream, a plain-torch
 reference (forward and gradient), the drop rate, and independence from the thread count."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from minibert.kernels import build
-from minibert.kernels.dropout import dropout, reference_bits, reference_dropout
-from minibert.ops import achieved_drop_prob
+from minibert.model.kernels import build
+from minibert.model.kernels.dropout import dropout, reference_bits, reference_dropout
+from minibert.model.ops import achieved_drop_prob
 
 pytestmark = pytest.mark.skipif(not build.load(), reason="C++ kernels unavailable (no compiler)")
 

@@ -1,12 +1,12 @@
-"""minibert.kernels.softmax_xent: the in-place loss gradient and log-probabilities against float64
+"""minibert.model.kernels.softmax_xent: the in-place loss gradient and log-probabilities against float64
 torch, the padding rows, underflow, and bad labels."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from minibert.kernels import build
-from minibert.kernels.softmax_xent import reference_softmax_xent_, softmax_xent_
+from minibert.model.kernels import build
+from minibert.model.kernels.softmax_xent import reference_softmax_xent_, softmax_xent_
 
 pytestmark = pytest.mark.skipif(not build.load(), reason="C++ kernels unavailable (no compiler)")
 

@@ -61,7 +61,7 @@ NOT_PATHS = {("bench/export.py", "models"): "the `mlflow models serve` subcomman
 
 def test_no_stage_path_literals_outside_layout():
     values = {str(p) for p in PATHS}
-    files = [f for d in ("minibert", "stages", "bench") for f in sorted((ROOT / d).glob("*.py"))]
+    files = [f for d in ("minibert", "stages", "bench") for f in sorted((ROOT / d).rglob("*.py"))]
     hits = [f"{f.relative_to(ROOT)}:{n.lineno} {n.value!r}" for f in files if f.name != "layout.py"
             for n in ast.walk(ast.parse(f.read_text())) if isinstance(n, ast.Constant) and n.value in values
             and (f.relative_to(ROOT).as_posix(), n.value) not in NOT_PATHS]
@@ -69,7 +69,7 @@ def test_no_stage_path_literals_outside_layout():
 
 
 def test_pretrain_paths_default_to_the_layout():
-    from minibert.pretrain import Paths
+    from minibert.training.pretrain import Paths
 
     assert {Paths().pairs, Paths().vocab, Paths().metrics, Paths().checkpoints} <= PATHS
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from minibert.config import ModelConfig
-from minibert.model import build_model, pretrain_loss
+from minibert.model.bert import build_model, pretrain_loss
 from tiny_project import tiny_batch
 
 
@@ -15,7 +15,7 @@ def test_fused_linear_cross_entropy_matches_logits_path(amp):
     V = 99
     tokens, segments, valid, positions, weights, labels, nsp = tiny_batch([13, 5, 9, 7, 13, 6, 11],
                                                                           [3, 1, 2, 3, 2, 1, 3])
-    import minibert.loss as ml_
+    import minibert.model.loss as ml_
     old_chunk, old_grain, ml_.CHUNK, ml_.GRAIN = ml_.CHUNK, ml_.GRAIN, 4, 2  # several chunks, the last one short
     try:
         grads = []
@@ -41,7 +41,7 @@ def test_fused_linear_cross_entropy_matches_logits_path(amp):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_cross_entropy_is_exact_when_the_label_probability_underflows(dtype):
     """A label ~300 nats below the best logit has probability 0 in any float: the loss stays finite and exact."""
-    from minibert.loss import linear_cross_entropy
+    from minibert.model.loss import linear_cross_entropy
 
     g = torch.Generator().manual_seed(3)
     h = torch.randn(7, 13, generator=g)

@@ -4,8 +4,8 @@ import pytest
 
 from minibert.config import PairsConfig
 from minibert.errors import DataError
-from minibert.pairs import FIELDS, make_pairs, pair_stats
-from minibert.vocab import CLS, MASK, PAD, SEP, SPECIALS
+from minibert.data.pairs import FIELDS, make_pairs, pair_stats
+from minibert.data.vocab import CLS, MASK, PAD, SEP, SPECIALS
 
 
 def synthetic_split(rng, n_para=99, vocab_size=37, max_sent=13):
@@ -209,7 +209,7 @@ def test_stats_on_a_hand_worked_case():
 
 
 def test_paragraph_shards_by_first_token_hand_case():
-    from minibert.pairs import paragraph_shards
+    from minibert.data.pairs import paragraph_shards
     # six paragraphs whose first tokens are at 0, 600, 1100, 1900, 2100, 3500 (one sentence each)
     sent = np.array([0, 600, 1100, 1900, 2100, 3500, 3600])
     para = np.arange(7)
@@ -221,7 +221,7 @@ def test_paragraph_shards_by_first_token_hand_case():
 def tokens_dir(root):
     """data/tokens of a tiny corpus: vocab of 99 and three synthetic splits (~3000 train tokens)."""
     from minibert.artifacts import save_arrays
-    from minibert.vocab import Vocab
+    from minibert.data.vocab import Vocab
 
     vocab = Vocab(SPECIALS + tuple(f"w{i}" for i in range(99 - len(SPECIALS))))
     (root / "tokens").mkdir(parents=True)
@@ -277,8 +277,8 @@ def test_nsp_negatives_come_from_their_own_shard(tmp_path):
     """The documented rule: b of a random pair is a sentence of the same shard (checked on b's of
     three or more tokens, so a chance collision with another shard's sentence is negligible)."""
     from minibert.artifacts import save_arrays
-    from minibert.pairs import pairs_shard, paragraph_shards
-    from minibert.shards import open_safetensors
+    from minibert.data.pairs import pairs_shard, paragraph_shards
+    from minibert.data.shards import open_safetensors
 
     split = synthetic_split(np.random.default_rng(7), 99, 99)
     save_arrays(tmp_path / "t.safetensors", split)
@@ -311,8 +311,8 @@ def test_load_pairs_maps_the_file_and_training_tensors_share_the_map(tmp_path, p
     import torch
 
     from minibert.artifacts import save_arrays
-    from minibert.pairs import load_pairs
-    from minibert.batches import to_tensors
+    from minibert.data.pairs import load_pairs
+    from minibert.data.batches import to_tensors
 
     save_arrays(tmp_path / "p.safetensors", pairs, {"vocab_sha256": "ab" * 32})
     arrays, meta = load_pairs(tmp_path / "p.safetensors")

@@ -94,7 +94,7 @@ def plain_accuracy(root: Path, valid: dict) -> float:
     """Top-1 MLM accuracy over every real slot, counted with a plain padded loop (no `evaluate`)."""
     import torch
 
-    from minibert.model import load_pretrained
+    from minibert.model.bert import load_pretrained
 
     model, _ = load_pretrained(root / "models")
     hits = slots = 0

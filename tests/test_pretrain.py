@@ -5,7 +5,7 @@ from dataclasses import field, make_dataclass, replace
 
 import pytest
 
-from minibert import pretrain
+from minibert.training import pretrain
 from minibert.config import NOT_NUMERIC, ModelConfig, TrainConfig, load_config
 from minibert.errors import MinibertError
 from tiny_project import make_workspace, popen_stage

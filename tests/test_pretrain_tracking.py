@@ -59,7 +59,7 @@ def test_logged_encoder_round_trips_through_mlflow(tmp_path):
     import torch
     from safetensors.numpy import load_file
 
-    from minibert.model import load_pretrained
+    from minibert.model.bert import load_pretrained
     from tiny_project import stage
 
     root = make_workspace(tmp_path, tracking=True)

@@ -16,11 +16,12 @@ import yaml
 
 from minibert.config import ModelConfig, ProbeConfig, ProbeSpec, TrackingConfig
 from minibert.errors import DataError, MinibertError
-from minibert.model import build_model, save_pretrained
-from minibert.probes import (UnknownWordWarning, encode_probe, flat_metrics, run_probes,
+from minibert.model.bert import build_model, save_pretrained
+from minibert.evaluation.probes import (UnknownWordWarning, encode_probe, flat_metrics, run_probes,
                              similarity_matrix)
-from minibert.tracking import start_run, tracking_uri
-from minibert.vocab import SPECIALS, Vocab
+from minibert.tracking.runs import start_run
+from minibert.tracking.store import tracking_uri
+from minibert.data.vocab import SPECIALS, Vocab
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "a crane is flying driver came he just left".split()

@@ -1,4 +1,4 @@
-"""minibert.shards: safetensors written from parts (same bytes as the library), memmap reads,
+"""minibert.data.shards: safetensors written from parts (same bytes as the library), memmap reads,
 byte shards that cover every line once, and a pool whose results keep item order."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from minibert.errors import DataError
-from minibert.shards import ByteShard, byte_shards, open_safetensors, pool_map, shard_lines, write_safetensors
+from minibert.data.shards import ByteShard, byte_shards, open_safetensors, pool_map, shard_lines, write_safetensors
 
 
 def arrays():
@@ -106,7 +106,7 @@ def mapped_kb(path) -> int:
 
 
 def test_release_drops_touched_pages_from_rss_and_keeps_values(tmp_path):
-    from minibert.shards import release
+    from minibert.data.shards import drop_mapped_pages
 
     path = tmp_path / "big.safetensors"
     big = {"x": np.arange(1 << 20, dtype=np.int32), "y": np.ones((1 << 18, 3), np.float32)}  # 4 MB + 3 MB
@@ -114,6 +114,6 @@ def test_release_drops_touched_pages_from_rss_and_keeps_values(tmp_path):
     arrays, _ = open_safetensors(path)
     assert int(arrays["x"].sum()) == int(big["x"].sum()) and float(arrays["y"].sum()) == 3 * (1 << 18)
     assert mapped_kb(path) > 6000  # touched: resident
-    release(arrays)
+    drop_mapped_pages(arrays)
     assert mapped_kb(path) < 100
     assert np.array_equal(arrays["x"], big["x"]) and np.array_equal(arrays["y"], big["y"])  # faults back in

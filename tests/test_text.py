@@ -1,4 +1,4 @@
-"""minibert.text: the user's own .txt files as a corpus — normalisation, the sentence rule, the
+"""minibert.data.text: the user's own .txt files as a corpus — normalisation, the sentence rule, the
 1-in-20 held-out rule, the content hash, and one clear line for each kind of bad input."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from minibert.corpus import read_paragraphs, split_file
+from minibert.data.corpus import read_paragraphs, split_file
 from minibert.errors import DataError
-from minibert.text import fetch_text, normalise
+from minibert.data.text import fetch_text, normalise
 
 
 def test_normalise_hand_cases():

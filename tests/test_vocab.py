@@ -4,9 +4,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from minibert.corpus import read_paragraphs
+from minibert.data.corpus import read_paragraphs
 from minibert.errors import DataError
-from minibert.vocab import PAD, SPECIALS, UNK, Vocab, build_vocab, encode_paragraphs, split_stats
+from minibert.data.vocab import PAD, SPECIALS, UNK, Vocab, build_vocab, encode_paragraphs, split_stats
 
 
 def synthetic_paragraphs(rng, n_para=37, words=99):

@@ -12,8 +12,8 @@ import yaml
 
 from minibert.artifacts import save_arrays
 from minibert.config import PairsConfig
-from minibert.pairs import make_pairs
-from minibert.vocab import SPECIALS, Vocab
+from minibert.data.pairs import make_pairs
+from minibert.data.vocab import SPECIALS, Vocab
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"num_layers": 1, "hidden": 12, "heads": 3, "ffn_hidden": 37, "dropout": 0.1, "max_len": 29}
@@ -112,17 +112,17 @@ def tiny_batch(valid_lens: list[int], n_real_slots: list[int], T: int = 13, P: i
 
 
 def tiny_fit(train: dict, out: Path | None = None):
-    """`minibert.train.fit` in this process on tiny synthetic pairs (dropout 0, plain SGD so that float
+    """`minibert.training.loop.fit` in this process on tiny synthetic pairs (dropout 0, plain SGD so that float
     noise is not rescaled the way Adam rescales it); joins the process group when the launcher's
     environment variables are set. Rank 0 saves the weights to `out`; returns (model, history)."""
     import torch
     from safetensors.torch import save_file
 
-    from minibert import distributed
+    from minibert.training import distributed
     from minibert.config import ModelConfig, TrainConfig
-    from minibert.model import build_model
-    from minibert.batches import to_tensors
-    from minibert.train import fit
+    from minibert.model.bert import build_model
+    from minibert.data.batches import to_tensors
+    from minibert.training.loop import fit
 
     cfg = TrainConfig(**{"device": "cpu", "checkpoint_every": 0, "threads": 1, **train})
     threads = torch.get_num_threads()

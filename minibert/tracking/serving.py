@@ -1,0 +1,174 @@
+"""The served text model: an MLflow pyfunc that takes text and returns encodings or fill-mask words.
+
+The pyfunc is a model from code, not a pickle: MLflow stores `pyfunc_model.py` (which calls
+`set_text_model()`), the minibert package as `code_paths`, and the weights, their metadata and the
+vocabulary as plain artifacts (safetensors, JSON, text). It takes a DataFrame with a `text` column
+(optional `pair`) and returns per row the tokens, segments and encodings (mode `encode`), or the
+top-k words for each `<mask>` (mode `fill-mask`). Bad rows raise INVALID_PARAMETER_VALUE: HTTP 400.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+from minibert.tracking.store import mlflow_module, one_line
+
+log = logging.getLogger(__name__)
+
+ENTRY_FILE = Path(__file__).with_name("pyfunc_model.py")
+MODEL_NAME = "text_model"  # the logged model's name in its run
+MODES = ("encode", "fill-mask")
+PACKAGE = Path(__file__).resolve().parents[1]  # minibert/: the code the served model runs with
+
+
+def _bad(message: str):
+    return mlflow_module().exceptions.MlflowException.invalid_parameter_value(message)
+
+
+def _rows(model_input) -> list[tuple[str, str | None]]:
+    """(text, pair) per row, or INVALID_PARAMETER_VALUE naming the first bad row."""
+    import pandas as pd
+
+    df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+    if "text" not in df.columns:
+        raise _bad(f"input needs a 'text' column (got {list(df.columns)}); send {{\"inputs\": [{{\"text\": \"a crane is flying\"}}]}}")
+    pairs = df["pair"] if "pair" in df.columns else [None] * len(df)
+    rows = []
+    for i, (a, b) in enumerate(zip(df["text"], pairs)):
+        if b is None or (isinstance(b, float) and math.isnan(b)):
+            b = None
+        for col, s in (("text", a), ("pair", b)):
+            if col == "pair" and s is None:
+                continue
+            if not isinstance(s, str):
+                raise _bad(f"row {i}: {col} must be a string, got {type(s).__name__} {s!r}")
+            if not s.split():
+                raise _bad(f"row {i}: {col} is empty; pass at least one word")
+        rows.append((a, b))
+    if not rows:
+        raise _bad("no rows in the input")
+    return rows
+
+
+def make_text_model():
+    """The pyfunc instance; its class is built here so importing this module does not import mlflow."""
+    class MinibertText(mlflow_module().pyfunc.PythonModel):
+        """Text in; tokens with encodings, or top-k words for each `<mask>`, out."""
+
+        def load_context(self, context):
+            from minibert.model.bert import load_pretrained
+            from minibert.data.vocab import Vocab
+
+            folder = Path(context.artifacts["model"])
+            self.model, _ = load_pretrained(folder)
+            self.vocab = Vocab.load(folder / "vocab.txt")
+
+        def predict(self, context, model_input, params=None):
+            import pandas as pd
+
+            params = params or {}
+            mode, top_k = params.get("mode", "encode"), int(params.get("top_k", 5))
+            if mode not in MODES:
+                raise _bad(f"params.mode = {mode!r}; use one of {', '.join(MODES)}")
+            if not 1 <= top_k <= len(self.vocab):
+                raise _bad(f"params.top_k = {top_k}; use an integer in [1, {len(self.vocab)}]")
+            batch = encode_rows(self.model, self.vocab, _rows(model_input), mode, top_k)
+            return pd.DataFrame(batch)
+
+    return MinibertText()
+
+
+def encode_rows(model, vocab, rows, mode: str, top_k: int) -> list[dict]:
+    """One padded forward for all rows: per row tokens + segments + encoding (T, H), or masks' top-k."""
+    import torch
+
+    from minibert.config import ProbeSpec
+    from minibert.evaluation.probes import probe_words
+    from minibert.data.vocab import MASK
+
+    ids, segs = [], []
+    for i, (a, b) in enumerate(rows):
+        words, segments = probe_words(ProbeSpec("row", a, b))
+        if len(words) > model.cfg.max_len:
+            raise _bad(f"row {i}: {len(words)} tokens (with <cls>/<sep>) exceed max_len {model.cfg.max_len}; "
+                       "shorten the text")
+        ids.append(vocab.encode(words))
+        segs.append(segments)
+    lens = [len(x) for x in ids]
+    T = max(lens)
+    tokens = torch.tensor([x + [0] * (T - len(x)) for x in ids])  # (B, T)
+    segments = torch.tensor([s + [0] * (T - len(s)) for s in segs])  # (B, T)
+    valid = torch.tensor(lens)  # (B,)
+    out = [{"tokens": vocab.decode(x), "segments": s} for x, s in zip(ids, segs)]
+    with torch.inference_mode():
+        if mode == "encode":
+            enc = model.encode(tokens, segments, valid).float().numpy()  # (B, T, H)
+            for b, (r, n) in enumerate(zip(out, lens)):
+                r["encoding"] = enc[b, :n].tolist()  # (T_b, H)
+            return out
+        where = [[t for t, w in enumerate(x) if w == MASK] for x in ids]
+        for i, w in enumerate(where):
+            if not w:
+                raise _bad(f"row {i}: no <mask> in the text; fill-mask needs at least one")
+        P = max(len(w) for w in where)
+        pos = torch.tensor([w + [0] * (P - len(w)) for w in where])  # (B, P)
+        weights = torch.tensor([[1.0] * len(w) + [0.0] * (P - len(w)) for w in where])  # (B, P)
+        logits, _ = model(tokens, segments, valid, pos, weights)  # (M, V), masks row-major
+        probs, top = torch.topk(torch.softmax(logits.double(), -1), top_k)  # (M, k)
+        m = 0
+        for r, w in zip(out, where):
+            r["masks"] = []
+            for p in w:
+                r["masks"].append({"position": p, "words": vocab.decode(top[m].tolist()),
+                                   "scores": probs[m].tolist()})
+                m += 1
+    return out
+
+
+def set_text_model() -> None:
+    """Called by pyfunc_model.py when MLflow loads the model from code."""
+    mlflow_module().models.set_model(make_text_model())
+
+
+# ---------------------------------------------------------------------------- logging into a run
+
+
+def _text_signature():
+    mlflow = mlflow_module()
+    from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
+
+    # `Any`, not `string`: MLflow would turn {"text": 5} into "5" before predict sees it; the rows
+    # are checked in predict instead, so a non-string gets a 400 naming the row.
+    inputs = Schema([ColSpec(AnyType(), "text"), ColSpec(AnyType(), "pair", required=False)])
+    params = ParamSchema([ParamSpec("mode", "string", "encode"), ParamSpec("top_k", "long", 5)])
+    return mlflow.models.ModelSignature(inputs=inputs, params=params)
+
+
+def log_text_model(tracker, model_dir: Path, vocab_path: Path) -> str | None:
+    """Log the text pyfunc into the tracker's run; its model URI, or None (tracking off or it failed)."""
+    if getattr(tracker, "uri", None) is None or tracker.run_id is None:
+        return None
+    mlflow = mlflow_module()
+    import mlflow.pyfunc  # noqa: F811 - the submodule
+    import torch
+
+    reqs = [f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas", "safetensors", "pyyaml"]
+    try:
+        with tempfile.TemporaryDirectory(prefix="minibert-pyfunc-") as tmp:
+            staged = Path(tmp) / "model"
+            staged.mkdir()
+            for f in (Path(model_dir) / "bert.safetensors", Path(model_dir) / "bert.json", Path(vocab_path)):
+                shutil.copyfile(f, staged / f.name)
+            code = Path(tmp) / "minibert"  # the package the model runs with, without bytecode caches
+            shutil.copytree(PACKAGE, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            with tracker.fluent_run():
+                info = mlflow.pyfunc.log_model(
+                    name=MODEL_NAME, python_model=str(ENTRY_FILE), artifacts={"model": str(staged)},
+                    code_paths=[str(code)], signature=_text_signature(), pip_requirements=reqs)
+        return info.model_uri
+    except Exception as e:  # the weights are in DVC and the run's artifacts: this copy must not fail the stage
+        log.warning("MLflow: could not log the text model to run %s: %s", tracker.run_id, one_line(e)[:300])
+        return None

@@ -1,0 +1,223 @@
+"""The MLflow Model Registry and the text-in pyfunc, against real MLflow (sqlite) and a real
+`mlflow models serve` process on 127.0.0.1.
+
+Expectations: the champion policy from hand-worked version tables; served encodings and fill-mask
+words from minibert's own code (`load_pretrained` + `encode_probe` / the MLM head, one unpadded
+example at a time), not from the pyfunc's batched path.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+from mlflow import MlflowClient  # noqa: E402  (tests read back through MLflow's own client)
+
+from minibert.config import ProbeSpec, TrackingConfig  # noqa: E402
+from minibert.model.bert import load_pretrained  # noqa: E402
+from minibert.evaluation.probes import encode_probe, probe_words  # noqa: E402
+from minibert.tracking.registry import set_champion  # noqa: E402
+from minibert.tracking.runs import start_run
+from minibert.data.vocab import MASK, Vocab  # noqa: E402
+
+from mlflow_server import free_port  # noqa: E402
+from tiny_project import ROOT, make_workspace, stage  # noqa: E402
+
+NAME = "minibert-encoder"
+
+
+# ---------------------------------------------------------------------------- champion policy
+
+
+def test_champion_is_best_loss_on_the_same_heldout_set(tmp_path, monkeypatch):
+    """Hand-worked: (loss, held-out sha) per version -> expected champion after each evaluation."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri, registry_uri=uri)
+    client.create_registered_model("policy")
+    steps = [  # (valid_mlm_loss, held-out set, champion expected afterwards)
+        (5.0, "A", "1"),
+        (4.0, "A", "2"),  # better on A
+        (4.5, "A", "2"),  # worse: champion stays
+        (9.0, "B", "4"),  # another held-out set: compared only with versions evaluated on B
+        (4.0, "A", "2"),  # tie with v2: the older version keeps the alias
+        (3.9, "A", "6"),
+    ]
+    for loss, heldout, want in steps:
+        with start_run(TrackingConfig(experiment="policy"), tmp_path) as tracker:
+            client.create_model_version("policy", f"file://{tmp_path}/none", run_id=tracker.run_id,
+                                        tags={"mlflow_run_id": tracker.run_id})
+            assert set_champion(tracker, "policy", heldout, loss) == want
+        assert str(client.get_model_version_by_alias("policy", "champion").version) == want
+    with start_run(TrackingConfig(experiment="policy"), tmp_path) as tracker:  # registration off
+        assert set_champion(tracker, "", "A", 0.1) is None
+        assert set_champion(tracker, "policy", "A", 0.1) is None  # this run registered no version
+    assert str(client.get_model_version_by_alias("policy", "champion").version) == "6"
+
+
+# ---------------------------------------------------------------------------- pipeline + serving
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    """A tiny workspace whose pretrain registered version 1 and whose evaluate made it champion."""
+    root = make_workspace(tmp_path_factory.mktemp("ws"), train={"max_steps": 3}, tracking=True)
+    stage(root, "pretrain")
+    out = stage(root, "evaluate").stdout
+    assert f"{NAME}@champion = version 1" in out
+    return root
+
+
+def test_pretrain_registers_and_evaluate_tags_the_version(registered):
+    uri = f"sqlite:///{registered}/mlflow.db"
+    client = MlflowClient(uri, registry_uri=uri)
+    run_id = json.loads((registered / "metrics/train.json").read_text())["mlflow_run_id"]
+    v = client.get_model_version_by_alias(NAME, "champion")
+    assert str(v.version) == "1" and v.run_id == run_id
+    import hashlib
+    sha = hashlib.sha256((registered / "data/pairs/valid.safetensors").read_bytes()).hexdigest()
+    assert v.tags["valid_pairs_sha256"] == sha
+    assert float(v.tags["valid_mlm_loss"]) == json.loads((registered / "metrics/eval.json").read_text())["mlm_loss"]
+    assert v.tags["vocab_sha256"] == Vocab.load(registered / "data/tokens/vocab.txt").sha256
+    model_dir = next(p for p in (registered / "mlartifacts").rglob("MLmodel") if "pyfunc_model.py" in p.read_text()).parent
+    assert not [p for p in model_dir.rglob("*") if p.suffix in (".pkl", ".pt", ".pth", ".pyc")]  # no pickles
+    assert (model_dir / "artifacts/model/bert.safetensors").is_file()
+
+
+def cli(root, *args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "minibert.cli", *args], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_encode_from_the_registered_champion(registered):
+    via_registry = cli(registered, "encode", "--model", f"models:/{NAME}@champion", "w5 w6 w7")
+    local = cli(registered, "encode", "--checkpoint", "models", "w5 w6 w7")
+    assert via_registry.returncode == 0, via_registry.stderr
+    assert via_registry.stdout == local.stdout and "w6" in local.stdout
+    run_id = json.loads((registered / "metrics/train.json").read_text())["mlflow_run_id"]
+    export = cli(registered, "export", "hf", "hf-run", "--run", run_id)  # weights + figures from the run
+    assert export.returncode == 0, export.stderr
+    loss = json.loads((registered / "metrics/eval.json").read_text())["mlm_loss"]
+    assert f"| mlm_loss | {loss:.4f} |" in (registered / "hf-run/README.md").read_text()
+    bad = cli(registered, "encode", "--model", f"models:/{NAME}@nope", "w5")
+    assert bad.returncode == 1 and bad.stderr.startswith("error: encode: ") and len(bad.stderr.splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def served(registered):
+    """`mlflow models serve -m models:/minibert-encoder@champion --env-manager local` on a free port."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{registered}/mlflow.db"}
+    log = open(registered / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",
+                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+                            cwd=registered, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, (registered / "serve.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "server not up after 180 s"
+            try:
+                with urllib.request.urlopen(url + "/ping", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url + "/invocations", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_served_encodings_match_minibert(registered, served):
+    model, _ = load_pretrained(registered / "models")
+    vocab = Vocab.load(registered / "data/tokens/vocab.txt")
+    rows = [{"text": "w5 W6 w7 w8 w9"}, {"text": "w10", "pair": "w11 zebra"}, {"text": "w12 w13"}]  # mixed lengths
+    status, body = post(served, {"inputs": rows})
+    assert status == 200, body
+    for row, got in zip(rows, body["predictions"]):
+        spec = ProbeSpec("x", row["text"], row.get("pair"))
+        tokens, segments, enc = encode_probe(model, vocab, spec)  # one unpadded example: (1, T, H)
+        assert got["tokens"] == tokens and got["segments"] == segments
+        assert np.abs(np.array(got["encoding"]) - enc[0].numpy()).max() < 1e-5
+
+
+def test_served_fill_mask_matches_the_mlm_head(registered, served):
+    model, _ = load_pretrained(registered / "models")
+    vocab = Vocab.load(registered / "data/tokens/vocab.txt")
+    texts = ["w5 <mask> w7", "<mask> w9 <mask> w20 w21"]
+    status, body = post(served, {"inputs": [{"text": t} for t in texts], "params": {"mode": "fill-mask", "top_k": 4}})
+    assert status == 200, body
+    for text, got in zip(texts, body["predictions"]):
+        words, _ = probe_words(ProbeSpec("x", text))
+        ids = vocab.encode(words)
+        where = [i for i, w in enumerate(ids) if w == MASK]
+        assert [m["position"] for m in got["masks"]] == where
+        for pos, m in zip(where, got["masks"]):
+            with torch.no_grad():
+                logits, _ = model(torch.tensor([ids]), torch.zeros(1, len(ids), dtype=torch.long),
+                                  torch.tensor([len(ids)]), torch.tensor([[pos]]), torch.ones(1, 1))  # (1, V)
+            p = torch.softmax(logits[0].double(), -1)
+            top = torch.topk(p, 4)
+            assert m["words"] == vocab.decode(top.indices.tolist())
+            assert np.allclose(m["scores"], top.values.numpy(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"inputs": [{"text": ""}]}, "row 0: text is empty"),
+    ({"inputs": [{"text": "w5"}, {"text": "   "}]}, "row 1: text is empty"),
+    ({"inputs": [{"text": " ".join(["w5"] * 40)}]}, "exceed max_len 29"),
+    ({"inputs": [{"text": 5}]}, "row 0: text must be a string"),
+    ({"inputs": [{"text": "w5", "pair": 7}]}, "row 0: pair must be a string"),
+    ({"inputs": [{"sentence": "w5"}]}, "text"),
+    ({"inputs": [{"text": "w5 w6"}], "params": {"mode": "fill-mask"}}, "no <mask>"),
+    ({"inputs": [{"text": "w5"}], "params": {"mode": "classify"}}, "params.mode"),
+])
+def test_bad_input_is_a_400_with_a_message(served, body, fragment):
+    status, answer = post(served, body)
+    assert status == 400, answer
+    assert fragment in answer["message"], answer["message"]
+
+
+def test_fluent_calls_leave_no_tracking_or_registry_uri_behind(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri/set_registry_uri write MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI into
+    os.environ; after register_version they must be as before, or the next run of this process (and
+    every subprocess it starts, e.g. `mlflow models serve`) would use this run's store."""
+    import mlflow
+
+    from minibert.tracking.registry import register_version
+
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(var, raising=False)
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    with start_run(TrackingConfig(experiment="leak"), tmp_path) as tracker:
+        register_version(tracker, "leak", f"runs:/{tracker.run_id}/none", {})
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == before

@@ -273,6 +273,37 @@ def test_one_shard_is_the_unsharded_make_pairs(tmp_path):
         assert got[f"pairs/{split}.safetensors"] == (tmp_path / "ref.safetensors").read_bytes()
 
 
+def test_each_shard_draws_from_its_documented_generator(tmp_path):
+    """The stage's train file, sharded (4 shards), is the concatenation of `make_pairs` on each shard's
+    paragraphs with the generator the docs name: shard 0 the seed itself, shard k > 0 the seed's k-th
+    spawned child (`SeedSequence(seed).spawn(k + 1)[k]`, spelled here without `shard_rng`)."""
+    from minibert.artifacts import load_arrays
+    from minibert.pairs import paragraph_shards
+
+    vocab = tokens_dir(tmp_path)
+    got, log = run_pairs_stage(tmp_path, "sharded", 1000, 2)
+    assert "train 363 (4 shards)" in log
+    (tmp_path / "got.safetensors").write_bytes(got["pairs/train.safetensors"])
+    got = load_arrays(tmp_path / "got.safetensors")
+    split = load_arrays(tmp_path / "tokens/train.safetensors")
+    so, po = split["sentence_offsets"], split["paragraph_offsets"]
+    seed, start = PairsConfig(max_len=29).seed, 0
+    shards = paragraph_shards(so, po, 1000)
+    assert len(shards) == 4
+    for k, (lo, hi) in enumerate(shards):
+        sent = so[po[lo]:po[hi] + 1]
+        part = {"ids": split["ids"][sent[0]:sent[-1]], "sentence_offsets": sent - sent[0],
+                "paragraph_offsets": po[lo:hi + 1] - po[lo]}
+        rng = np.random.default_rng(seed if k == 0 else np.random.SeedSequence(seed).spawn(k + 1)[k])
+        want = make_pairs(part, PairsConfig(max_len=29), len(vocab), rng)
+        n = len(want["nsp_labels"])
+        assert n > 0
+        for f in FIELDS:
+            assert np.array_equal(got[f][start:start + n], want[f]), (k, f)
+        start += n
+    assert start == len(got["nsp_labels"])
+
+
 def test_nsp_negatives_come_from_their_own_shard(tmp_path):
     """The documented rule: b of a random pair is a sentence of the same shard (checked on b's of
     three or more tokens, so a chance collision with another shard's sentence is negligible)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import ssl
 import subprocess
 import threading
@@ -23,9 +24,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from minibert import view
+from minibert.artifacts import atomic_path
 from minibert.config import TrackingConfig
 from minibert.describe import describe_run, hyperparams
-from minibert.errors import MinibertError
+from minibert.errors import MinibertError, WriteError
 
 log = logging.getLogger(__name__)
 
@@ -179,9 +181,11 @@ class MlflowTracker(_ContextMixin):
     batch whose request fails (no retry across an outage) and its flush waits without a bound.
     """
 
-    def __init__(self, uri: str, run_id: str):
-        self.uri, self.run_id = uri, run_id
-        self._client = _mlflow().MlflowClient(uri)
+    def __init__(self, uri: str, run_id: str | None, opener=None):
+        """`opener(client) -> run_id`, with `run_id` None: the store could not be opened yet; the
+        sender opens it (and the run) on its first successful attempt, meanwhile everything queues."""
+        self.uri, self.run_id, self._opener = uri, run_id, opener
+        self._client = None if opener else store_client(uri)
         self._Metric = _mlflow().entities.Metric
         self._cv = threading.Condition()  # guards every queue and flag below; wakes the sender
         self._metrics: deque = deque()  # mlflow Metric entities not yet sent (bounded in log_metrics)
@@ -193,6 +197,7 @@ class MlflowTracker(_ContextMixin):
         self._down_since: float | None = None  # set while the backend is failing
         self._warned_down = self._warned_full = False
         self._closed = False
+        self._artifact_root: str | None = None  # the run's artifact URI, read on the first copy
         self._sender = threading.Thread(target=self._send_loop, name="minibert-mlflow-sender", daemon=True)
         self._sender.start()
 
@@ -238,6 +243,9 @@ class MlflowTracker(_ContextMixin):
         for PyTorch is a pickle, which this project never writes or loads. Runs on the caller's thread
         (MLflow's fluent API), once, after training.
         """
+        if self.run_id is None:
+            log.warning("MLflow store %s not open yet: model not logged", self.uri)
+            return
         if example is None:
             log.warning("MLflow: log_model needs an input example (torch.export); model not logged to run %s",
                         self.run_id)
@@ -268,8 +276,8 @@ class MlflowTracker(_ContextMixin):
         with self._cv:
             steps = [m.step for m in self._metrics if m.key == key]
             down = self._down_since is not None
-        if steps and down:
-            return max(steps)  # queued points are newer than anything stored
+        if (steps and down) or self.run_id is None:
+            return max(steps, default=None)  # queued points are newer than anything stored
         try:
             steps += [m.step for m in self._client.get_metric_history(self.run_id, key)]
         except Exception as e:
@@ -340,6 +348,10 @@ class MlflowTracker(_ContextMixin):
     def _send(self) -> None:
         """log_batch in MLflow's size limits; each chunk leaves the queue once stored (or rejected)."""
         entities = _mlflow().entities
+        if self.run_id is None:  # the store could not be opened at the start: open it (and the run) now
+            self._client = self._client or store_client(self.uri)
+            self.run_id = self._opener(self._client)
+            log.warning("MLflow store %s is open now: run %s created, buffered data follows", self.uri, self.run_id)
         while True:
             with self._cv:
                 params, tags = list(self._params.items())[:100], list(self._tags.items())[:100]
@@ -371,10 +383,29 @@ class MlflowTracker(_ContextMixin):
                 if not self._artifacts:
                     break
                 path, dest = self._artifacts[0]
-            log_fn = self._client.log_artifacts if Path(path).is_dir() else self._client.log_artifact
-            self._attempt(lambda: log_fn(self.run_id, path, dest))
+            try:
+                self._attempt(lambda: self._copy_artifact(path, dest))
+            except WriteError as e:  # a full artifact store: retrying will not help; the file is in DVC
+                log.warning("MLflow: %s not copied into run %s: %s", path, self.run_id, e)
             with self._cv:
                 self._artifacts.pop(0)
+
+    def _copy_artifact(self, path: str, dest: str | None) -> None:
+        """MLflow's copy, except a file into a local store: temp then rename (MLflow copies in place,
+        so a full disk would leave a torn file over the previous one); no room raises WriteError."""
+        if Path(path).is_dir():
+            return self._client.log_artifacts(self.run_id, path, dest)
+        if self._artifact_root is None:
+            self._artifact_root = self._client.get_run(self.run_id).info.artifact_uri
+        root = self._artifact_root
+        if not (root.startswith("file:") or "://" not in root):
+            return self._client.log_artifact(self.run_id, path, dest)
+        from urllib.parse import unquote, urlparse
+
+        folder = Path(unquote(urlparse(root).path) if root.startswith("file:") else root) / (dest or "")
+        target = folder / Path(path).name
+        with atomic_path(target, Path(path).stat().st_size) as tmp:
+            shutil.copyfile(path, tmp)
 
     def _attempt(self, call) -> None:
         """Run one MLflow call; a rejection retrying cannot fix is warned about and skipped."""
@@ -411,12 +442,35 @@ def _signature(model, example: dict[str, Any]):
     return ModelSignature(inputs=dynamic(sig.inputs), outputs=dynamic(sig.outputs))
 
 
+@contextmanager
+def store_lock(uri: str):
+    """An exclusive flock on `<db>.lock` beside an sqlite store, held while a client opens it: opening
+    creates or upgrades the schema (MLflow's migrations), which two processes on a new file would run
+    at once ("duplicate column name"). Every minibert process takes it; other stores need none."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def store_client(uri: str, registry: bool = False):
+    """An MlflowClient for `uri` (and its registry), the store created or upgraded under `store_lock`."""
+    with store_lock(uri):
+        return _mlflow().MlflowClient(uri, registry_uri=uri if registry else None)
+
+
 def _connect(uri: str):
     """A client for `uri`, failing in seconds with one line when the server is not there."""
     if _is_http(uri) and (why := _reachable(uri)) is not None:
         raise MinibertError(f"MLflow server {uri} is unreachable ({why}); start it, fix "
                             "MLFLOW_TRACKING_URI, or set tracking.enabled: false in params.yaml")
-    return _mlflow().MlflowClient(uri)
+    return store_client(uri)
 
 
 def _experiment_id(client, name: str, uri: str, root: Path) -> str:
@@ -464,31 +518,45 @@ def start_run(cfg: TrackingConfig, root: Path, run_id: str | None = None, run_na
     if not cfg.enabled:
         return NullTracker()
     uri = tracking_uri(root)
-    client = _connect(uri)
-    created = False
-    try:
+
+    def open_run(client) -> str:
         if run_id is not None:
             run = client.get_run(run_id)
             if run.info.lifecycle_stage == "deleted":
                 raise MinibertError(f"MLflow run {run_id} at {uri} is deleted; restore it or rerun pretrain")
             client.update_run(run_id, status="RUNNING")
-        else:
-            exp_id = _experiment_id(client, cfg.experiment, uri, root)
-            tags = git_tags(root)
-            if params is not None:
-                name, described = describe_run(params, params_file, root)
-                run_name, tags = run_name or name, {**tags, **described}
-            run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
-            created = True
+            return run_id
+        exp_id = _experiment_id(client, cfg.experiment, uri, root)
+        tags = git_tags(root)
+        name = run_name
+        if params is not None:
+            described_name, described = describe_run(params, params_file, root)
+            name, tags = run_name or described_name, {**tags, **described}
+        return client.create_run(exp_id, run_name=name, tags=tags).info.run_id
+
+    try:
+        tracker = MlflowTracker(uri, open_run(_connect(uri)))
     except MinibertError:
         raise
     except Exception as e:
-        what = f"run {run_id}" if run_id else f"a run in experiment {cfg.experiment!r}"
-        raise MinibertError(f"MLflow at {uri}: could not open {what}: {_one_line(e)[:300]}") from None
-    tracker = MlflowTracker(uri, run_id)
-    if params is not None and created:
+        if not _store_trouble(e):
+            what = f"run {run_id}" if run_id else f"a run in experiment {cfg.experiment!r}"
+            raise MinibertError(f"MLflow at {uri}: could not open {what}: {_one_line(e)[:300]}") from None
+        # A store that cannot be opened now (locked, damaged, being migrated) must not cost the training.
+        log.warning("MLflow store %s cannot be opened (%s); training goes on, its tracking data buffered "
+                    "in memory and sent once the store opens", uri, _one_line(e)[:200])
+        tracker = MlflowTracker(uri, None, opener=open_run)
+    if params is not None and run_id is None:  # a new run logs its hyperparameters
         tracker.log_params(hyperparams(params))
     return tracker
+
+
+def _store_trouble(e: BaseException) -> bool:
+    """The database under the store failed (sqlite locked, schema migrations colliding, a bad file),
+    not a request MLflow refused."""
+    names = {c.__name__ for c in type(e).__mro__}
+    db = {"OperationalError", "DatabaseError", "IntegrityError", "ProgrammingError"}
+    return bool(names & db) or any(f"{n}:" in str(e) or f"{n})" in str(e) for n in db)  # MLflow may wrap it
 
 
 def list_runs(cfg: TrackingConfig, root: Path, max_results: int = 100):

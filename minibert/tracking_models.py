@@ -221,9 +221,9 @@ def set_champion(tracker, name: str, valid_sha256: str, valid_mlm_loss: float) -
     Returns the champion's version, or None when registration is off or the run registered nothing."""
     if not name or tracker.run_id is None:
         return None
-    from minibert.tracking import _mlflow, _one_line
+    from minibert.tracking import _one_line, store_client
 
-    client = _mlflow().MlflowClient(tracker.uri, registry_uri=tracker.uri)
+    client = store_client(tracker.uri, registry=True)
     try:
         versions = client.search_model_versions(f"name = '{name}'")
         mine = [v for v in versions if v.tags.get("mlflow_run_id") == tracker.run_id]

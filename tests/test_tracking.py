@@ -379,3 +379,31 @@ def test_log_model_without_example_writes_no_pickle(local, cfg, caplog):
     with pytest.raises(mlflow.exceptions.MlflowException, match="Failed to download artifacts from path 'model'"):
         mlflow.pytorch.load_model(f"runs:/{run_id}/model")
     assert "model" not in {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+
+
+def test_concurrent_first_runs_on_a_new_store_all_succeed(tmp_path, monkeypatch):
+    """Three processes open tracked runs at the same instant (a barrier file) on a store that does not
+    exist yet: all three finish and all three runs are in it. Without minibert.tracking.store_lock the
+    three ran MLflow's schema migrations at once ("duplicate column name: step")."""
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": str(here.parent), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, str(here / "race_tracked_run.py"), str(tmp_path), str(go),
+                               str(tmp_path / f"ready-{i}"), str(i)], env=env, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(3)]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready-{i}").exists() for i in range(3)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n---\n".join(o[-2000:] for o in outs)
+    assert not any("cannot be opened" in o for o in outs), "\n---\n".join(outs)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["racer-0", "racer-1", "racer-2"]
+    assert all(r.info.status == "FINISHED" and r.data.metrics == {"x": float(r.info.run_name[-1])} for r in runs)

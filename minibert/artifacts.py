@@ -126,8 +126,10 @@ def atomic_path(path: str | Path, need: int | None = None) -> Iterator[Path]:
     staged = False
     try:
         with write_errors(path, need, NO_ROOM):
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs should read like any other file
             yield tmp
+            # mkstemp makes 0600 (and safetensors' writer recreates the file 0600): outputs should read
+            # like any other file
+            os.chmod(tmp, 0o666 & ~_umask())
         if _staged is not None:
             _staged.append((tmp, path))
             staged = True

@@ -1,4 +1,6 @@
 """NSP pairs and MLM masks on tiny synthetic corpora: layout, the 80/10/10 rule, determinism."""
+import os
+
 import numpy as np
 import pytest
 
@@ -355,3 +357,64 @@ def test_load_pairs_maps_the_file_and_training_tensors_share_the_map(tmp_path, p
     (tmp_path / "bad.safetensors").write_bytes(b"\x10" + b"\0" * 7 + b"{}")
     with pytest.raises(DataError, match="bad.safetensors: not a safetensors file"):
         load_pairs(tmp_path / "bad.safetensors")
+
+
+def test_pairs_stage_on_a_full_filesystem_is_one_line_and_keeps_the_old_output(tmp_path, small_fs):
+    """--out on a 64 kB filesystem (the shards' parts take ~150 kB): exit 1, one `error: pairs:` line
+    naming the folder and the free space, the previous folder unchanged, no temp, no metrics."""
+    import subprocess
+    import sys
+
+    import yaml
+    from tests.tiny_project import ROOT
+
+    tokens_dir(tmp_path)
+    fs = small_fs("64k")
+    (fs / "pairs").mkdir()
+    (fs / "pairs/train.safetensors").write_bytes(b"old pairs")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"data": {"workers": 2}, "pairs": {"max_len": 29, "shard_tokens": 1000},
+                                                     "model": {"max_len": 29}}))
+    out = subprocess.run([sys.executable, "-m", "stages.pairs", "--params", str(tmp_path / "p.yaml"),
+                          "--tokens", str(tmp_path / "tokens"), "--out", str(fs / "pairs"),
+                          "--metrics", str(tmp_path / "metrics")],
+                         cwd=ROOT, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith(
+        f"error: pairs: cannot write {fs}/pairs: No space left on device ("), out.stderr
+    assert "free there" in out.stderr
+    assert os.listdir(fs) == ["pairs"] and os.listdir(fs / "pairs") == ["train.safetensors"]
+    assert (fs / "pairs/train.safetensors").read_bytes() == b"old pairs"
+    assert not (tmp_path / "metrics").exists()
+
+
+def test_injected_enospc_at_the_shard_writer(tmp_path, monkeypatch, capsys):
+    """In-process (one worker): a shard part's write fails half-way; the stage says one line and
+    leaves nothing of its temp folder."""
+    import errno
+
+    import yaml
+
+    import minibert.pairs as pairs_mod
+    from stages.pairs import main
+
+    tokens_dir(tmp_path)
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"data": {"workers": 1}, "pairs": {"max_len": 29, "shard_tokens": 1000},
+                                                     "model": {"max_len": 29}}))
+    real_open, calls = open, []
+
+    def open_then_fail(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        calls.append(path)
+        if len(calls) == 9:  # the second shard's second field
+            f.write(b"torn")
+            f.close()
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return f
+
+    monkeypatch.setattr(pairs_mod, "open", open_then_fail, raising=False)
+    with pytest.raises(SystemExit) as stop:
+        main(params=tmp_path / "p.yaml", tokens=tmp_path / "tokens", out=tmp_path / "pairs", metrics=tmp_path / "m")
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"error: pairs: cannot write {tmp_path / 'pairs'}: No space left on device (")
+    assert sorted(os.listdir(tmp_path)) == ["p.yaml", "tokens"]

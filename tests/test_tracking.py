@@ -407,3 +407,27 @@ def test_concurrent_first_runs_on_a_new_store_all_succeed(tmp_path, monkeypatch)
     runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["racer-0", "racer-1", "racer-2"]
     assert all(r.info.status == "FINISHED" and r.data.metrics == {"x": float(r.info.run_name[-1])} for r in runs)
+
+
+def test_artifact_copy_into_a_full_local_store_is_one_warning_and_keeps_the_old_copy(tmp_path, small_fs,
+                                                                                     monkeypatch, caplog):
+    """The local store's artifact folder on a 16 kB filesystem: a 100 kB file's copy fails with one
+    warning, the copy of the same name logged before stays byte for byte, no temp is left, the run ends."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = small_fs("16k", "mlartifacts")  # where start_run puts a local store's artifacts
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1/a.bin").write_bytes(b"old")
+    with start_run(TrackingConfig(experiment="full"), tmp_path) as t:
+        t.log_artifact(tmp_path / "v1/a.bin")
+        run_id = t.run_id
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2/a.bin").write_bytes(os.urandom(100_000))
+    with caplog.at_level(logging.WARNING, logger="minibert.tracking"):
+        with start_run(TrackingConfig(experiment="full"), tmp_path, run_id=run_id) as t:
+            t.log_artifact(tmp_path / "v2/a.bin")
+    said = [r.getMessage() for r in caplog.records if "not copied" in r.getMessage()]
+    assert len(said) == 1 and "\n" not in said[0] and "No space left on device" in said[0], said
+    assert "a.bin: No space left on device" in said[0] and "100.0 kB needed" in said[0]
+    files = [p for p in store.rglob("*") if p.is_file()]
+    assert [p.name for p in files] == ["a.bin"] and files[0].read_bytes() == b"old"
+    assert MlflowClient(tracking_uri(tmp_path)).get_run(run_id).info.status == "FINISHED"

@@ -36,6 +36,7 @@ _SEND_EVERY_S = 1.0  # the sender batches what arrived in this interval into one
 _RETRY_EVERY_S = 2.0  # while the backend fails, the sender retries this often
 _CLOSE_WAIT_S = 30.0  # close() waits at most this long for the last points to go out
 _PROBE_TIMEOUT_S = 3.0
+_STORE_LOCK_WAIT_S = 120.0  # creating and migrating a new sqlite store takes seconds; then give up waiting
 # MLflow error codes that retrying cannot fix (bad values, missing runs): drop, warn, go on.
 _PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
               "INVALID_STATE", "BAD_REQUEST", "PERMISSION_DENIED", "UNAUTHENTICATED"}
@@ -454,9 +455,22 @@ def store_lock(uri: str):
 
     db = Path(uri[len("sqlite:///"):])
     db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+    lock = db.with_name(db.name + ".lock")
+    with open(lock, "a") as f:
+        deadline = time.monotonic() + _STORE_LOCK_WAIT_S
+        while True:  # bounded: a hung process holding the lock must not hang every training
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StoreBusy(f"{lock} held by another process for {_STORE_LOCK_WAIT_S:.0f} s") from None
+                time.sleep(0.05)
         yield
+
+
+class StoreBusy(Exception):
+    """Another process held the store's lock past `_STORE_LOCK_WAIT_S`."""
 
 
 def store_client(uri: str, registry: bool = False):
@@ -554,6 +568,8 @@ def start_run(cfg: TrackingConfig, root: Path, run_id: str | None = None, run_na
 def _store_trouble(e: BaseException) -> bool:
     """The database under the store failed (sqlite locked, schema migrations colliding, a bad file),
     not a request MLflow refused."""
+    if isinstance(e, StoreBusy):
+        return True
     names = {c.__name__ for c in type(e).__mro__}
     db = {"OperationalError", "DatabaseError", "IntegrityError", "ProgrammingError"}
     return bool(names & db) or any(f"{n}:" in str(e) or f"{n})" in str(e) for n in db)  # MLflow may wrap it

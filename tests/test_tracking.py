@@ -431,3 +431,30 @@ def test_artifact_copy_into_a_full_local_store_is_one_warning_and_keeps_the_old_
     files = [p for p in store.rglob("*") if p.is_file()]
     assert [p.name for p in files] == ["a.bin"] and files[0].read_bytes() == b"old"
     assert MlflowClient(tracking_uri(tmp_path)).get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_store_that_cannot_be_opened_leaves_training_on_the_buffered_tracker(tmp_path, monkeypatch, caplog):
+    """The store's lock held by another process past the wait: start_run says so in one warning and
+    returns a tracker that queues; once the lock is free the run is created with everything logged."""
+    import fcntl
+
+    from minibert import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(tracking, "_STORE_LOCK_WAIT_S", 0.3)
+    holder = open(tmp_path / "mlflow.db.lock", "a")
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another open file: conflicts with start_run's flock
+    with caplog.at_level(logging.WARNING, logger="minibert.tracking"):
+        tracker = start_run(TrackingConfig(experiment="busy"), tmp_path, run_name="late")
+        assert tracker.run_id is None
+        tracker.log_metrics({"loss": 2.5}, step=1)
+        tracker.log_metrics({"loss": 1.5}, step=2)
+        assert tracker.last_step("loss") == 2
+        said = [r.getMessage() for r in caplog.records if "cannot be opened" in r.getMessage()]
+        assert len(said) == 1 and "training goes on" in said[0] and "\n" not in said[0], said
+        holder.close()  # the other process is done
+        tracker.close()
+    client = MlflowClient(tracking_uri(tmp_path))
+    (run,) = client.search_runs([client.get_experiment_by_name("busy").experiment_id])
+    assert run.info.run_name == "late" and run.info.status == "FINISHED" and run.info.run_id == tracker.run_id
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(1, 2.5), (2, 1.5)]

@@ -398,11 +398,11 @@ class MlflowTracker(_ContextMixin):
             return self._client.log_artifacts(self.run_id, path, dest)
         if self._artifact_root is None:
             self._artifact_root = self._client.get_run(self.run_id).info.artifact_uri
-        root = self._artifact_root
-        if not (root.startswith("file:") or "://" not in root):
-            return self._client.log_artifact(self.run_id, path, dest)
         from urllib.parse import unquote, urlparse
 
+        root = self._artifact_root
+        if urlparse(root).scheme not in ("", "file"):  # a server's mlflow-artifacts:/, s3://, ...
+            return self._client.log_artifact(self.run_id, path, dest)
         folder = Path(unquote(urlparse(root).path) if root.startswith("file:") else root) / (dest or "")
         target = folder / Path(path).name
         with atomic_path(target, Path(path).stat().st_size) as tmp:

@@ -55,4 +55,4 @@ ci:
 	python3 -m ci.pipeline
 
 clean:
-	rm -rf data models checkpoints metrics plots probes mlflow.db mlartifacts .dvc/cache .dvc/tmp mutants
+	rm -rf data models checkpoints metrics plots probes mlflow.db mlflow.db.lock mlartifacts .dvc/cache .dvc/tmp mutants

@@ -103,10 +103,16 @@ def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = PEAK_SIZES, rounds:
             per_round[n].append(2 * n**3 / best / 1e9)
     n_best = max(sizes, key=lambda n: max(per_round[n]))
     figures = sorted(per_round[n_best])
-    return {"dtype": str(dtype).replace("torch.", ""), "gflops": round(figures[-1], 1), "size": n_best,
-            "median_gflops": round(figures[len(figures) // 2], 1), "min_gflops": round(figures[0], 1),
+    return {"dtype": str(dtype).replace("torch.", ""), "gflops": gflops_figure(figures[-1]), "size": n_best,
+            "median_gflops": gflops_figure(figures[len(figures) // 2]), "min_gflops": gflops_figure(figures[0]),
             "rounds": rounds, "repeats": repeats, "sizes": list(sizes), "threads": torch.get_num_threads(),
-            "by_size": {n: round(max(v), 1) for n, v in per_round.items()}}
+            "by_size": {n: gflops_figure(max(v)) for n, v in per_round.items()}}
+
+
+def gflops_figure(x: float) -> float:
+    """One decimal from 10 GFLOP/s up, three significant digits below: a small GEMM on a loaded machine
+    (0.04 GFLOP/s) stays positive instead of rounding to 0.0. Monotonic, so min <= median <= peak holds."""
+    return round(x, 1) if x >= 10 else float(f"{x:.3g}")
 
 
 # ---------------------------------------------------------------------------- one precision

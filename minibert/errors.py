@@ -14,6 +14,10 @@ class DataError(MinibertError):
     """Missing, corrupt or unsafe data files."""
 
 
+class WriteError(MinibertError):
+    """An output could not be written: no space, quota, a read-only filesystem or no permission."""
+
+
 class Interrupted(MinibertError):
     """Stopped on request (SIGTERM/SIGINT) after a checkpoint: not a failure, rerunning resumes."""
 

@@ -30,9 +30,11 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
-    _pyplot().close(fig)
+    try:
+        with atomic_path(path) as tmp:  # a full disk: WriteError, no partial PNG
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    finally:
+        _pyplot().close(fig)
 
 
 def run_title(run_name: str | None, model: dict, train: dict) -> str:

@@ -136,3 +136,30 @@ def _mlflow_uri_variables_restored(monkeypatch):
         if value is None:
             monkeypatch.delenv(var)
     yield
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """`small_fs(size, name)` mounts a tmpfs of `size` (mount's syntax: "64k", "2m") at tmp_path/name:
+    a real filesystem that fills up (ENOSPC from the kernel). Skipped, saying why, where this process
+    may not mount (not root, no CAP_SYS_ADMIN in a container, no mount binary)."""
+    import shutil
+    import subprocess
+
+    mounted = []
+
+    def mount(size: str, name: str = "fs") -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        if shutil.which("mount") is None:
+            pytest.skip("no `mount` binary: cannot make a small real filesystem")
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0777", "minibert-test", str(folder)],
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({p.stderr.strip() or 'mount failed'}); needs root or CAP_SYS_ADMIN")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)

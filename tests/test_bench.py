@@ -77,6 +77,38 @@ def test_matmul_peak_is_the_best_figure_and_reports_its_spread():
     assert pk["rounds"] == 3 and pk["dtype"] == "float32"
 
 
+def test_matmul_peak_figures_stay_positive_and_ordered_on_a_slow_machine(monkeypatch):
+    """A loaded machine, made deterministic: a clock on which every matmul takes 1 ms (13x13: 4394
+    flops -> 0.0044 GFLOP/s) or, for the 37x37 size, 3 ms. Hand-worked: 2 * 37**3 / 3e-3 / 1e9 =
+    0.0338 GFLOP/s is the best size; every reported figure is > 0 and keeps its order."""
+    import bench.train as bt
+
+    ticks = iter(range(10**6))
+    sizes_timed = []
+
+    class Clock:  # perf_counter advances by the matmul's fake duration between its two readings
+        now = 0.0
+
+        @classmethod
+        def perf_counter(cls):
+            k = next(ticks)
+            if k % 2 == 1:  # the reading after a matmul
+                cls.now += 1e-3 if sizes_timed[-1] == 13 else 3e-3
+            return cls.now
+
+    real_matmul = torch.matmul
+
+    def matmul(a, b):
+        sizes_timed.append(a.shape[0])
+        return real_matmul(a, b)
+
+    monkeypatch.setattr(bt, "time", Clock)
+    monkeypatch.setattr(bt.torch, "matmul", matmul)
+    pk = matmul_peak(torch.float32, sizes=(13, 37), rounds=3, repeats=2)
+    assert pk["size"] == 37 and pk["by_size"] == {13: 0.00439, 37: 0.0338}
+    assert 0 < pk["min_gflops"] == pk["median_gflops"] == pk["gflops"] == 0.0338
+
+
 def run_bench(module: str, *args: str) -> list[dict]:
     src = os.environ.get("MINIBERT_DATA")
     if not src:

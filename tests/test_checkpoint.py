@@ -166,3 +166,37 @@ def test_resume_is_bit_exact_in_every_precision(tmp_path, precision):
     assert [r["mlm_loss"] for r in resumed.history] == [r["mlm_loss"] for r in full.history]
     for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_a_checkpoint_without_room_costs_only_itself(small_fs):
+    """A real filesystem (32 kB) with room for one checkpoint (~20 kB) but not two: the second save is one
+    WriteError line (where, free space, room needed), leaves no temp folder, and the first step folder
+    stays intact."""
+    from minibert.errors import WriteError
+
+    fs = small_fs("32k")
+    _, model, opt = tiny_state()
+    first = checkpoint.save(fs / "ck", 3, model, opt, {"history": []})
+    with pytest.raises(WriteError) as err:
+        checkpoint.save(fs / "ck", 6, model, opt, {"history": []})
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"cannot write {fs / 'ck' / 'step-00000006'}: No space left on device")
+    assert "free there, 19.3 kB needed" in msg  # 4818 fp32 weights; no Adam moments before a step
+    assert sorted(p.name for p in (fs / "ck").iterdir()) == ["step-00000003"]
+    assert checkpoint.verify(first) is None and checkpoint.latest(fs / "ck") == (first, [])
+
+
+def test_injected_enospc_at_the_checkpoint_writer(tmp_path, monkeypatch):
+    from minibert.errors import WriteError
+
+    _, model, opt = tiny_state()
+    first = checkpoint.save(tmp_path, 3, model, opt, {})
+
+    def full(tensors, path, metadata=None):
+        open(path, "wb").write(b"torn")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(WriteError, match="step-00000006: No space left on device"):
+        checkpoint.save(tmp_path, 6, model, opt, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000003"] and checkpoint.verify(first) is None

@@ -76,3 +76,29 @@ def test_unsupported_dtypes_take_the_reference():
     y, x, w, b = (t.detach().double() for t in inputs(torch.float32))
     out = add_norm(y, x, w, b, 0.3, 1e-5, seed=2)  # float64 x: not the kernel's
     assert torch.equal(out, reference_add_norm(y, x, w, b, 0.3, 2, 1e-5))
+
+
+def test_an_element_whose_bits_equal_the_cut_is_kept():
+    """dropout(y)'s boundary inside the fused AddNorm, forward and backward: p = bits / 2**16 puts the
+    cut exactly on a chosen element (kept by the documented rule, bits >= cut); expectation in float64
+    from the rule written out here."""
+    from minibert.model.kernels.dropout import reference_bits
+
+    y, x, w, b = inputs(torch.float32, seed=4)
+    seed, all_bits = 31, reference_bits(31, 0, N * H)
+    up = torch.randn(N, H, generator=torch.Generator().manual_seed(2))
+    for e in (0, 1711, N * H - 1):
+        cut = int(all_bits[e])
+        assert 0 < cut < 65536
+        p = cut / 65536
+        keep = (all_bits >= cut).double().view(N, H)
+        args64 = [t.detach().double().requires_grad_() for t in (y, x, w, b)]
+        y64, x64, w64, b64 = args64
+        want = F.layer_norm(x64 + y64 / (1 - p) * keep, (H,), w64, b64, 1e-5)
+        out = add_norm(y, x, w, b, p, 1e-5, seed=seed)
+        torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5, msg=f"forward, element {e}")
+        got = torch.autograd.grad(out, (y, x, w, b), up)
+        ref = torch.autograd.grad(want, args64, up.double())
+        for name, a, r in zip("yxwb", got, ref):
+            torch.testing.assert_close(a.double(), r, atol=1e-4, rtol=1e-5, msg=f"d{name}, element {e}")
+        assert got[0].flatten()[e] != 0  # kept: y's gradient flows through the boundary element

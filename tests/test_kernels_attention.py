@@ -121,3 +121,33 @@ def test_bad_layouts_are_refused_with_a_message():
     scores = torch.zeros(B * HEADS, T, T)
     with pytest.raises(RuntimeError, match="valid_len 0"):
         torch.ops.minibert.softmax_dropout(scores, torch.zeros(B, dtype=torch.long), HEADS, 1.0, 0.1, 0)
+
+
+def test_a_weight_whose_bits_equal_the_cut_is_kept():
+    """The softmax-dropout boundary: p = bits / 2**16 puts the cut exactly on chosen (pair, head,
+    query, key) weights inside the real rows; the documented rule (bits >= cut) keeps them, forward
+    (the fused op's weight is prob / (1 - p), not 0) and through the whole attention against the
+    float64 per-pair loop, gradient included."""
+    from minibert.model.kernels.dropout import reference_bits
+
+    qkv, idx, up = inputs(torch.float32, seed=6)
+    seed, n = 41, B * HEADS * T * T
+    all_bits = reference_bits(seed, 0, n)
+    picks = [((0 * HEADS + 1) * T + 4) * T + 12, ((4 * HEADS + 2) * T + 12) * T + 0,
+             ((6 * HEADS + 0) * T + 10) * T + 7]  # (b, head, query, key) all inside valid_lens
+    for e in picks:
+        cut = int(all_bits[e])
+        assert 0 < cut < 65536
+        p = cut / 65536
+        scores = torch.randn(B * HEADS, T, T, generator=torch.Generator().manual_seed(e))
+        prob, dropped = torch.ops.minibert.softmax_dropout(scores, VALID, HEADS, 0.5, p, seed)
+        kept = prob.flatten()[e] * torch.tensor(1.0 / (1.0 - p))
+        assert prob.flatten()[e] > 0 and dropped.flatten()[e] == kept, e
+        x = qkv.detach().clone().requires_grad_()
+        out = attention_rows(x, idx, VALID, T, HEADS, p, seed=seed)
+        x64 = qkv.detach().double().requires_grad_()
+        ref = per_pair(x64, VALID, p, seed)
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5, msg=f"forward, element {e}")
+        (got,) = torch.autograd.grad(out, x, up)
+        (want,) = torch.autograd.grad(ref, x64, up.double())
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5, msg=f"gradient, element {e}")

@@ -89,3 +89,37 @@ def test_bad_input_is_refused_by_the_kernel():
         torch.ops.minibert.dropout(torch.ones(4, dtype=torch.float64), 0.1, 0)
     with pytest.raises(RuntimeError, match=r"p must be in \[0, 1\)"):
         torch.ops.minibert.dropout(torch.ones(4), 1.0, 0)
+
+
+def boundary_elements(seed: int, n: int, picks) -> list[tuple[int, int]]:
+    """(element, its 16 bits) for the elements `picks` of the stream (seed, 0..n): the bits come
+    from reference_bits, which test_bits_are_the_published_splitmix64_stream pins to splitmix64.c."""
+    bits = reference_bits(seed, 0, n)
+    chosen = [(e, int(bits[e])) for e in picks]
+    assert all(0 < b < 1 << 16 for _, b in chosen)  # a usable cut: 0 < p < 1
+    return chosen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_element_whose_bits_equal_the_cut_is_kept(dtype):
+    """The documented rule keeps an element when its 16 bits are >= the cut. A random mask meets an
+    element sitting exactly on the cut once in 65536, so the boundary is forced here: p = bits / 2**16
+    puts the cut on a chosen element's bits, which must come out kept, forward and backward."""
+    seed, n = 77, 13 * 7 * 99
+    all_bits = reference_bits(seed, 0, n)
+    x = torch.randn(13, 7, 99, generator=torch.Generator().manual_seed(3)).to(dtype).requires_grad_()
+    for e, cut in boundary_elements(seed, n, (0, 1234, 4999, n - 1)):
+        p = cut / 65536
+        keep = (all_bits >= cut).float().view(x.shape)  # the rule, written out here
+        want = (x.detach().float() * torch.tensor(1.0 / (1.0 - p)) * keep).to(dtype)
+        out = dropout(x, p, seed=seed)
+        assert out.flatten()[e] != 0 and torch.equal(out, want), (e, cut)
+        (gx,) = torch.autograd.grad(out, x, torch.ones_like(out))
+        assert gx.flatten()[e] != 0 and torch.equal(gx, (torch.tensor(1.0 / (1.0 - p)) * keep).to(dtype)), e
+
+
+def test_the_reported_boundary_element_is_kept():
+    """The case found by hand (issue 33): seed 77, p 0.3: element 19861's bits are 19661, the cut."""
+    assert int(reference_bits(77, 19861, 1)) == round(0.3 * 65536) == 19661
+    out = dropout(torch.ones(20000), 0.3, seed=77)
+    assert out[19861] == torch.tensor(1 / 0.7)

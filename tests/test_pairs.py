@@ -1,4 +1,6 @@
 """NSP pairs and MLM masks on tiny synthetic corpora: layout, the 80/10/10 rule, determinism."""
+import os
+
 import numpy as np
 import pytest
 
@@ -273,6 +275,37 @@ def test_one_shard_is_the_unsharded_make_pairs(tmp_path):
         assert got[f"pairs/{split}.safetensors"] == (tmp_path / "ref.safetensors").read_bytes()
 
 
+def test_each_shard_draws_from_its_documented_generator(tmp_path):
+    """The stage's train file, sharded (4 shards), is the concatenation of `make_pairs` on each shard's
+    paragraphs with the generator the docs name: shard 0 the seed itself, shard k > 0 the seed's k-th
+    spawned child (`SeedSequence(seed).spawn(k + 1)[k]`, spelled here without `shard_rng`)."""
+    from minibert.artifacts import load_arrays
+    from minibert.data.pairs import paragraph_shards
+
+    vocab = tokens_dir(tmp_path)
+    got, log = run_pairs_stage(tmp_path, "sharded", 1000, 2)
+    assert "train 363 (4 shards)" in log
+    (tmp_path / "got.safetensors").write_bytes(got["pairs/train.safetensors"])
+    got = load_arrays(tmp_path / "got.safetensors")
+    split = load_arrays(tmp_path / "tokens/train.safetensors")
+    so, po = split["sentence_offsets"], split["paragraph_offsets"]
+    seed, start = PairsConfig(max_len=29).seed, 0
+    shards = paragraph_shards(so, po, 1000)
+    assert len(shards) == 4
+    for k, (lo, hi) in enumerate(shards):
+        sent = so[po[lo]:po[hi] + 1]
+        part = {"ids": split["ids"][sent[0]:sent[-1]], "sentence_offsets": sent - sent[0],
+                "paragraph_offsets": po[lo:hi + 1] - po[lo]}
+        rng = np.random.default_rng(seed if k == 0 else np.random.SeedSequence(seed).spawn(k + 1)[k])
+        want = make_pairs(part, PairsConfig(max_len=29), len(vocab), rng)
+        n = len(want["nsp_labels"])
+        assert n > 0
+        for f in FIELDS:
+            assert np.array_equal(got[f][start:start + n], want[f]), (k, f)
+        start += n
+    assert start == len(got["nsp_labels"])
+
+
 def test_nsp_negatives_come_from_their_own_shard(tmp_path):
     """The documented rule: b of a random pair is a sentence of the same shard (checked on b's of
     three or more tokens, so a chance collision with another shard's sentence is negligible)."""
@@ -324,3 +357,64 @@ def test_load_pairs_maps_the_file_and_training_tensors_share_the_map(tmp_path, p
     (tmp_path / "bad.safetensors").write_bytes(b"\x10" + b"\0" * 7 + b"{}")
     with pytest.raises(DataError, match="bad.safetensors: not a safetensors file"):
         load_pairs(tmp_path / "bad.safetensors")
+
+
+def test_pairs_stage_on_a_full_filesystem_is_one_line_and_keeps_the_old_output(tmp_path, small_fs):
+    """--out on a 64 kB filesystem (the shards' parts take ~150 kB): exit 1, one `error: pairs:` line
+    naming the folder and the free space, the previous folder unchanged, no temp, no metrics."""
+    import subprocess
+    import sys
+
+    import yaml
+    from tests.tiny_project import ROOT
+
+    tokens_dir(tmp_path)
+    fs = small_fs("64k")
+    (fs / "pairs").mkdir()
+    (fs / "pairs/train.safetensors").write_bytes(b"old pairs")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"data": {"workers": 2}, "pairs": {"max_len": 29, "shard_tokens": 1000},
+                                                     "model": {"max_len": 29}}))
+    out = subprocess.run([sys.executable, "-m", "stages.pairs", "--params", str(tmp_path / "p.yaml"),
+                          "--tokens", str(tmp_path / "tokens"), "--out", str(fs / "pairs"),
+                          "--metrics", str(tmp_path / "metrics")],
+                         cwd=ROOT, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith(
+        f"error: pairs: cannot write {fs}/pairs: No space left on device ("), out.stderr
+    assert "free there" in out.stderr
+    assert os.listdir(fs) == ["pairs"] and os.listdir(fs / "pairs") == ["train.safetensors"]
+    assert (fs / "pairs/train.safetensors").read_bytes() == b"old pairs"
+    assert not (tmp_path / "metrics").exists()
+
+
+def test_injected_enospc_at_the_shard_writer(tmp_path, monkeypatch, capsys):
+    """In-process (one worker): a shard part's write fails half-way; the stage says one line and
+    leaves nothing of its temp folder."""
+    import errno
+
+    import yaml
+
+    import minibert.data.pairs as pairs_mod
+    from stages.pairs import main
+
+    tokens_dir(tmp_path)
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"data": {"workers": 1}, "pairs": {"max_len": 29, "shard_tokens": 1000},
+                                                     "model": {"max_len": 29}}))
+    real_open, calls = open, []
+
+    def open_then_fail(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        calls.append(path)
+        if len(calls) == 9:  # the second shard's second field
+            f.write(b"torn")
+            f.close()
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return f
+
+    monkeypatch.setattr(pairs_mod, "open", open_then_fail, raising=False)
+    with pytest.raises(SystemExit) as stop:
+        main(params=tmp_path / "p.yaml", tokens=tmp_path / "tokens", out=tmp_path / "pairs", metrics=tmp_path / "m")
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"error: pairs: cannot write {tmp_path / 'pairs'}: No space left on device (")
+    assert sorted(os.listdir(tmp_path)) == ["p.yaml", "tokens"]

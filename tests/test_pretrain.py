@@ -1,4 +1,5 @@
 """run_pretrain's MLflow run ends FINISHED only on success, FAILED on any error, KILLED on a signal (real sqlite)."""
+import os
 import signal
 import time
 from dataclasses import field, make_dataclass, replace
@@ -8,7 +9,7 @@ import pytest
 from minibert.training import pretrain
 from minibert.config import NOT_NUMERIC, ModelConfig, TrainConfig, load_config
 from minibert.errors import MinibertError
-from tiny_project import make_workspace, popen_stage
+from tiny_project import make_workspace, popen_stage, stage
 
 
 def statuses(root):
@@ -91,3 +92,71 @@ def test_a_new_train_field_is_fingerprinted_unless_marked():
                            bases=(TrainConfig,), frozen=True)
     assert fingerprint(Newer(knob=1)) != fingerprint(Newer(knob=0))
     assert fingerprint(Newer(verbosity=1)) == fingerprint(Newer(verbosity=0))
+
+
+def no_traceback(err: str) -> None:
+    assert "Traceback" not in err and "SafetensorError" not in err, err
+
+
+def test_checkpoints_on_a_full_filesystem_cost_one_warning_and_training_goes_on(tmp_path, small_fs):
+    """The user's case: checkpoints/ on a tiny real filesystem (32 kB; one checkpoint is ~60 kB).
+    Training runs to the end, outputs written, run FINISHED, and stderr says it in one warning line."""
+    fs = small_fs("32k")
+    root = make_workspace(tmp_path / "ws", train={"max_steps": 12, "checkpoint_every": 4}, tracking=True)
+    proc = stage(root, "pretrain", "--checkpoints", str(fs))
+    no_traceback(proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if "checkpoint" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: pretrain: checkpoint of step 4 not saved: cannot write "
+                                                   f"{fs}/"), proc.stderr
+    assert "No space left on device" in lines[0] and "kB needed" in lines[0]
+    assert "pretrain: 12 steps" in proc.stdout and (root / "models/bert.safetensors").is_file()
+    assert statuses(root) == ["FINISHED"] and os.listdir(fs) == []
+
+
+def test_final_outputs_on_a_full_filesystem_stop_with_one_line_and_keep_the_old(tmp_path, small_fs):
+    """models/ on a 16 kB filesystem (the weights are ~20 kB): exit 1, one `error: pretrain:` line naming
+    the folder and its free space, the old bert.safetensors and every other old output unchanged, no
+    temp files, the MLflow run FAILED."""
+    fs = small_fs("16k")
+    root = make_workspace(tmp_path / "ws", train={"max_steps": 3}, tracking=True)
+    (fs / "bert.safetensors").write_bytes(b"old weights")
+    for f in ("metrics/train.json", "plots/train_loss.csv"):
+        (root / f).parent.mkdir(parents=True, exist_ok=True)
+        (root / f).write_text("old")
+    proc = stage(root, "pretrain", "--models", str(fs), check=False)
+    no_traceback(proc.stderr)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr
+    assert errors[0].startswith(f"error: pretrain: cannot write {fs}/bert.safetensors: No space left on device (")
+    assert "free there" in errors[0]
+    assert os.listdir(fs) == ["bert.safetensors"] and (fs / "bert.safetensors").read_bytes() == b"old weights"
+    assert [(root / f).read_text() for f in ("metrics/train.json", "plots/train_loss.csv")] == ["old", "old"]
+    assert statuses(root) == ["FAILED"]
+
+
+def test_injected_enospc_at_the_final_writer_keeps_every_old_output(tmp_path, monkeypatch):
+    """The plot is written after models/ and the curves: its failure leaves those unreplaced too."""
+    import errno
+
+    from minibert.errors import WriteError
+
+    root = make_workspace(tmp_path, train={"max_steps": 3}, tracking=True)
+    old = {f: f"old {f}" for f in ("models/bert.safetensors", "models/bert.json", "metrics/train.json",
+                                   "plots/train_loss.csv", "plots/valid_curve.csv")}
+    for f, text in old.items():
+        (root / f).parent.mkdir(parents=True, exist_ok=True)
+        (root / f).write_text(text)
+
+    from matplotlib.figure import Figure
+
+    def full(self, fname, *args, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(b"torn PNG")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    with pytest.raises(WriteError, match="No space left on device"):
+        run_in_process(root, monkeypatch)
+    assert {f: (root / f).read_text() for f in old} == old
+    assert not [p for p in root.rglob(".*.tmp")]
+    assert statuses(root) == ["FAILED"]

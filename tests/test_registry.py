@@ -65,6 +65,21 @@ def test_champion_is_best_loss_on_the_same_heldout_set(tmp_path, monkeypatch):
     assert str(client.get_model_version_by_alias("policy", "champion").version) == "6"
 
 
+def test_champion_compares_losses_as_numbers_across_digit_counts(tmp_path, monkeypatch):
+    """Hand-worked: losses whose decimal strings sort the other way ("10.5" < "9.8" < "9.75" as text;
+    10.5 > 9.8 > 9.75 as numbers), the tags MLflow stores being strings."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri, registry_uri=uri)
+    client.create_registered_model("digits")
+    for loss, want in ((10.5, "1"), (9.8, "2"), (100.25, "2"), (9.75, "4"), (10.0, "4")):
+        with start_run(TrackingConfig(experiment="digits"), tmp_path) as tracker:
+            client.create_model_version("digits", f"file://{tmp_path}/none", run_id=tracker.run_id,
+                                        tags={"mlflow_run_id": tracker.run_id})
+            assert set_champion(tracker, "digits", "A", loss) == want, loss
+    assert str(client.get_model_version_by_alias("digits", "champion").version) == "4"
+
+
 # ---------------------------------------------------------------------------- pipeline + serving
 
 

@@ -107,6 +107,20 @@ def test_short_names_read_like_the_command_line():
     assert short_name({}) == "baseline"
 
 
+def test_a_key_deleted_from_params_yaml_names_the_run_by_its_default(repo):
+    """Hand-worked: the committed file sets train.lr; the edited one drops it (it takes its default),
+    so the run is `lr=default`, not `baseline`, and its note says what changed."""
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    ref = yaml.safe_load((repo / "params.yaml").read_text())
+    del raw["train"]["lr"]
+    assert params_diff(ref, raw) == {"train.lr": None}
+    assert short_name(params_diff(ref, raw)) == "lr=default"
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    run = open_run(repo)
+    assert run.info.run_name == "lr=default" and run.data.tags["params_diff"] == "lr=default"
+    assert run.data.tags["mlflow.note.content"].endswith("changed: lr=default")
+
+
 def test_params_are_hyperparameters_only_and_never_none(repo):
     run = open_run(repo)  # the project's own params.yaml: three URLs, probe sentences, `b` unset in one
     assert set(run.data.params) == HYPERPARAMS

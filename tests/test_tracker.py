@@ -385,3 +385,82 @@ def test_log_model_without_example_writes_no_pickle(local, cfg, caplog):
     with pytest.raises(mlflow.exceptions.MlflowException, match="Failed to download artifacts from path 'model'"):
         mlflow.pytorch.load_model(f"runs:/{run_id}/model")
     assert "model" not in {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+
+
+def test_concurrent_first_runs_on_a_new_store_all_succeed(tmp_path, monkeypatch):
+    """Three processes open tracked runs at the same instant (a barrier file) on a store that does not
+    exist yet: all three finish and all three runs are in it. Without minibert.tracking.store.store_lock the
+    three ran MLflow's schema migrations at once ("duplicate column name: step")."""
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": str(here.parent), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, str(here / "race_tracked_run.py"), str(tmp_path), str(go),
+                               str(tmp_path / f"ready-{i}"), str(i)], env=env, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(3)]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready-{i}").exists() for i in range(3)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n---\n".join(o[-2000:] for o in outs)
+    assert not any("cannot be opened" in o for o in outs), "\n---\n".join(outs)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["racer-0", "racer-1", "racer-2"]
+    assert all(r.info.status == "FINISHED" and r.data.metrics == {"x": float(r.info.run_name[-1])} for r in runs)
+
+
+def test_artifact_copy_into_a_full_local_store_is_one_warning_and_keeps_the_old_copy(tmp_path, small_fs,
+                                                                                     monkeypatch, caplog):
+    """The local store's artifact folder on a 16 kB filesystem: a 100 kB file's copy fails with one
+    warning, the copy of the same name logged before stays byte for byte, no temp is left, the run ends."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = small_fs("16k", "mlartifacts")  # where start_run puts a local store's artifacts
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1/a.bin").write_bytes(b"old")
+    with start_run(TrackingConfig(experiment="full"), tmp_path) as t:
+        t.log_artifact(tmp_path / "v1/a.bin")
+        run_id = t.run_id
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2/a.bin").write_bytes(os.urandom(100_000))
+    with caplog.at_level(logging.WARNING, logger="minibert.tracking"):
+        with start_run(TrackingConfig(experiment="full"), tmp_path, run_id=run_id) as t:
+            t.log_artifact(tmp_path / "v2/a.bin")
+    said = [r.getMessage() for r in caplog.records if "not copied" in r.getMessage()]
+    assert len(said) == 1 and "\n" not in said[0] and "No space left on device" in said[0], said
+    assert "a.bin: No space left on device" in said[0] and "100.0 kB needed" in said[0]
+    files = [p for p in store.rglob("*") if p.is_file()]
+    assert [p.name for p in files] == ["a.bin"] and files[0].read_bytes() == b"old"
+    assert MlflowClient(tracking_uri(tmp_path)).get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_store_that_cannot_be_opened_leaves_training_on_the_buffered_tracker(tmp_path, monkeypatch, caplog):
+    """The store's lock held by another process past the wait: start_run says so in one warning and
+    returns a tracker that queues; once the lock is free the run is created with everything logged."""
+    import fcntl
+
+    from minibert.tracking import store
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(store, "STORE_LOCK_WAIT_S", 0.3)
+    holder = open(tmp_path / "mlflow.db.lock", "a")
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another open file: conflicts with start_run's flock
+    with caplog.at_level(logging.WARNING, logger="minibert.tracking"):
+        tracker = start_run(TrackingConfig(experiment="busy"), tmp_path, run_name="late")
+        assert tracker.run_id is None
+        tracker.log_metrics({"loss": 2.5}, step=1)
+        tracker.log_metrics({"loss": 1.5}, step=2)
+        assert tracker.last_step("loss") == 2
+        said = [r.getMessage() for r in caplog.records if "cannot be opened" in r.getMessage()]
+        assert len(said) == 1 and "training goes on" in said[0] and "\n" not in said[0], said
+        holder.close()  # the other process is done
+        tracker.close()
+    client = MlflowClient(tracking_uri(tmp_path))
+    (run,) = client.search_runs([client.get_experiment_by_name("busy").experiment_id])
+    assert run.info.run_name == "late" and run.info.status == "FINISHED" and run.info.run_id == tracker.run_id
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(1, 2.5), (2, 1.5)]

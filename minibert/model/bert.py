@@ -253,7 +253,7 @@ def save_pretrained(model: nn.Module, out_dir: Path, meta: dict) -> None:
     bert = _unwrap(model)
     out_dir = Path(out_dir)
     state = {k: v.detach().to("cpu").contiguous() for k, v in bert.state_dict().items()}
-    with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
+    with atomic_path(out_dir / WEIGHTS_FILE, need=sum(t.numel() * t.element_size() for t in state.values())) as tmp:
         save_file(state, str(tmp))
     write_json(out_dir / META_FILE, {"model": asdict(bert.cfg), "vocab_size": bert.vocab_size, **meta})
 

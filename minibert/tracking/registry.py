@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from minibert.errors import MinibertError
-from minibert.tracking.store import connect, fluent_uris, mlflow_module, one_line, tracking_uri
+from minibert.tracking.store import connect, fluent_uris, mlflow_module, one_line, store_client, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def set_champion(tracker, name: str, valid_sha256: str, valid_mlm_loss: float) -
     Returns the champion's version, or None when registration is off or the run registered nothing."""
     if not name or tracker.run_id is None:
         return None
-    client = mlflow_module().MlflowClient(tracker.uri, registry_uri=tracker.uri)
+    client = store_client(tracker.uri, registry=True)
     try:
         versions = client.search_model_versions(f"name = '{name}'")
         mine = [v for v in versions if v.tags.get("mlflow_run_id") == tracker.run_id]

@@ -3,6 +3,7 @@ and metrics, the UI's URL, and the pretrain stage's run that evaluate and probe 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +11,10 @@ from minibert.config import TrackingConfig
 from minibert.errors import MinibertError
 from minibert.tracking import view
 from minibert.tracking.runinfo import describe_run, hyperparams, run_tags
-from minibert.tracking.store import connect, one_line, project_root, tracking_uri
+from minibert.tracking.store import connect, one_line, project_root, store_trouble, tracking_uri
 from minibert.tracking.tracker import MlflowTracker, NullTracker, Tracker
+
+log = logging.getLogger(__name__)
 
 
 def _experiment_id(client, name: str, uri: str, root: Path) -> str:
@@ -59,29 +62,35 @@ def start_run(cfg: TrackingConfig, root: Path, run_id: str | None = None, run_na
     if not cfg.enabled:
         return NullTracker()
     uri = tracking_uri(root)
-    client = connect(uri)
-    created = False
-    try:
+
+    def open_run(client) -> str:
         if run_id is not None:
             run = client.get_run(run_id)
             if run.info.lifecycle_stage == "deleted":
                 raise MinibertError(f"MLflow run {run_id} at {uri} is deleted; restore it or rerun pretrain")
             client.update_run(run_id, status="RUNNING")
-        else:
-            exp_id = _experiment_id(client, cfg.experiment, uri, root)
-            tags = run_tags(root)
-            if params is not None:
-                name, described = describe_run(params, params_file)
-                run_name, tags = run_name or name, {**tags, **described}
-            run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
-            created = True
+            return run_id
+        exp_id = _experiment_id(client, cfg.experiment, uri, root)
+        tags = run_tags(root)
+        name = run_name
+        if params is not None:
+            described_name, described = describe_run(params, params_file)
+            name, tags = run_name or described_name, {**tags, **described}
+        return client.create_run(exp_id, run_name=name, tags=tags).info.run_id
+
+    try:
+        tracker = MlflowTracker(uri, open_run(connect(uri)))
     except MinibertError:
         raise
     except Exception as e:
-        what = f"run {run_id}" if run_id else f"a run in experiment {cfg.experiment!r}"
-        raise MinibertError(f"MLflow at {uri}: could not open {what}: {one_line(e)[:300]}") from None
-    tracker = MlflowTracker(uri, run_id)
-    if params is not None and created:
+        if not store_trouble(e):
+            what = f"run {run_id}" if run_id else f"a run in experiment {cfg.experiment!r}"
+            raise MinibertError(f"MLflow at {uri}: could not open {what}: {one_line(e)[:300]}") from None
+        # A store that cannot be opened now (locked, damaged, being migrated) must not cost the training.
+        log.warning("MLflow store %s cannot be opened (%s); training goes on, its tracking data buffered "
+                    "in memory and sent once the store opens", uri, one_line(e)[:200])
+        tracker = MlflowTracker(uri, None, opener=open_run)
+    if params is not None and run_id is None:  # a new run logs its hyperparameters
         tracker.log_params(hyperparams(params))
     return tracker
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ from pathlib import Path
 from minibert.errors import MinibertError
 
 PROBE_TIMEOUT_S = 3.0
+STORE_LOCK_WAIT_S = 120.0  # creating and migrating a new sqlite store takes seconds; then give up waiting
 
 
 def mlflow_module():
@@ -98,4 +100,50 @@ def connect(uri: str):
     if is_http(uri) and (why := reachable(uri)) is not None:
         raise MinibertError(f"MLflow server {uri} is unreachable ({why}); start it, fix "
                             "MLFLOW_TRACKING_URI, or set tracking.enabled: false in params.yaml")
-    return mlflow_module().MlflowClient(uri)
+    return store_client(uri)
+
+
+class StoreBusy(Exception):
+    """Another process held the store's lock past `STORE_LOCK_WAIT_S`."""
+
+
+@contextmanager
+def store_lock(uri: str):
+    """An exclusive flock on `<db>.lock` beside an sqlite store, held while a client opens it: opening
+    creates or upgrades the schema (MLflow's migrations), which two processes on a new file would run
+    at once ("duplicate column name"). Every minibert process takes it; other stores need none."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    lock = db.with_name(db.name + ".lock")
+    with open(lock, "a") as f:
+        deadline = time.monotonic() + STORE_LOCK_WAIT_S
+        while True:  # bounded: a hung process holding the lock must not hang every training
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StoreBusy(f"{lock} held by another process for {STORE_LOCK_WAIT_S:.0f} s") from None
+                time.sleep(0.05)
+        yield
+
+
+def store_client(uri: str, registry: bool = False):
+    """An MlflowClient for `uri` (and its registry), the store created or upgraded under `store_lock`."""
+    with store_lock(uri):
+        return mlflow_module().MlflowClient(uri, registry_uri=uri if registry else None)
+
+
+def store_trouble(e: BaseException) -> bool:
+    """The database under the store failed (sqlite locked, schema migrations colliding, a bad file),
+    not a request MLflow refused."""
+    if isinstance(e, StoreBusy):
+        return True
+    names = {c.__name__ for c in type(e).__mro__}
+    db = {"OperationalError", "DatabaseError", "IntegrityError", "ProgrammingError"}
+    return bool(names & db) or any(f"{n}:" in str(e) or f"{n})" in str(e) for n in db)  # MLflow may wrap it

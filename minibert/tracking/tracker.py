@@ -9,14 +9,18 @@ when the server answers again; `close()` waits for them at most `_CLOSE_WAIT_S`.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import unquote, urlparse
 
-from minibert.tracking.store import fluent_uris, is_http, mlflow_module, one_line, reachable
+from minibert.artifacts import atomic_path
+from minibert.errors import WriteError
+from minibert.tracking.store import fluent_uris, is_http, mlflow_module, one_line, reachable, store_client
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +83,11 @@ class MlflowTracker(_ContextMixin):
     batch whose request fails (no retry across an outage) and its flush waits without a bound.
     """
 
-    def __init__(self, uri: str, run_id: str):
-        self.uri, self.run_id = uri, run_id
-        self._client = mlflow_module().MlflowClient(uri)
+    def __init__(self, uri: str, run_id: str | None, opener=None):
+        """`opener(client) -> run_id`, with `run_id` None: the store could not be opened yet; the
+        sender opens it (and the run) on its first successful attempt, meanwhile everything queues."""
+        self.uri, self.run_id, self._opener = uri, run_id, opener
+        self._client = None if opener else store_client(uri)
         self._Metric = mlflow_module().entities.Metric
         self._cv = threading.Condition()  # guards every queue and flag below; wakes the sender
         self._metrics: deque = deque()  # mlflow Metric entities not yet sent (bounded in log_metrics)
@@ -93,6 +99,7 @@ class MlflowTracker(_ContextMixin):
         self._down_since: float | None = None  # set while the backend is failing
         self._warned_down = self._warned_full = False
         self._closed = False
+        self._artifact_root: str | None = None  # the run's artifact URI, read on the first copy
         self._sender = threading.Thread(target=self._send_loop, name="minibert-mlflow-sender", daemon=True)
         self._sender.start()
 
@@ -138,6 +145,9 @@ class MlflowTracker(_ContextMixin):
         for PyTorch is a pickle, which this project never writes or loads. Runs on the caller's thread
         (MLflow's fluent API), once, after training.
         """
+        if self.run_id is None:
+            log.warning("MLflow store %s not open yet: model not logged", self.uri)
+            return
         if example is None:
             log.warning("MLflow: log_model needs an input example (torch.export); model not logged to run %s",
                         self.run_id)
@@ -175,8 +185,8 @@ class MlflowTracker(_ContextMixin):
         with self._cv:
             steps = [m.step for m in self._metrics if m.key == key]
             down = self._down_since is not None
-        if steps and down:
-            return max(steps)  # queued points are newer than anything stored
+        if (steps and down) or self.run_id is None:
+            return max(steps, default=None)  # queued points are newer than anything stored
         try:
             steps += [m.step for m in self._client.get_metric_history(self.run_id, key)]
         except Exception as e:
@@ -247,6 +257,10 @@ class MlflowTracker(_ContextMixin):
     def _send(self) -> None:
         """log_batch in MLflow's size limits; each chunk leaves the queue once stored (or rejected)."""
         entities = mlflow_module().entities
+        if self.run_id is None:  # the store could not be opened at the start: open it (and the run) now
+            self._client = self._client or store_client(self.uri)
+            self.run_id = self._opener(self._client)
+            log.warning("MLflow store %s is open now: run %s created, buffered data follows", self.uri, self.run_id)
         while True:
             with self._cv:
                 params, tags = list(self._params.items())[:100], list(self._tags.items())[:100]
@@ -278,10 +292,27 @@ class MlflowTracker(_ContextMixin):
                 if not self._artifacts:
                     break
                 path, dest = self._artifacts[0]
-            log_fn = self._client.log_artifacts if Path(path).is_dir() else self._client.log_artifact
-            self._attempt(lambda: log_fn(self.run_id, path, dest))
+            try:
+                self._attempt(lambda: self._copy_artifact(path, dest))
+            except WriteError as e:  # a full artifact store: retrying will not help; the file is in DVC
+                log.warning("MLflow: %s not copied into run %s: %s", path, self.run_id, e)
             with self._cv:
                 self._artifacts.pop(0)
+
+    def _copy_artifact(self, path: str, dest: str | None) -> None:
+        """MLflow's copy, except a file into a local store: temp then rename (MLflow copies in place,
+        so a full disk would leave a torn file over the previous one); no room raises WriteError."""
+        if Path(path).is_dir():
+            return self._client.log_artifacts(self.run_id, path, dest)
+        if self._artifact_root is None:
+            self._artifact_root = self._client.get_run(self.run_id).info.artifact_uri
+        root = self._artifact_root
+        if urlparse(root).scheme not in ("", "file"):  # a server's mlflow-artifacts:/, s3://, ...
+            return self._client.log_artifact(self.run_id, path, dest)
+        folder = Path(unquote(urlparse(root).path) if root.startswith("file:") else root) / (dest or "")
+        target = folder / Path(path).name
+        with atomic_path(target, Path(path).stat().st_size) as tmp:
+            shutil.copyfile(path, tmp)
 
     def _attempt(self, call) -> None:
         """Run one MLflow call; a rejection retrying cannot fix is warned about and skipped."""

@@ -69,6 +69,8 @@ def _fsync(path: Path) -> None:
 def save(root: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
          extra: dict[str, Any], scaler_state: dict[str, Any] | None = None) -> Path:
     """Write step `step` durably; keep the newest `KEEP` step folders. `extra` must be JSON-able.
+    Raises `WriteError` (one line: where, free space, room needed) when the folder has no room or
+    rights; nothing of the step is left then.
 
     Only what resume needs is saved: weights, Adam state, the fp16 GradScaler state. No RNG state:
     `fit` reseeds torch (and with it every CUDA device) from (seed, rank, step) before each step and
@@ -77,7 +79,8 @@ def save(root: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimiz
     opt_tensors, opt_meta = _optimizer_tensors(opt)
     tensors.update({k: v.detach().cpu().contiguous() for k, v in opt_tensors.items()})
     final = root / f"step-{step:08d}"
-    with atomic_dir(final) as tmp:
+    need = sum(t.numel() * t.element_size() for t in tensors.values())  # the safetensors file, about
+    with atomic_dir(final, need) as tmp:  # no room: WriteError, the temp folder removed
         save_file(tensors, str(tmp / TENSORS))
         files = {TENSORS: {"bytes": (tmp / TENSORS).stat().st_size, "sha256": sha256_file(tmp / TENSORS)}}
         meta = {"step": step, "files": files, "optimizer": opt_meta, "scaler": scaler_state, **extra}

@@ -21,12 +21,12 @@ import torch
 from minibert.training import checkpoint, distributed
 
 from minibert import layout, plots
-from minibert.artifacts import atomic_path, sha256_file, write_json
+from minibert.artifacts import all_or_nothing, atomic_path, sha256_file, write_json
 from minibert.data.batches import resolve_device, to_tensors
 from minibert.training.cpus import ThreadShare
 from minibert.config import EvalConfig, ModelConfig, TrackingConfig, TrainConfig
 from minibert.tracking.runinfo import DIFF_TAG, describe_run
-from minibert.errors import Interrupted
+from minibert.errors import Interrupted, WriteError
 from minibert.evaluation.heldout import CURVE, heldout_batch_size, heldout_hook, heldout_subset
 from minibert.training.heap import release_cpu_memory, tune_cpu_malloc
 from minibert.model.bert import Encoder, build_model, check_vocab, save_pretrained
@@ -176,11 +176,22 @@ def train(run: Run, cfg: TrainConfig, eval_cfg: EvalConfig):
         bar.update(r["step"], f"mlm {r['mlm_loss']:.3f}  nsp {r['nsp_loss']:.3f}{held}  {r['pairs_per_sec']:.0f} pairs/s")
         drop_mapped_pages(run.pairs)  # the mapped rows these steps touched leave RSS (page cache keeps them)
 
+    saved: dict[str, Any] = {"last": None, "failed": 0}
+
     def on_checkpoint(step, history, scaler_state):
-        if ranks.is_main:
-            return checkpoint.save(run.ckpt_dir, step, run.model, run.opt,
-                                   {"history": history, "mlflow_run_id": run.tracker.run_id}, scaler_state)
-        return None
+        """A checkpoint is insurance: one that cannot be written (full disk, quota, read-only,
+        permission) costs only itself; one warning line, then training goes on."""
+        if not ranks.is_main:
+            return None
+        try:
+            saved["last"] = checkpoint.save(run.ckpt_dir, step, run.model, run.opt,
+                                            {"history": history, "mlflow_run_id": run.tracker.run_id}, scaler_state)
+        except WriteError as e:
+            saved["failed"] += 1
+            if saved["failed"] == 1:  # the same cause each time: say it once
+                print(f"warning: pretrain: checkpoint of step {step} not saved: {e}; training goes on "
+                      "(later checkpoints that fail are skipped without a word)", file=sys.stderr, flush=True)
+        return saved["last"]
 
     if ranks.is_main:
         print(f"pretrain: training steps {start + 1}..{cfg.max_steps} on {run.device} x{ranks.world}", flush=True)
@@ -258,6 +269,13 @@ def encoder_example(pairs: dict) -> dict:
 
 def write_outputs(model, history, metrics, vocab: Vocab, data_sha: str, paths: Paths,
                   title: str = "minibert pretraining") -> None:
+    """models/, the curves, the plot and metrics/train.json, all or none: a full disk (WriteError)
+    leaves every previous output as it was."""
+    with all_or_nothing():
+        _write_outputs(model, history, metrics, vocab, data_sha, paths, title)
+
+
+def _write_outputs(model, history, metrics, vocab: Vocab, data_sha: str, paths: Paths, title: str) -> None:
     save_pretrained(model, paths.models, {"vocab_sha256": vocab.sha256, "step": metrics["steps"],
                                           "train_pairs_sha256": data_sha, "mlflow_run_id": metrics["mlflow_run_id"]})
     with atomic_path(paths.curve_csv) as tmp:

@@ -91,6 +91,7 @@ class MlflowTracker(_ContextMixin):
         self._Metric = mlflow_module().entities.Metric
         self._cv = threading.Condition()  # guards every queue and flag below; wakes the sender
         self._metrics: deque = deque()  # mlflow Metric entities not yet sent (bounded in log_metrics)
+        self._in_flight = 0  # metric points sent but not yet answered: still pending until the reply
         self._params: dict[str, str] = {}
         self._tags: dict[str, str] = {}
         self._artifacts: list[tuple[str, str | None]] = []
@@ -213,8 +214,8 @@ class MlflowTracker(_ContextMixin):
     # ------------------------------------------------------------------ the sender thread
 
     def _pending(self) -> int:
-        """Items still to send (call with the lock held)."""
-        return len(self._metrics) + len(self._params) + len(self._tags) + len(self._artifacts)
+        """Items still to send, the chunk in flight included (call with the lock held)."""
+        return len(self._metrics) + self._in_flight + len(self._params) + len(self._tags) + len(self._artifacts)
 
     def _send_loop(self) -> None:
         while True:
@@ -279,6 +280,7 @@ class MlflowTracker(_ContextMixin):
         while True:
             with self._cv:  # the chunk leaves the queue while in flight; put back in front if it fails
                 chunk = [self._metrics.popleft() for _ in range(min(1000, len(self._metrics)))]
+                self._in_flight = len(chunk)
             if not chunk:
                 break
             try:
@@ -286,7 +288,10 @@ class MlflowTracker(_ContextMixin):
             except Exception:
                 with self._cv:
                     self._metrics.extendleft(reversed(chunk))
+                    self._in_flight = 0
                 raise
+            with self._cv:
+                self._in_flight = 0
         while True:
             with self._cv:
                 if not self._artifacts:

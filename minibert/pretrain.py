@@ -29,7 +29,7 @@ from minibert.pairs import load_pairs
 from minibert.progress import Progress
 from minibert.shards import release
 from minibert.tracking import NullTracker, log_text_model, register_version, start_run
-from minibert.train import fit, make_optimizer, resolve_precision
+from minibert.train import fit, make_optimizer, resolve_micro_batches, resolve_precision
 from minibert.vocab import Vocab
 
 @dataclass(frozen=True)
@@ -131,12 +131,16 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
             print(f"pretrain: training steps {resumed.get('step', 0) + 1}..{cfg.max_steps} on {device} "
                   f"x{d.world}", flush=True)
         # the bare model, not `net`: only rank 0 evaluates, and DDP's forward could wait for the others.
-        batch = heldout_batch_size(eval_cfg.batch_size, cfg.batch_size, cfg.micro_batches, d.world)
+        batch = heldout_batch_size(eval_cfg.batch_size, cfg.batch_size,
+                                   resolve_micro_batches(cfg.micro_batches, device), d.world)
         on_eval = heldout_hook(model, heldout, batch, device) if heldout else None
         result = fit(net, opt, cfg, to_tensors(pairs, device), device, d,
                      start_step=resumed.get("step", 0), history=resumed.get("history"),
                      on_log=on_log, on_checkpoint=on_checkpoint, scaler_state=resumed.get("scaler"),
                      on_eval=on_eval)
+        # Every rank leaves the group here, so rank 0's output work below (files, MLflow: minutes on a slow
+        # server) runs under no collective's timeout while the others wait for it (NCCL's is 10 minutes).
+        distributed.shutdown()
         if not d.is_main:
             clean = True
             return {}

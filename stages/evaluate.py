@@ -31,7 +31,7 @@ def main(params: Path = typer.Option(layout.PARAMS, help="params file"),
          out: Path = typer.Option(layout.EVAL_METRICS, help="output metrics file")) -> None:
     with stage_errors("evaluate"):
         cfg = load_config(params)
-        device = resolve_device("auto")
+        device = resolve_device(cfg.eval.device, key="eval.device")
         model, meta = load_pretrained(models, device)
         arrays, pairs_meta = load_pairs(pairs)
         check_vocab(meta, pairs_meta.get("vocab_sha256"), pairs)

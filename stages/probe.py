@@ -34,7 +34,7 @@ def main(params: Path = typer.Option(layout.PARAMS, help="params file"),
          out: Path = typer.Option(layout.PROBE_METRICS, help="output metrics file")) -> None:
     with stage_errors("probe"):
         cfg = load_config(params)
-        device = resolve_device("auto")
+        device = resolve_device(cfg.eval.device, key="eval.device")
         model, meta = load_pretrained(models, device)
         voc = Vocab.load(vocab)
         check_vocab(meta, voc.sha256, vocab)

@@ -79,8 +79,11 @@ class Interval:
     def global_losses(self, d: distributed.Dist) -> list[tuple[float, float]]:
         """Per-step global-batch mean losses: each rank's mean times its count, summed over ranks."""
         local = torch.stack(self.losses)                                   # (S, 2)
-        counts = torch.tensor(self.counts, dtype=torch.float32, device=local.device)
-        sums = distributed.all_sum(local * counts, d).cpu()               # (S, 2)
+        counts = torch.tensor(self.counts, dtype=torch.float32)            # (S, 2), on the host
+        if d.enabled:  # the sum over ranks runs where the backend wants it (NCCL: on the GPU)
+            sums = distributed.all_sum(local * counts.to(local.device), d).cpu()  # (S, 2)
+        else:  # one read-back, no copy to the device: a GPU waits for the host once per log step
+            sums = local.cpu() * counts
         return [(float(m), float(n)) for m, n in (sums / torch.tensor(self.totals)).tolist()]
 
 

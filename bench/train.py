@@ -53,6 +53,7 @@ from minibert.config import ModelConfig, TrainConfig
 from minibert.training.heap import tune_cpu_malloc
 from minibert.model.bert import build_model
 from minibert.training.loop import (
+    CPU_MICRO_BATCHES,
     batch_indices,
     cpu_has_fast_bf16,
     make_optimizer,
@@ -309,7 +310,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed steps per precision (after --warmup)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16")
-    ap.add_argument("--micro-batches", default=str(TrainConfig().micro_batches),
+    ap.add_argument("--micro-batches", default=str(CPU_MICRO_BATCHES),  # train.micro_batches: auto on CPU
                     help="comma-separated train.micro_batches values to run (default: the config's)")
     ap.add_argument("--reference", action="store_true", help="also run d2l 1.0.3's code for --steps steps")
     ap.add_argument("--data", default=DEFAULT_DATA, help="WikiText-2 folder or zip (pairs built in-process)")

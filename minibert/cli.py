@@ -117,7 +117,8 @@ def _table(df, title: str, mark: list[bool] | None = None) -> Table:
 # ---------------------------------------------------------------------------- encode
 
 
-def _load(checkpoint: Path | None, run: str | None, vocab: Path | None, tmp: Path, model: str | None = None):
+def _load(checkpoint: Path | None, run: str | None, vocab: Path | None, tmp: Path, model: str | None = None,
+          device: str = "cpu"):
     """(model, vocabulary, bert.json) from a folder, the `weights/` artifacts of an MLflow run, or a
     registered model (`models:/minibert-encoder@champion`)."""
     from minibert.evaluation.inference import load_for_inference
@@ -136,7 +137,7 @@ def _load(checkpoint: Path | None, run: str | None, vocab: Path | None, tmp: Pat
         folder = download_model(model, tmp, Path("."))
     vocab = vocab or (folder / layout.VOCAB.name if run or model else layout.VOCAB)
     voc = Vocab.load(vocab)
-    model, meta, _ = load_for_inference(folder, {vocab: voc.sha256}, device="cpu")
+    model, meta, _ = load_for_inference(folder, {vocab: voc.sha256}, device=device, key="--device")
     return model, voc, meta
 
 
@@ -149,6 +150,7 @@ def encode(
     model: Optional[str] = typer.Option(None, help="Registered model URI, e.g. models:/minibert-encoder@champion."),
     vocab: Optional[Path] = typer.Option(None, help="vocab.txt [default: data/tokens/vocab.txt, or the run's]."),
     out: Optional[Path] = typer.Option(None, help="Also write the table to this parquet file."),
+    device: str = typer.Option("cpu", help="Where the model runs: cpu, cuda, cuda:N or auto."),
 ) -> None:
     """Encode a sentence (or pair) with a pretrained model; print each token's vector summary."""
     from minibert.evaluation.probes import UnknownWordWarning, encode_probe, probe_table
@@ -159,7 +161,7 @@ def encode(
                 raise MinibertError(f"empty {what}; pass words, e.g. minibert encode \"a crane is flying\"")
         spec = ProbeSpec("input", text, pair)
         with tempfile.TemporaryDirectory(prefix="minibert-encode-") as tmp:
-            bert, voc, _ = _load(checkpoint, run, vocab, Path(tmp), model)
+            bert, voc, _ = _load(checkpoint, run, vocab, Path(tmp), model, device)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UnknownWordWarning)
             tokens, segments, enc = encode_probe(bert, voc, spec)  # enc (1, T, H)

@@ -33,6 +33,12 @@ class _Invalid(Exception):
         self.key, self.value, self.allowed = key, value, allowed
 
 
+def loopback(endpoint: str) -> bool:
+    """True when host:port names this machine only (localhost, 127.0.0.0/8, ::1)."""
+    host = endpoint.rsplit(":", 1)[0].strip("[]").lower()
+    return host in ("localhost", "::1", "0:0:0:0:0:0:0:1") or host.startswith("127.")
+
+
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise _Invalid(key, value, allowed)
@@ -160,9 +166,10 @@ class TrainConfig:
     """Warmup steps of the `linear` schedule."""
     batch_size: int = 512
     """Global batch: split across all ranks under DDP."""
-    micro_batches: int = 4
+    micro_batches: int | Literal["auto"] = "auto"
     """Passes each process's batch is split into, gradients summed: the same gradient with 1/k of the
-    activation memory (on the 2-core CPU, 4 costs ~5 % of the step time and peaks ~400 MB lower)."""
+    activation memory (on the 2-core CPU, 4 costs ~5 % of the step time and peaks ~400 MB lower).
+    `auto`: 4 on CPU, 1 on a GPU (which has the memory, and each pass costs launches)."""
     max_steps: int = 50
     """Optimizer steps (the book: 50)."""
     seed: int = 0
@@ -183,6 +190,9 @@ class TrainConfig:
     """host:port of the c10d rendezvous used when the stage launches itself."""
     rdzv_id: str = field(default="minibert", metadata=NOT_NUMERIC)
     """Job id shared by every node of one run."""
+    max_restarts: int = field(default=0, metadata=NOT_NUMERIC)
+    """torchrun's --max-restarts when the stage launches itself: times a failed rank's group is restarted,
+    each restart resuming from the last checkpoint (`checkpoint_every`)."""
     threads: int | Literal["auto"] = field(default=0, metadata=NOT_NUMERIC)
     """torch intra-op threads: a number, 0 (torch's default: one per core), or `auto` (this process's
     cores divided by the minibert trainings running on the machine, re-checked while training)."""
@@ -196,7 +206,8 @@ class TrainConfig:
         _require(self.lr > 0, "lr", self.lr, "a number > 0")
         _require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
-        _require(self.micro_batches >= 1, "micro_batches", self.micro_batches, "an integer >= 1")
+        _require(self.micro_batches == "auto" or self.micro_batches >= 1, "micro_batches", self.micro_batches,
+                 "auto or an integer >= 1")
         _require(self.max_steps >= 1, "max_steps", self.max_steps, "an integer >= 1")
         _require(self.seed >= 0, "seed", self.seed, "an integer >= 0")
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
@@ -206,6 +217,13 @@ class TrainConfig:
         _require(self.devices == "auto" or self.devices >= 1, "devices", self.devices, "auto or an integer >= 1")
         _require(self.nodes >= 1, "nodes", self.nodes, "an integer >= 1")
         _require(":" in self.rdzv_endpoint, "rdzv_endpoint", self.rdzv_endpoint, "host:port")
+        _require(not (self.device.startswith("cuda:") and self.devices != 1 and self.devices != "auto"), "device",
+                 self.device, f"cuda or auto with train.devices = {self.devices} (each process takes the GPU of its "
+                 "local rank; cuda:N would put every process on GPU N)")
+        _require(self.nodes == 1 or not loopback(self.rdzv_endpoint), "rdzv_endpoint", self.rdzv_endpoint,
+                 f"a host:port every node can reach with train.nodes = {self.nodes} (a loopback address "
+                 "makes each node wait at its own rendezvous)")
+        _require(self.max_restarts >= 0, "max_restarts", self.max_restarts, "an integer >= 0")
         _require(self.threads == "auto" or self.threads >= 0, "threads", self.threads, "auto or an integer >= 0")
         _require(self.eval_every >= 0, "eval_every", self.eval_every, "an integer >= 0 (0: no held-out curve)")
 
@@ -217,10 +235,16 @@ class EvalConfig:
     subset_pairs: int = 512
     """Valid pairs scored during training (`train.eval_every`): evenly spaced rows of the valid split, the
     same for every run; the evaluate stage always scores all of them."""
+    device: str = "cpu"
+    """Where the evaluate and probe stages run the model: `cpu` (the figures are the same wherever it was
+    trained), `cuda`, `cuda:N` or `auto` (a GPU when one is visible). The held-out curve during training
+    runs where training does."""
 
     def __post_init__(self):
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         _require(self.subset_pairs >= 1, "subset_pairs", self.subset_pairs, "an integer >= 1")
+        _require(self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device) is not None,
+                 "device", self.device, "auto, cpu, cuda or cuda:N")
 
 
 @dataclass(frozen=True)

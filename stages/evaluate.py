@@ -34,7 +34,8 @@ def main(params: Path = typer.Option(layout.PARAMS, help="params file"),
         arrays, pairs_meta = load_pairs(pairs)
         train_arrays, train_meta = load_pairs(train_pairs)
         model, meta, device = load_for_inference(models, {pairs: pairs_meta.get("vocab_sha256"),
-                                                          train_pairs: train_meta.get("vocab_sha256")})
+                                                          train_pairs: train_meta.get("vocab_sha256")},
+                                                 device=cfg.eval.device, key="eval.device")
         m = evaluate(model, arrays, cfg.eval.batch_size, device)
         base = baselines(train_arrays, arrays, meta["vocab_size"])
         m = {k: round(v, 6) if isinstance(v, float) else v for k, v in {**m, **base}.items()}

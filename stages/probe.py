@@ -34,7 +34,7 @@ def main(params: Path = typer.Option(layout.PARAMS, help="params file"),
     with stage_errors("probe"):
         cfg = load_config(params)
         voc = Vocab.load(vocab)
-        model, meta, device = load_for_inference(models, {vocab: voc.sha256})
+        model, meta, device = load_for_inference(models, {vocab: voc.sha256}, device=cfg.eval.device, key="eval.device")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             df, metrics, sim, labels = run_probes(model, voc, cfg.probe, device)

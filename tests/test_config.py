@@ -40,6 +40,15 @@ def test_missing_sections_take_defaults():
     ({"train": {"threads": -1}}, "train.threads", "auto or an integer >= 0"),
     ({"train": {"eval_every": -1}}, "train.eval_every", "0: no held-out curve"),
     ({"eval": {"subset_pairs": 0}}, "eval.subset_pairs", ">= 1"),
+    ({"eval": {"device": "gpu"}}, "eval.device", "auto, cpu, cuda or cuda:N"),
+    ({"train": {"micro_batches": 0}}, "train.micro_batches", "auto or an integer >= 1"),
+    ({"train": {"max_restarts": -1}}, "train.max_restarts", ">= 0"),
+    # several processes on one named GPU: every rank would share it
+    ({"train": {"device": "cuda:1", "devices": 2}}, "train.device", "local rank"),
+    # nodes > 1 need a rendezvous every node can reach
+    ({"train": {"nodes": 2}}, "train.rdzv_endpoint", "every node can reach"),
+    ({"train": {"nodes": 3, "rdzv_endpoint": "127.0.0.2:29500"}}, "train.rdzv_endpoint", "loopback"),
+    ({"train": {"nodes": 2, "rdzv_endpoint": "[::1]:29500"}}, "train.rdzv_endpoint", "loopback"),
     ({"probe": {"sentences": [{"name": "x", "a": "a crane", "word": "bird"}]}}, "probe.sentences[0].word", "bird"),
     ({"probe": {"sentences": [{"name": "x"}]}}, "probe.sentences[0]", "missing"),
     ({"data": {"mirrors": {"wikitext-2": {"parquet_urls": {"train": "u"}}}}}, "data.mirrors.wikitext-2.parquet_urls",
@@ -52,6 +61,13 @@ def test_bad_values_name_the_key(raw, key, fragment):
         config_from_dict(raw, "params.yaml")
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith(f"params.yaml: {key} ") and fragment in msg
+
+
+def test_multi_gpu_settings_that_can_work_are_accepted():
+    assert config_from_dict({"train": {"nodes": 2, "rdzv_endpoint": "10.0.0.7:29500"}}).train.nodes == 2
+    assert config_from_dict({"train": {"device": "cuda:1", "devices": 1}}).train.device == "cuda:1"
+    assert config_from_dict({"train": {"device": "cuda", "devices": 4}}).train.devices == 4
+    assert config_from_dict({"train": {"device": "cuda:1", "devices": "auto"}}).train.devices == "auto"
 
 
 def test_unreadable_files(tmp_path):

@@ -79,8 +79,9 @@ def fingerprint(cfg):
 
 def test_fingerprint_ignores_only_fields_marked_not_numeric():
     base = fingerprint(TrainConfig())
-    for change in ({"threads": 1}, {"compile": True}, {"log_every": 7}, {"checkpoint_every": 13}, {"nodes": 2},
-                   {"devices": 2}, {"rdzv_id": "x"}, {"rdzv_endpoint": "h:1"}):
+    for change in ({"threads": 1}, {"compile": True}, {"log_every": 7}, {"checkpoint_every": 13},
+                   {"nodes": 2, "rdzv_endpoint": "10.0.0.7:29500"}, {"devices": 2}, {"rdzv_id": "x"},
+                   {"rdzv_endpoint": "h:1"}, {"max_restarts": 3}):
         assert fingerprint(replace(TrainConfig(), **change)) == base, change
     for change in ({"lr": 0.002}, {"seed": 1}, {"micro_batches": 3}, {"precision": "bf16"}, {"max_steps": 99}):
         assert fingerprint(replace(TrainConfig(), **change)) != base, change

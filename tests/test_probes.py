@@ -177,3 +177,23 @@ def test_stage_missing_model_is_one_line(tmp_path, vocab):
     proc = _stage(tmp_path)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "pretrain" in proc.stderr
     assert not (tmp_path / "metrics/probe.json").exists()
+
+
+class _DeviceRecorder(torch.nn.Module):
+    """A stand-in model whose weights live on the meta device: records where its inputs were built."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.empty(1, device="meta"))
+        self.vocab_size, self.cfg, self.seen = vocab_size, ModelConfig(hidden=12, heads=3), []
+
+    def encode(self, tokens, segments, valid_lens):
+        self.seen += [t.device.type for t in (tokens, segments, valid_lens)]
+        return torch.zeros(*tokens.shape, 12)
+
+
+def test_encode_probe_builds_its_inputs_on_the_models_device():
+    vocab = Vocab(SPECIALS + ("crane", "flying"))
+    model = _DeviceRecorder(len(vocab))
+    encode_probe(model, vocab, ProbeSpec("p", "crane flying"))
+    assert model.seen == ["meta"] * 3

@@ -236,3 +236,31 @@ def test_fluent_calls_leave_no_tracking_or_registry_uri_behind(tmp_path, monkeyp
         register_version(tracker, "leak", f"runs:/{tracker.run_id}/none", {})
     assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
     assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == before
+
+
+def test_text_model_builds_its_tensors_on_the_models_device():
+    """The pyfunc's rows go where the model is (a GPU-loaded model got CPU tensors before): the stand-in's
+    weights are on the meta device and it records its inputs' devices."""
+    from minibert.config import ModelConfig
+    from minibert.tracking.serving import encode_rows
+    from minibert.data.vocab import SPECIALS
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.empty(1, device="meta"))
+            self.cfg, self.seen = ModelConfig(), []
+
+        def encode(self, tokens, segments, valid_lens):
+            self.seen += [t.device.type for t in (tokens, segments, valid_lens)]
+            return torch.zeros(*tokens.shape, 3)
+
+        def forward(self, tokens, segments, valid_lens, positions, weights):
+            self.seen += [t.device.type for t in (tokens, segments, valid_lens, positions, weights)]
+            return torch.zeros(1, 7), None  # the one <mask> below
+
+    vocab = Vocab(SPECIALS + ("crane", "is"))
+    model = Recorder()
+    encode_rows(model, vocab, [("a crane is", None), ("crane", "is")], "encode", 1)
+    encode_rows(model, vocab, [("a <mask> is", None)], "fill-mask", 2)
+    assert model.seen == ["meta"] * 8

@@ -34,7 +34,7 @@ HYPERPARAMS = {
     "model.norm", "train.lr", "train.schedule", "train.warmup_steps", "train.batch_size", "train.micro_batches",
     "train.max_steps", "train.seed", "train.device", "train.precision", "train.log_every",
     "train.checkpoint_every", "train.devices", "train.nodes", "train.threads", "train.compile",
-    "train.eval_every", "eval.batch_size", "eval.subset_pairs", "preset"}
+    "train.eval_every", "eval.batch_size", "eval.subset_pairs", "eval.device", "preset"}
 
 
 def sh(cwd: Path, *cmd: str, env: dict | None = None) -> str:

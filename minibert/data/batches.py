@@ -12,14 +12,22 @@ from minibert.errors import MinibertError
 from minibert.data.pairs import FIELDS
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") -> torch.device:
+    """`auto`, `cpu`, `cuda` or `cuda:N` (the setting `key`) as a device: with `cuda`, process `local_rank`
+    of a node takes GPU `local_rank`, one GPU per process."""
+    given = name
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MinibertError(f"{key} = {given!r} but no CUDA device is visible; set {key}: cpu or auto")
     if name == "cuda":
         name = f"cuda:{local_rank}"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MinibertError(f"train.device = {name!r} but no CUDA device is visible; set train.device: cpu or auto")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise MinibertError(f"{key} = {given!r}: GPU {device.index} (local rank {local_rank}) but only "
+                            f"{torch.cuda.device_count()} GPU(s) visible; use one process per GPU (train.devices: "
+                            "auto) or a visible cuda:N")
+    return device
 
 
 def to_tensors(pairs: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
@@ -33,11 +41,15 @@ def to_tensors(pairs: dict[str, np.ndarray], device: torch.device) -> dict[str, 
     return out
 
 
-def gather_batch(data: dict[str, torch.Tensor], idx: np.ndarray) -> dict[str, torch.Tensor]:
-    """One batch, trimmed to its longest sequence (pad columns beyond it change nothing)."""
-    i = torch.from_numpy(idx).to(data["valid_lens"].device)
+def gather_batch(data: dict[str, torch.Tensor], idx: np.ndarray, width: int | None = None) -> dict[str, torch.Tensor]:
+    """One batch, trimmed to its longest sequence (pad columns beyond it change nothing). `width`: that
+    length when the caller knows it (else read from the device: a host sync on a GPU)."""
+    device = data["valid_lens"].device
+    i = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
+    # a pinned source lets the copy to a GPU run asynchronously (a pageable one waits for it)
+    i = i.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else i.to(device)
     batch = {k: v.index_select(0, i) for k, v in data.items()}
-    t = int(batch["valid_lens"].max())
+    t = int(batch["valid_lens"].max()) if width is None else width
     batch["token_ids"] = batch["token_ids"][:, :t]  # (b, t)
     batch["segments"] = batch["segments"][:, :t]    # (b, t)
     return batch

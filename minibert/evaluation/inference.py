@@ -11,13 +11,14 @@ from minibert.model.bert import BERT, check_vocab, load_pretrained
 
 
 def load_for_inference(models: Path, vocabularies: dict[Path, str | None],
-                       device: str = "auto") -> tuple[BERT, dict, torch.device]:
+                       device: str = "auto", key: str = "device") -> tuple[BERT, dict, torch.device]:
     """(model in eval mode, its bert.json dict, the device it is on) from the folder `models`.
 
     `vocabularies` maps each file the caller will feed the model (a vocab.txt, or pairs encoded with
     one) to the vocabulary sha256 it was made with; any that is not the model's fails with one line
-    naming the file. `device` "auto" takes a GPU when one is visible."""
-    dev = resolve_device(device)
+    naming the file. `device` is a setting (`eval.device`, `--device`: cpu, cuda, cuda:N or auto, which
+    takes a GPU when one is visible); a bad one fails with one line naming `key`."""
+    dev = resolve_device(device, key=key)
     model, meta = load_pretrained(models, dev)
     for source, sha in vocabularies.items():
         check_vocab(meta, sha, source)

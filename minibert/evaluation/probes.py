@@ -36,8 +36,11 @@ def probe_words(spec: ProbeSpec) -> tuple[list[str], list[int]]:
 
 
 def encode_probe(model: torch.nn.Module, vocab: Vocab, spec: ProbeSpec,
-                 device: str | torch.device = "cpu") -> tuple[list[str], list[int], torch.Tensor]:
-    """-> (tokens as fed to the model, segments, encoding (1, T, H)); unknown words warn and become `<unk>`."""
+                 device: str | torch.device | None = None) -> tuple[list[str], list[int], torch.Tensor]:
+    """-> (tokens as fed to the model, segments, encoding (1, T, H) on the CPU); unknown words warn and
+    become `<unk>`. The inputs are built on `device`, by default the model's."""
+    if device is None:
+        device = next(model.parameters()).device
     if len(vocab) != model.vocab_size:  # ids would index past the embedding table
         raise DataError(f"vocabulary has {len(vocab)} entries but the model was trained on "
                         f"{model.vocab_size}; pass the vocab.txt the model was trained with (`dvc repro`)")
@@ -97,7 +100,7 @@ def similarity_matrix(vectors: np.ndarray) -> np.ndarray:
     return np.clip(unit @ unit.T, -1.0, 1.0)  # (n, n)
 
 
-def run_probes(model: torch.nn.Module, vocab: Vocab, cfg: ProbeConfig, device: str | torch.device = "cpu"
+def run_probes(model: torch.nn.Module, vocab: Vocab, cfg: ProbeConfig, device: str | torch.device | None = None
                ) -> tuple[pd.DataFrame, dict, np.ndarray, list[str]]:
     """Encode every probe -> (table, metrics, token-by-token similarity (n, n), labels `probe:token`)."""
     encoded, per_probe, word_vecs = [], {}, {}

@@ -20,6 +20,8 @@ What differs is only how the work is laid out, because every FLOP counts on a 2-
 - embedding lookups backpropagate with one index_add_ (minibert/model/ops.py); segment and position
   embeddings are summed into one (2T, H) table first.
 - the MLM loss averages over real slots only (d2l issue #2582: the book averages the padded ones in too).
+Every other device (and CPU tensors with the portable switch, minibert/portable.py) runs plain torch ops
+instead of the kernels, and trains on a fixed-size layout (`BERT.fixed_losses`) that never waits on the host.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from minibert.model.loss import linear_cross_entropy, pretrain_loss  # noqa: F40
 from minibert.model.kernels.addnorm import add_norm
 from minibert.model.kernels.attention import attention_rows
 from minibert.model.ops import dropout, gather_rows
+from minibert.model.portable import uses_kernels
 
 WEIGHTS_FILE = "bert.safetensors"
 META_FILE = "bert.json"
@@ -49,6 +52,9 @@ META_FILE = "bert.json"
 
 ROW_BUCKET = 1024  # row counts are rounded up to a multiple of this (see token_layout)
 SLOT_BUCKET = 128  # MLM slot counts are rounded up to a multiple of this (see BERT.forward)
+IGNORE = -100  # label of an unweighted MLM slot on the portable path (cross_entropy's ignore_index)
+OUTSIDE = ("model input: a weighted prediction position lies outside its sequence's valid length; "
+           "check pred_positions against valid_lens")
 
 
 def token_layout(valid_lens: Tensor, T: int, bucket: bool = True) -> Tensor:
@@ -71,18 +77,11 @@ def token_layout(valid_lens: Tensor, T: int, bucket: bool = True) -> Tensor:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, key_keep: Tensor, p: float, training: bool) -> Tensor:
-    """Scaled dot product over (B, h, T, dh) with pad keys masked and dropout on the weights."""
-    if not training or p == 0.0:
-        # Inference: torch's fused kernel (no dropout to draw).
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_keep)
-    B, h, T, dh = q.shape
-    # scale, pad-key mask and QK^T in one kernel: baddbmm(bias, Q, K^T, alpha) = bias + alpha * Q K^T
-    bias = torch.zeros(key_keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~key_keep, float("-inf"))
-    bias = bias.expand(B, h, 1, T).reshape(B * h, 1, T)  # (B*h, 1, T)
-    scores = torch.baddbmm(bias, q.reshape(B * h, T, dh), k.reshape(B * h, T, dh).transpose(1, 2),
-                           alpha=dh ** -0.5).view(B, h, T, T)  # (B, h, T, T)
-    weights = dropout(torch.softmax(scores, dim=-1), p, training)
-    return weights @ v  # (B, h, T, dh)
+    """Scaled dot product over (B, h, T, dh) with pad keys masked and dropout on the weights: torch's
+    fused SDPA (flash / memory-efficient kernels on CUDA), the book's math. Its dropout draws from torch's
+    generator (Philox on CUDA), reseeded every step by `fit`: reproducible per device, other bits than the
+    CPU kernel's."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_keep, dropout_p=p if training else 0.0)
 
 
 # ---------------------------------------------------------------------------- modules
@@ -104,13 +103,13 @@ class Block(nn.Module):
 
     def attend(self, x: Tensor, idx: Tensor, B: int, T: int, key_keep: Tensor, valid_lens: Tensor) -> Tensor:
         qkv = self.qkv(x)  # (N, 3H)
-        if self.training and self.p > 0 and x.device.type == "cpu":
+        if self.training and self.p > 0 and uses_kernels(x):
             # rows -> heads, masked softmax + dropout, heads -> rows as single passes (kernels/attention.py)
             return self.out(attention_rows(qkv, idx, valid_lens, T, self.heads, self.p))
         return self.out(self.attend_padded(qkv, idx, B, T, key_keep))
 
     def attend_padded(self, qkv: Tensor, idx: Tensor, B: int, T: int, key_keep: Tensor) -> Tensor:
-        """The same attention in torch ops on the padded (B, h, T, dh) layout: inference, GPUs. (N, H)."""
+        """The same attention in torch ops on the padded (B, h, T, dh) layout: inference, portable path. (N, H)."""
         N, H = qkv.shape[0], qkv.shape[1] // 3
         h = self.heads
         padded = qkv.new_zeros(B * T, 3 * H)
@@ -132,7 +131,7 @@ class Block(nn.Module):
 
     def add_norm(self, y: Tensor, x: Tensor, norm: nn.LayerNorm) -> Tensor:
         """The book's AddNorm, LayerNorm(dropout(y) + x); one fused pass each way when training on CPU."""
-        if self.training and x.device.type == "cpu":
+        if self.training and uses_kernels(x):
             return add_norm(y, x, norm.weight, norm.bias, self.p, norm.eps)
         return norm(dropout(y, self.p, self.training) + x)
 
@@ -161,7 +160,10 @@ class BERT(nn.Module):
             raise MinibertError(f"model input: sequence length {T} exceeds model.max_len "
                                 f"{self.cfg.max_len}; raise model.max_len or shorten the input")
         valid_lens = valid_lens.to(device=tokens.device, dtype=torch.long)
-        idx = token_layout(valid_lens, T, bucket=self.training)  # (N,) real rows first
+        if self.fixed_layout(tokens):  # every padded position is a row: shapes from (B, T) alone, no host sync
+            idx = torch.arange(B * T, device=tokens.device)  # (B*T,)
+        else:
+            idx = token_layout(valid_lens, T, bucket=self.training)  # (N,) real rows first
         # segment and position embeddings as one (2T, H) table: row s * T + t = segment s + position t
         seg_pos = (self.segment_embedding.weight[:, None] + self.pos_embedding[:, :T]).reshape(2 * T, -1)
         x = (gather_rows(self.token_embedding.weight, tokens.flatten()[idx].long())
@@ -171,10 +173,17 @@ class BERT(nn.Module):
             x = block(x, idx, B, T, key_keep, valid_lens)
         return self.final_norm(x), idx
 
+    def fixed_layout(self, tokens: Tensor) -> bool:
+        """Training on the portable path (GPUs; minibert.model.portable): pads kept as rows, all MLM slots scored."""
+        return self.training and not uses_kernels(tokens)
+
     def encode(self, tokens: Tensor, segments: Tensor, valid_lens: Tensor) -> Tensor:
         """(B, T) tokens/segments, (B,) valid_lens -> (B, T, H); rows past valid_len are zeros."""
         B, T = tokens.shape
         rows, idx = self._encode_rows(tokens, segments, valid_lens)
+        if self.fixed_layout(tokens):
+            keep = torch.arange(T, device=rows.device) < valid_lens.to(rows.device)[:, None]  # (B, T)
+            return torch.where(keep[..., None], rows.view(B, T, -1), 0.0)  # (B, T, H)
         if self.training:  # drop the filler rows (real rows come first); eval makes none
             n = int(valid_lens.sum())
             rows, idx = rows[:n], idx[:n]
@@ -192,6 +201,8 @@ class BERT(nn.Module):
         whole (see `linear_cross_entropy`). Training goes through here so DDP's forward hooks run."""
         B, T = tokens.shape
         rows, idx = self._encode_rows(tokens, segments, valid_lens)
+        if mlm_labels is not None and self.fixed_layout(tokens):
+            return self.fixed_losses(rows, B, T, valid_lens, pred_positions, mlm_weights, mlm_labels, nsp_labels)
         row_of = torch.full((B * T,), -1, dtype=torch.long, device=rows.device)
         row_of[idx] = torch.arange(idx.numel(), device=rows.device)  # padded flat index -> row
         real = mlm_weights > 0  # (B, P)
@@ -200,8 +211,7 @@ class BERT(nn.Module):
         mlm_rows = row_of[slots]  # (M,)
         outside = real & (pred_positions.long() >= valid_lens.to(pred_positions.device).long()[:, None])
         if bool(outside.any()):
-            raise MinibertError("model input: a weighted prediction position lies outside its "
-                                "sequence's valid length; check pred_positions against valid_lens")
+            raise MinibertError(OUTSIDE)
         cls_rows = row_of[torch.arange(B, device=rows.device) * T]  # (B,) position 0 of each pair
         nsp_logits = self.nsp(self.nsp_hidden(rows.index_select(0, cls_rows)))  # (B, 2)
         if mlm_labels is None:
@@ -214,6 +224,21 @@ class BERT(nn.Module):
         decoder = self.mlm[-1]
         mlm = linear_cross_entropy(hidden, decoder.weight, decoder.bias, mlm_labels[real].long())
         return mlm, F.cross_entropy(nsp_logits.float(), nsp_labels.long())
+
+    def fixed_losses(self, rows: Tensor, B: int, T: int, valid_lens: Tensor, pred_positions: Tensor,
+                     mlm_weights: Tensor, mlm_labels: Tensor, nsp_labels: Tensor) -> tuple[Tensor, Tensor]:
+        """`forward`'s losses on the portable path: rows (B*T, H) in padded order, all B*P slots scored and
+        the unweighted ones ignored, so every shape comes from (B, T, P) and no step waits on the host.
+        Same math: the MLM mean is over the real slots; the check below is asynchronous on CUDA."""
+        real = mlm_weights > 0  # (B, P)
+        pos = pred_positions.long()
+        torch._assert_async(~(real & (pos >= valid_lens.to(pos.device).long()[:, None])).any(), OUTSIDE)
+        slots = (pos.clamp(0, T - 1) + torch.arange(B, device=rows.device)[:, None] * T).flatten()  # (B*P,)
+        logits = self.mlm(rows.index_select(0, slots))  # (B*P, V)
+        labels = torch.where(real, mlm_labels.long(), IGNORE).flatten()  # (B*P,)
+        nsp_logits = self.nsp(self.nsp_hidden(rows.view(B, T, -1)[:, 0]))  # (B, 2) <cls> rows
+        return (F.cross_entropy(logits.float(), labels, ignore_index=IGNORE),
+                F.cross_entropy(nsp_logits.float(), nsp_labels.long()))
 
 
 class Encoder(nn.Module):

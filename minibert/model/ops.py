@@ -8,6 +8,7 @@ from torch import Tensor
 
 from minibert.model.kernels.dropout import drop_cut
 from minibert.model.kernels.dropout import dropout as kernel_dropout
+from minibert.model.portable import uses_kernels
 
 
 # ---------------------------------------------------------------------------- dropout
@@ -21,10 +22,10 @@ def achieved_drop_prob(p: float) -> float:
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """Inverted dropout; on CPU the fused kernel (minibert/model/kernels/dropout.py: mask drawn and applied
     in one pass, regenerated from its seed in backward, ~15x faster than a mask tensor), elsewhere
-    torch's fused kernel."""
+    (and on the portable path, minibert.model.portable) torch's own, drawing from torch's generator."""
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu":
+    if not uses_kernels(x):
         return F.dropout(x, p, True)
     return kernel_dropout(x, p)
 

@@ -22,7 +22,7 @@ import yaml
 from minibert.config import Config, flatten
 
 SECTIONS = ("vocab", "pairs", "model", "train", "eval")  # hyperparameters: what changes the numbers
-NOT_COMPARED = {"train.rdzv_endpoint", "train.rdzv_id"}  # plumbing of a multi-node launch
+NOT_COMPARED = {"train.rdzv_endpoint", "train.rdzv_id", "train.max_restarts"}  # plumbing of a multi-node launch
 SHORT = {"train.max_steps": "steps", "train.batch_size": "batch", "model.num_layers": "layers",
          "train.seed": "seed"}  # the headers `minibert runs` uses
 MAX_NAME = 120  # characters; MLflow's limit is 250, the runs table shows far fewer

@@ -99,13 +99,14 @@ def encode_rows(model, vocab, rows, mode: str, top_k: int) -> list[dict]:
         segs.append(segments)
     lens = [len(x) for x in ids]
     T = max(lens)
-    tokens = torch.tensor([x + [0] * (T - len(x)) for x in ids])  # (B, T)
-    segments = torch.tensor([s + [0] * (T - len(s)) for s in segs])  # (B, T)
-    valid = torch.tensor(lens)  # (B,)
+    dev = next(model.parameters()).device  # the inputs go where the model is
+    tokens = torch.tensor([x + [0] * (T - len(x)) for x in ids], device=dev)  # (B, T)
+    segments = torch.tensor([s + [0] * (T - len(s)) for s in segs], device=dev)  # (B, T)
+    valid = torch.tensor(lens, device=dev)  # (B,)
     out = [{"tokens": vocab.decode(x), "segments": s} for x, s in zip(ids, segs)]
     with torch.inference_mode():
         if mode == "encode":
-            enc = model.encode(tokens, segments, valid).float().numpy()  # (B, T, H)
+            enc = model.encode(tokens, segments, valid).float().cpu().numpy()  # (B, T, H)
             for b, (r, n) in enumerate(zip(out, lens)):
                 r["encoding"] = enc[b, :n].tolist()  # (T_b, H)
             return out
@@ -114,10 +115,11 @@ def encode_rows(model, vocab, rows, mode: str, top_k: int) -> list[dict]:
             if not w:
                 raise _bad(f"row {i}: no <mask> in the text; fill-mask needs at least one")
         P = max(len(w) for w in where)
-        pos = torch.tensor([w + [0] * (P - len(w)) for w in where])  # (B, P)
-        weights = torch.tensor([[1.0] * len(w) + [0.0] * (P - len(w)) for w in where])  # (B, P)
+        pos = torch.tensor([w + [0] * (P - len(w)) for w in where], device=dev)  # (B, P)
+        weights = torch.tensor([[1.0] * len(w) + [0.0] * (P - len(w)) for w in where], device=dev)  # (B, P)
         logits, _ = model(tokens, segments, valid, pos, weights)  # (M, V), masks row-major
         probs, top = torch.topk(torch.softmax(logits.double(), -1), top_k)  # (M, k)
+        probs, top = probs.cpu(), top.cpu()
         m = 0
         for r, w in zip(out, where):
             r["masks"] = []

@@ -54,9 +54,10 @@ def launch_command(cfg: TrainConfig, module: str, argv: list[str]) -> list[str] 
     nproc = procs_per_node(cfg)
     if under_launcher() or (nproc == 1 and cfg.nodes == 1):
         return None
+    # --max-restarts: a failed rank restarts the group, which resumes from the last checkpoint
     return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={cfg.nodes}", f"--nproc-per-node={nproc}",
             "--rdzv-backend=c10d", f"--rdzv-endpoint={cfg.rdzv_endpoint}", f"--rdzv-id={cfg.rdzv_id}",
-            "-m", module, *argv]
+            f"--max-restarts={cfg.max_restarts}", "-m", module, *argv]
 
 
 def relaunch(cmd: list[str]) -> int:
@@ -65,19 +66,26 @@ def relaunch(cmd: list[str]) -> int:
 
 
 def init(device: torch.device) -> Dist:
-    """Join the process group when under the launcher: NCCL on CUDA, gloo on CPU."""
+    """Join the process group when under the launcher: NCCL on CUDA, gloo on CPU.
+
+    On CUDA the process first makes its own GPU (`device`, the one of its local rank) the current one:
+    otherwise pinned-memory copies open a context on GPU 0 in every rank, and NCCL has to guess the
+    device of its barrier. `device_id` binds the group to that GPU (and creates the communicator now)."""
     if not under_launcher():
         return Dist()
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]))
 
 
 def shutdown(clean: bool = True) -> None:
-    """Leave the process group. After a clean run every rank first meets at a barrier: rank 0 writes the
-    outputs and logs to MLflow while the others are done, and a rank destroying the group while another
-    is still in it hung the 2-rank gloo test once in CI (pytorch#75097). After a failure the group is left
+    """Leave the process group. After a clean run (called right after training, before rank 0 writes the
+    outputs and logs to MLflow, so no rank waits for that work inside a collective) every rank first meets
+    at a barrier: a rank destroying the group while another is still in it hung the 2-rank gloo test once
+    in CI (pytorch#75097). After a failure the group is left
     as is (destroying it while another rank waits in a collective can deadlock; torchtitan does the
     same): the process exits and the launcher ends the rest."""
     if not dist.is_initialized() or not clean:

@@ -79,8 +79,11 @@ class PendingLosses:
     def global_losses(self, d: distributed.Dist) -> list[tuple[float, float]]:
         """Per-step global-batch mean losses: each rank's mean times its count, summed over ranks."""
         local = torch.stack(self.losses)                                   # (S, 2)
-        counts = torch.tensor(self.counts, dtype=torch.float32, device=local.device)
-        sums = distributed.all_sum(local * counts, d).cpu()               # (S, 2)
+        counts = torch.tensor(self.counts, dtype=torch.float32)            # (S, 2), on the host
+        if d.enabled:  # the sum over ranks runs where the backend wants it (NCCL: on the GPU)
+            sums = distributed.all_sum(local * counts.to(local.device), d).cpu()  # (S, 2)
+        else:  # one read-back, no copy to the device: a GPU waits for the host once per log step
+            sums = local.cpu() * counts
         return [(float(m), float(n)) for m, n in (sums / torch.tensor(self.totals)).tolist()]
 
 
@@ -117,6 +120,25 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+CPU_MICRO_BATCHES = 4  # what `micro_batches: auto` means on CPU (config.TrainConfig.micro_batches)
+
+
+def resolve_micro_batches(micro_batches: int | str, device: torch.device) -> int:
+    """`auto`: 4 passes on CPU (memory), 1 elsewhere; a number is taken as given."""
+    if micro_batches == "auto":
+        return CPU_MICRO_BATCHES if device.type == "cpu" else 1
+    return int(micro_batches)
+
+
+def micro_batch_rows(idx: np.ndarray, lens: np.ndarray, parts: int) -> list[np.ndarray]:
+    """`split_batch`'s cut computed on the host from the pairs' lengths `lens` (all pairs): the rows of
+    each micro-batch, so cutting a batch on a GPU waits for nothing (the device tensors are not read)."""
+    if parts <= 1 or len(idx) <= 1:
+        return [idx]
+    order = np.argsort(lens[idx], kind="stable")
+    return [idx[o] for o in np.array_split(order, min(parts, len(idx)))]
+
+
 def split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
     """Up to `parts` micro-batches of pairs of similar length, each trimmed to its longest pair.
 
@@ -131,8 +153,8 @@ def split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, to
     return [gather_batch(batch, idx) for idx in np.array_split(order, min(parts, n))]
 
 
-def train_step(model, opt, scaler, batch: dict[str, torch.Tensor], scale_mlm: float, scale_nsp: float,
-               amp_dtype: torch.dtype | None, device: torch.device,
+def train_step(model, opt, scaler, batch: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]],
+               scale_mlm: float, scale_nsp: float, amp_dtype: torch.dtype | None, device: torch.device,
                micro_batches: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step; returns the (mlm, nsp) losses of this rank's shard as device tensors.
 
@@ -140,10 +162,12 @@ def train_step(model, opt, scaler, batch: dict[str, torch.Tensor], scale_mlm: fl
     averaging over ranks yields exactly the single-process gradient. With `micro_batches` > 1 the
     batch runs as that many forward/backward passes; each pass's mean is weighted by its share of the
     batch's MLM slots and pairs, so the summed gradient is the one-pass gradient (DDP syncs only on the
-    last pass)."""
+    last pass). `batch` may come already cut (a list of micro-batches, `micro_batch_rows`): then
+    `micro_batches` is not used."""
     opt.zero_grad(set_to_none=True)
-    parts = split_batch(batch, micro_batches)
-    slots = (batch["mlm_weights"] > 0).sum()  # device tensor: no host sync
+    parts = batch if isinstance(batch, list) else split_batch(batch, micro_batches)
+    slots = sum((p["mlm_weights"] > 0).sum() for p in parts)  # device tensor: no host sync
+    pairs = sum(len(p["nsp_labels"]) for p in parts)
     mlm_sum = nsp_sum = 0.0
     for j, part in enumerate(parts):
         last = j == len(parts) - 1
@@ -152,7 +176,7 @@ def train_step(model, opt, scaler, batch: dict[str, torch.Tensor], scale_mlm: fl
                 mlm, nsp = model(part["token_ids"], part["segments"], part["valid_lens"], part["pred_positions"],
                                  part["mlm_weights"], part["mlm_labels"], part["nsp_labels"])
             w_mlm = (part["mlm_weights"] > 0).sum() / slots  # this pass's share of the slots
-            w_nsp = len(part["nsp_labels"]) / len(batch["nsp_labels"])
+            w_nsp = len(part["nsp_labels"]) / pairs
             loss = mlm * (w_mlm * scale_mlm) + nsp * (w_nsp * scale_nsp)
             (scaler.scale(loss) if scaler is not None else loss).backward()
         mlm_sum = mlm_sum + mlm.detach() * w_mlm
@@ -198,6 +222,7 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, da
     if scaler is not None and scaler_state:  # the loss scale it had learnt, not the initial 2**16
         scaler.load_state_dict(scaler_state)
     n = len(data["nsp_labels"])
+    micro = resolve_micro_batches(cfg.micro_batches, device)
     weights_all, lens_all = data["mlm_weights"].sum(1).cpu().numpy(), data["valid_lens"].cpu().numpy()
     history = list(history or [])
     interval, last_ckpt = PendingLosses(), None
@@ -213,10 +238,11 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, da
                 raise MinibertError(f"train.batch_size = {cfg.batch_size} leaves rank {d.rank} of {d.world} "
                                     "without pairs; use a batch of at least one pair per process")
             slots_total, slots = float(weights_all[global_idx].sum()), float(weights_all[idx].sum())
-            batch = gather_batch(data, idx)
+            # cut on the host (lengths known here): no device read before the step's kernels are queued
+            parts = [gather_batch(data, rows, width=int(lens_all[rows].max())) for rows in micro_batch_rows(idx, lens_all, micro)]
             torch.manual_seed(step_seed(cfg.seed, d.rank, step))
-            mlm, nsp = train_step(model, opt, scaler, batch, slots / slots_total * d.world,
-                                  len(idx) / len(global_idx) * d.world, amp_dtype, device, cfg.micro_batches)
+            mlm, nsp = train_step(model, opt, scaler, parts, slots / slots_total * d.world,
+                                  len(idx) / len(global_idx) * d.world, amp_dtype, device)
             interval.add(step, mlm, nsp, (slots, float(len(idx))), (slots_total, float(len(global_idx))))
             pairs += len(global_idx)
             tokens += int(lens_all[global_idx].sum())

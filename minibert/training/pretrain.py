@@ -37,8 +37,8 @@ from minibert.tracking.registry import register_version
 from minibert.tracking.runs import start_run
 from minibert.tracking.serving import log_text_model
 from minibert.tracking.tracker import NullTracker, Tracker
-from minibert.training.loop import fit, make_optimizer, resolve_precision
 from minibert.data.vocab import Vocab
+from minibert.training.loop import fit, make_optimizer, resolve_micro_batches, resolve_precision
 
 @dataclass(frozen=True)
 class Paths:
@@ -196,12 +196,17 @@ def train(run: Run, cfg: TrainConfig, eval_cfg: EvalConfig):
     if ranks.is_main:
         print(f"pretrain: training steps {start + 1}..{cfg.max_steps} on {run.device} x{ranks.world}", flush=True)
     # the bare model, not `net`: only rank 0 evaluates, and DDP's forward could wait for the others.
-    batch = heldout_batch_size(eval_cfg.batch_size, cfg.batch_size, cfg.micro_batches, ranks.world)
+    batch = heldout_batch_size(eval_cfg.batch_size, cfg.batch_size,
+                               resolve_micro_batches(cfg.micro_batches, run.device), ranks.world)
     on_eval = heldout_hook(run.model, run.heldout, batch, run.device) if run.heldout else None
-    return fit(run.net, run.opt, cfg, to_tensors(run.pairs, run.device), run.device, ranks,
-               start_step=start, history=run.resumed.get("history"),
-               on_log=on_log, on_checkpoint=on_checkpoint, scaler_state=run.resumed.get("scaler"),
-               on_eval=on_eval)
+    result = fit(run.net, run.opt, cfg, to_tensors(run.pairs, run.device), run.device, ranks,
+                 start_step=start, history=run.resumed.get("history"),
+                 on_log=on_log, on_checkpoint=on_checkpoint, scaler_state=run.resumed.get("scaler"),
+                 on_eval=on_eval)
+    # Every rank leaves the group here, so rank 0's output work in `publish` (files, MLflow: minutes on a
+    # slow server) runs under no collective's timeout while the others wait for it (NCCL's is 10 minutes).
+    distributed.shutdown()
+    return result
 
 
 def publish(run: Run, result, model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: TrackingConfig,

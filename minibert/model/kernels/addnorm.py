@@ -13,19 +13,20 @@ from torch import Tensor
 
 from minibert.model.kernels import build
 from minibert.model.kernels.dropout import draw_seed, reference_keep
+from minibert.model.portable import uses_kernels
 
 
 def reference_add_norm(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor, p: float, seed: int,
                        eps: float) -> Tensor:
-    """Plain torch, same bits: F.layer_norm(x + y * (1 / (1 - p)) * keep) in fp32; differentiable."""
-    keep = reference_keep(y.shape, p, seed)
-    s = x.float() + y.float() * torch.tensor(1.0 / (1.0 - p)) * keep
+    """Plain torch, same bits: F.layer_norm(x + y * (1 / (1 - p)) * keep) in fp32; differentiable; on y's device."""
+    keep = reference_keep(y.shape, p, seed, y.device)
+    s = x.float() + y.float() * torch.tensor(1.0 / (1.0 - p), device=y.device) * keep
     return F.layer_norm(s, (s.shape[-1],), weight.float(), bias.float(), eps)
 
 
 def supported(y: Tensor, x: Tensor, weight: Tensor) -> bool:
     """The shapes and dtypes the C++ kernel takes (anything else runs the reference)."""
-    return (y.device.type == "cpu" and x.dim() == 2 and y.shape == x.shape and x.dtype == torch.float32
+    return (uses_kernels(y) and x.dim() == 2 and y.shape == x.shape and x.dtype == torch.float32
             and y.dtype in (torch.float32, torch.bfloat16) and weight.dtype == torch.float32)
 
 

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from minibert.model.kernels import build
 from minibert.model.kernels.dropout import draw_seed, reference_keep
+from minibert.model.portable import uses_kernels
 
 
 # ---------------------------------------------------------------------------- plain-torch references
@@ -44,12 +45,12 @@ def reference_softmax_dropout(scores: Tensor, valid_lens: Tensor, heads: int, sc
     """The dropped weights (B*h, T, T) in fp32 math, rounded once to the scores' dtype; differentiable."""
     Bh, T, Tk = scores.shape
     lens = valid_lens.long().repeat_interleave(heads)[:, None, None]  # (B*h, 1, 1)
-    keys = torch.arange(Tk)[None, None, :] < lens  # (B*h, 1, Tk)
-    queries = torch.arange(T)[None, :, None] < lens  # (B*h, T, 1)
+    keys = torch.arange(Tk, device=scores.device)[None, None, :] < lens  # (B*h, 1, Tk)
+    queries = torch.arange(T, device=scores.device)[None, :, None] < lens  # (B*h, T, 1)
     x = (scores.float() * scale).masked_fill(~keys, float("-inf"))
     prob = torch.softmax(x, dim=-1) * queries  # pad query rows: zeros
-    keep = reference_keep(scores.shape, p, seed)
-    return (prob * keep * torch.tensor(1.0 / (1.0 - p))).to(scores.dtype)
+    keep = reference_keep(scores.shape, p, seed, scores.device)
+    return (prob * keep * torch.tensor(1.0 / (1.0 - p), device=scores.device)).to(scores.dtype)
 
 
 # ---------------------------------------------------------------------------- autograd wrappers
@@ -102,7 +103,7 @@ class _SoftmaxDropout(torch.autograd.Function):
 
 
 def supported(qkv: Tensor) -> bool:
-    return qkv.device.type == "cpu" and qkv.dtype in (torch.float32, torch.bfloat16) and build.available()
+    return uses_kernels(qkv) and qkv.dtype in (torch.float32, torch.bfloat16) and build.available()
 
 
 # torch.compile (train.compile) runs this eagerly: a graph break, the C++ kernels stay

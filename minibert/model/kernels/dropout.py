@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from minibert.model.kernels import build
+from minibert.model.portable import uses_kernels
 
 GOLDEN = 0x9E3779B97F4A7C15
 _M64 = (1 << 64) - 1
@@ -36,11 +37,11 @@ def _signed(v: int) -> int:
     return v - (1 << 64) if v >> 63 else v
 
 
-def reference_bits(seed: int, first: int, n: int) -> Tensor:
-    """The 16-bit draws of elements [first, first + n) as int32 (n,), in plain torch int64 ops
-    (int64 tensors hold the uint64 bit patterns; multiplication wraps mod 2**64 like uint64's)."""
+def reference_bits(seed: int, first: int, n: int, device: torch.device | str | None = None) -> Tensor:
+    """The 16-bit draws of elements [first, first + n) as int32 (n,) on `device` (default CPU), in plain
+    torch int64 ops (int64 tensors hold the uint64 bit patterns; multiplication wraps mod 2**64 like uint64's)."""
     w0, w1 = first >> 2, (first + n + 3) >> 2
-    j = torch.arange(w0, w1, dtype=torch.int64)
+    j = torch.arange(w0, w1, dtype=torch.int64, device=device)
     z = (j + 1) * _signed(GOLDEN) + _signed(seed)  # wraps like uint64
     z = (z ^ _shr(z, 30)) * _signed(0xBF58476D1CE4E5B9)
     z = (z ^ _shr(z, 27)) * _signed(0x94D049BB133111EB)
@@ -49,22 +50,22 @@ def reference_bits(seed: int, first: int, n: int) -> Tensor:
     return parts[first & 3:(first & 3) + n].to(torch.int32)
 
 
-def reference_keep(shape, p: float, seed: int) -> Tensor:
-    """fp32 0/1 mask of `shape` (elements in row-major order)."""
+def reference_keep(shape, p: float, seed: int, device: torch.device | str | None = None) -> Tensor:
+    """fp32 0/1 mask of `shape` (elements in row-major order) on `device` (default CPU)."""
     n = 1
     for s in shape:
         n *= s
-    return (reference_bits(seed, 0, n) >= drop_cut(p)).float().view(shape)
+    return (reference_bits(seed, 0, n, device) >= drop_cut(p)).float().view(shape)
 
 
 def reference_dropout(x: Tensor, p: float, seed: int) -> Tensor:
-    """x * (1 / (1 - p)) * keep, computed in fp32 and rounded once to x's dtype."""
-    scale = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)
-    return (x.float() * scale * reference_keep(x.shape, p, seed)).to(x.dtype)
+    """x * (1 / (1 - p)) * keep, computed in fp32 and rounded once to x's dtype; on x's device."""
+    scale = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32, device=x.device)
+    return (x.float() * scale * reference_keep(x.shape, p, seed, x.device)).to(x.dtype)
 
 
 def _apply(x: Tensor, p: float, seed: int) -> Tensor:
-    if x.dtype in (torch.float32, torch.bfloat16) and build.available():
+    if x.dtype in (torch.float32, torch.bfloat16) and uses_kernels(x) and build.available():
         return torch.ops.minibert.dropout(x.contiguous(), p, seed)
     return reference_dropout(x.contiguous(), p, seed)
 

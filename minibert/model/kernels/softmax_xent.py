@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from minibert.model.kernels import build
+from minibert.model.portable import uses_kernels
 
 
 def reference_softmax_xent_(z: Tensor, labels: Tensor, n: int, bias: Tensor | None = None,
@@ -42,7 +43,7 @@ def softmax_xent_(z: Tensor, labels: Tensor, n: int, bias: Tensor | None = None,
     """In place: z (c, V) -> softmax(z + bias) - onehot(labels), rows >= n zeroed, its column sums
     added into grad_bias (fp32, (V,)); returns log p[label] (c,). bias and grad_bias are optional."""
     fp32_vec = all(t is None or (t.dtype == torch.float32 and t.is_contiguous()) for t in (bias, grad_bias))
-    if (z.device.type == "cpu" and z.dtype in (torch.float32, torch.bfloat16) and z.is_contiguous()
+    if (uses_kernels(z) and z.dtype in (torch.float32, torch.bfloat16) and z.is_contiguous()
             and fp32_vec and build.available()):
         return torch.ops.minibert.softmax_xent_(z, labels.long().contiguous(), n, bias, grad_bias)
     return reference_softmax_xent_(z, labels, n, bias, grad_bias)

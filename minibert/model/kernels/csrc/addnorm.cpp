@@ -173,7 +173,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_norm_backward(
 
 TORCH_LIBRARY_FRAGMENT(minibert, m) {
   m.def("add_norm(Tensor y, Tensor x, Tensor weight, Tensor bias, float p, int seed, float eps)"
-        " -> (Tensor, Tensor, Tensor, Tensor)", &minibert::add_norm);
+        " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("add_norm_backward(Tensor dout, Tensor s, Tensor mean, Tensor rstd, Tensor weight, int y_dtype,"
-        " float p, int seed) -> (Tensor, Tensor, Tensor, Tensor)", &minibert::add_norm_backward);
+        " float p, int seed) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+// CPU only: torch refuses any other device (CUDA, meta, ...) before this code could read its memory
+TORCH_LIBRARY_IMPL(minibert, CPU, m) {
+  m.impl("add_norm", &minibert::add_norm);
+  m.impl("add_norm_backward", &minibert::add_norm_backward);
 }

@@ -321,14 +321,22 @@ at::Tensor softmax_dropout_backward(const at::Tensor& grad, const at::Tensor& pr
 }  // namespace minibert
 
 TORCH_LIBRARY_FRAGMENT(minibert, m) {
-  m.def("to_heads(Tensor qkv, Tensor idx, int B, int T, int heads) -> (Tensor, Tensor, Tensor)", &minibert::to_heads);
-  m.def("to_heads_backward(Tensor dq, Tensor dk, Tensor dv, Tensor idx, int heads) -> Tensor",
-        &minibert::to_heads_backward);
-  m.def("from_heads(Tensor ctx, Tensor idx, int heads) -> Tensor", &minibert::from_heads);
-  m.def("from_heads_backward(Tensor grad, Tensor idx, int B, int T, int heads) -> Tensor",
-        &minibert::from_heads_backward);
+  m.def("to_heads(Tensor qkv, Tensor idx, int B, int T, int heads) -> (Tensor, Tensor, Tensor)");
+  m.def("to_heads_backward(Tensor dq, Tensor dk, Tensor dv, Tensor idx, int heads) -> Tensor");
+  m.def("from_heads(Tensor ctx, Tensor idx, int heads) -> Tensor");
+  m.def("from_heads_backward(Tensor grad, Tensor idx, int B, int T, int heads) -> Tensor");
   m.def("softmax_dropout(Tensor scores, Tensor valid_lens, int heads, float scale, float p, int seed)"
-        " -> (Tensor, Tensor)", &minibert::softmax_dropout);
+        " -> (Tensor, Tensor)");
   m.def("softmax_dropout_backward(Tensor grad, Tensor prob, Tensor valid_lens, int heads, float scale, float p,"
-        " int seed) -> Tensor", &minibert::softmax_dropout_backward);
+        " int seed) -> Tensor");
+}
+
+// CPU only: torch refuses any other device (CUDA, meta, ...) before this code could read its memory
+TORCH_LIBRARY_IMPL(minibert, CPU, m) {
+  m.impl("to_heads", &minibert::to_heads);
+  m.impl("to_heads_backward", &minibert::to_heads_backward);
+  m.impl("from_heads", &minibert::from_heads);
+  m.impl("from_heads_backward", &minibert::from_heads_backward);
+  m.impl("softmax_dropout", &minibert::softmax_dropout);
+  m.impl("softmax_dropout_backward", &minibert::softmax_dropout_backward);
 }

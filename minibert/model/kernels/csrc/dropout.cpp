@@ -67,6 +67,11 @@ at::Tensor dropout_bits(int64_t seed, int64_t first, int64_t n) {
 }  // namespace minibert
 
 TORCH_LIBRARY_FRAGMENT(minibert, m) {
-  m.def("dropout(Tensor x, float p, int seed) -> Tensor", &minibert::dropout);
+  m.def("dropout(Tensor x, float p, int seed) -> Tensor");
   m.def("dropout_bits(int seed, int first, int n) -> Tensor", &minibert::dropout_bits);
+}
+
+// CPU only: torch refuses any other device (CUDA, meta, ...) before this code could read its memory
+TORCH_LIBRARY_IMPL(minibert, CPU, m) {
+  m.impl("dropout", &minibert::dropout);
 }

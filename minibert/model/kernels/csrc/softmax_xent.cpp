@@ -125,5 +125,10 @@ at::Tensor softmax_xent_(at::Tensor& logits, const at::Tensor& labels, int64_t n
 
 TORCH_LIBRARY_FRAGMENT(minibert, m) {
   m.def("softmax_xent_(Tensor(a!) logits, Tensor labels, int n_real, Tensor? bias=None, Tensor(b!)? grad_bias=None)"
-        " -> Tensor", &minibert::softmax_xent_);
+        " -> Tensor");
+}
+
+// CPU only: torch refuses any other device (CUDA, meta, ...) before this code could read its memory
+TORCH_LIBRARY_IMPL(minibert, CPU, m) {
+  m.impl("softmax_xent_", &minibert::softmax_xent_);
 }

@@ -20,7 +20,7 @@ from minibert.artifacts import atomic_path, sha256_file, write_json
 from minibert.batches import resolve_device, to_tensors
 from minibert.cpus import ThreadShare
 from minibert.config import EvalConfig, ModelConfig, TrackingConfig, TrainConfig
-from minibert.describe import DIFF_TAG, describe_run
+from minibert.describe import DIFF_TAG, NOTE_TAG, describe_run
 from minibert.errors import Interrupted
 from minibert.evaluate import CURVE, heldout_batch_size, heldout_hook, heldout_subset
 from minibert.heap import release_cpu_memory, tune_cpu_malloc
@@ -136,7 +136,7 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
         result = fit(net, opt, cfg, to_tensors(pairs, device), device, d,
                      start_step=resumed.get("step", 0), history=resumed.get("history"),
                      on_log=on_log, on_checkpoint=on_checkpoint, scaler_state=resumed.get("scaler"),
-                     on_eval=on_eval)
+                     on_eval=on_eval, vocab_size=len(vocab))
         if not d.is_main:
             clean = True
             return {}
@@ -163,7 +163,9 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
         write_outputs(model, hist, metrics, vocab, data_sha, paths,
                       plots.run_title(run_name, asdict(model_cfg), asdict(cfg)))
         tracker.log_metrics({f"final_{k}": metrics[k] for k in ("mlm_loss_avg", "nsp_loss_avg",
-                                                                  "pairs_per_sec", "tokens_per_sec")})
+                                                                  "pairs_per_sec", "tokens_per_sec", "wall_s")})
+        if resumed.get("mlflow_run_id") is None:  # a run this process named: add what only the end knows
+            tracker.set_tags(wall_tags(params, paths, metrics["wall_s"], result.train_s))
         for f in (paths.models / "bert.safetensors", paths.models / "bert.json", paths.vocab):
             tracker.log_artifact(f, "weights")  # enough to rebuild the encoder: `minibert encode --run ID`
         tracker.log_model(Encoder(model).cpu(), example=encoder_example(pairs),
@@ -186,6 +188,15 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
         distributed.shutdown(clean)
 
 
+def wall_tags(params: dict[str, Any], paths: Paths, wall_s: float, train_s: float) -> dict[str, str]:
+    """The run's description with its wall time appended, and a budget run's name with it (describe.py)."""
+    name, tags = describe_run(params, paths.params_file, paths.root, wall_s)
+    out = {NOTE_TAG: f"{tags[NOTE_TAG]}; trained in {wall_s:.0f} s wall ({train_s:.0f} s in steps)"}
+    if params.get("train.budget_minutes"):
+        out["mlflow.runName"] = name
+    return out
+
+
 def run_status(e: BaseException) -> str:
     """MLflow's end state for a run stopped by `e`: KILLED when asked to stop, FAILED otherwise (NaN too)."""
     return "KILLED" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "FAILED"
@@ -206,6 +217,6 @@ def write_outputs(model, history, metrics, vocab: Vocab, data_sha: str, paths: P
         pd.DataFrame(history, columns=["step", "mlm_loss", "nsp_loss", "pairs_per_sec"]).to_csv(tmp, index=False)
     heldout = [r for r in history if "valid_mlm_loss" in r]  # header only when eval_every is 0
     with atomic_path(paths.valid_curve) as tmp:
-        pd.DataFrame(heldout, columns=["step", *(f"valid_{k}" for k in CURVE)]).to_csv(tmp, index=False)
+        pd.DataFrame(heldout, columns=["step", *(f"valid_{k}" for k in CURVE), "valid_wall_s"]).to_csv(tmp, index=False)
     plots.loss_curves(history, paths.curve_png, title, vocab_size=len(vocab), max_steps=history[-1]["step"])
     write_json(paths.metrics, metrics)

@@ -30,7 +30,9 @@ GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAM
 HYPERPARAMS = {
     "vocab.min_freq", "pairs.max_len", "pairs.mask_rate", "pairs.seed", "pairs.heldout_seed", "pairs.shard_tokens",
     "model.num_layers", "model.hidden", "model.heads", "model.ffn_hidden", "model.dropout", "model.max_len",
-    "model.norm", "train.lr", "train.schedule", "train.warmup_steps", "train.batch_size", "train.micro_batches",
+    "model.norm", "model.tie_decoder", "model.decoder_bias", "train.lr", "train.schedule", "train.warmup_steps",
+    "train.warmup_share", "train.optimizer", "train.beta2", "train.weight_decay", "train.grad_clip", "train.masking",
+    "train.mask_rate", "train.budget_minutes", "train.batch_size", "train.micro_batches",
     "train.max_steps", "train.seed", "train.device", "train.precision", "train.log_every",
     "train.checkpoint_every", "train.devices", "train.nodes", "train.threads", "train.compile",
     "train.eval_every", "eval.batch_size", "eval.subset_pairs", "preset"}

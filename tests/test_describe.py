@@ -89,6 +89,20 @@ def test_run_named_from_what_differs_from_the_commit(repo):
     assert "20 steps × 512 pairs" in note and note.endswith("changed: lr=0.002 steps=20") and "\n" not in note
 
 
+def test_budget_run_names_recipe_and_budget_and_describes_the_levers(repo):
+    from minibert.describe import budget_name
+
+    edit(repo / "params.yaml", preset="budget", train__max_steps=321, train__budget_minutes=15)
+    run = open_run(repo)
+    assert run.info.run_name.endswith(" [budget: 321 steps, 15 min budget]")
+    note = run.data.tags["mlflow.note.content"]
+    assert "AdamW (β2 0.98, decay 0.01) lr 0.003 linear, warmup 0.06 of steps, 321 steps" in note
+    assert "tied decoder, no decoder bias, clip 0.5, dynamic masks 0.2; budget 15 min = 321 steps; preset budget" in note
+    params = {"preset": "budget", "train.max_steps": 321, "train.budget_minutes": 15.0}
+    assert budget_name("x", params, 871.4) == "x [budget: 321 steps, 15 min budget, 871 s]"
+    assert budget_name("x", {**params, "train.budget_minutes": 0.0}, 871.4) == "x"  # no budget stated
+
+
 def test_unchanged_params_are_the_baseline(repo):
     run = open_run(repo)
     assert run.info.run_name == "baseline" and run.data.tags["params_diff"] == "baseline"

@@ -374,7 +374,7 @@ def test_pretrain_stage_logs_the_heldout_curve_to_csv_and_mlflow(tmp_path):
     stage(root, "pretrain")
     held = pd.read_csv(root / "plots/valid_curve.csv")
     assert list(held.columns) == ["step", "valid_mlm_loss", "valid_mlm_accuracy", "valid_nsp_loss",
-                                  "valid_nsp_accuracy"]
+                                  "valid_nsp_accuracy", "valid_wall_s"]
     assert list(held["step"]) == [5, 10, 12]  # every 5 steps of 12, plus the last
     model, _ = load_pretrained(root / "models")
     final = evaluate(model, heldout_subset(load_arrays(root / "data/pairs/valid.safetensors"), 37), 7, "cpu")
@@ -524,3 +524,27 @@ def test_a_budget_run_resumed_mid_schedule_is_bit_for_bit_the_uninterrupted_one(
     static, _ = _fit_budget(root, 3, train={**BUDGET_TRAIN, "masking": "static", "mask_rate": 0.15})
     assert [r["mlm_loss"] for r in static] != [r["mlm_loss"] for r in full[:3]]
     assert all(r["train_s"] > 0 for r in full) and [r["train_s"] for r in full] == sorted(r["train_s"] for r in full)
+
+
+def test_budget_run_logs_heldout_curve_against_seconds_and_names_its_wall_time(tmp_path):
+    """The held-out points carry the training seconds so far (valid_wall_s, in the CSV and MLflow), and
+    a run with train.budget_minutes is renamed at the end with recipe, budget and wall time."""
+    import re
+
+    import mlflow
+
+    root = make_workspace(tmp_path, train={"eval_every": 5, "checkpoint_every": 0, "budget_minutes": 0.5},
+                          tracking=True)
+    stage(root, "pretrain")
+    held = pd.read_csv(root / "plots/valid_curve.csv")
+    train_s = pd.read_csv(root / "plots/train_loss.csv")  # no train_s column: the CSV's columns are fixed
+    assert list(held["step"]) == [5, 10, 12] and "train_s" not in train_s.columns
+    assert (held["valid_wall_s"] > 0).all() and held["valid_wall_s"].is_monotonic_increasing
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    run_id = json.loads((root / "metrics/train.json").read_text())["mlflow_run_id"]
+    points = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "valid_wall_s"))
+    assert [s for s, _ in points] == [5, 10, 12] and [v for _, v in points] == pytest.approx(list(held["valid_wall_s"]))
+    run = client.get_run(run_id)
+    assert re.search(r" \[book: 12 steps, 0.5 min budget, \d+ s\]$", run.info.run_name), run.info.run_name
+    assert re.search(r"; trained in \d+ s wall \(\d+ s in steps\)$", run.data.tags["mlflow.note.content"])
+    assert run.data.metrics["final_wall_s"] > 0

@@ -14,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
+import numpy as np
 import torch
 
 from minibert import distributed
@@ -24,7 +24,6 @@ from minibert.config import Config
 from minibert.errors import MinibertError
 from minibert.evaluate import heldout_batch_size, heldout_hook, heldout_subset
 from minibert.model import build_model
-from minibert.pairs import load_pairs
 from minibert.train import fit, make_optimizer, resolve_precision
 
 
@@ -47,16 +46,16 @@ def steps_for(minutes: float, cost: StepCost) -> int:
     return max(1, int(minutes * 60.0 / per_step))
 
 
-def measure(cfg: Config, train_pairs: Path, valid_pairs: Path, vocab_size: int,
+def measure(cfg: Config, train: dict[str, np.ndarray], valid: dict[str, np.ndarray] | None, vocab_size: int,
             warmup: int = 3, timed: int = 10) -> StepCost:
-    """Time `timed` training steps of `cfg`'s recipe after `warmup` untimed ones (oneDNN builds its
-    kernels on the first steps), and one held-out evaluation, on this machine."""
+    """Time `timed` training steps of `cfg`'s recipe on the `train` pairs after `warmup` untimed ones
+    (oneDNN builds its kernels on the first steps), and one held-out evaluation of `valid`'s subset
+    when `cfg.train.eval_every` > 0, on this machine."""
     if warmup < 1 or timed < 1:
         raise MinibertError(f"budget: warm-up {warmup} and timed {timed} steps must both be >= 1")
     device = resolve_device(cfg.train.device)
     if cfg.train.threads not in (0, "auto"):
         torch.set_num_threads(int(cfg.train.threads))
-    train, _ = load_pairs(train_pairs)
     tcfg = dataclasses.replace(cfg.train, max_steps=warmup + timed, eval_every=0, checkpoint_every=0,
                                log_every=1, budget_minutes=0.0)
     model = build_model(cfg.model, vocab_size, seed=tcfg.seed).to(device)
@@ -65,8 +64,7 @@ def measure(cfg: Config, train_pairs: Path, valid_pairs: Path, vocab_size: int,
     clock = [r["train_s"] for r in result.history]  # cumulative seconds after each step (log_every 1)
     step_s = (clock[-1] - clock[warmup - 1]) / timed
     eval_s = 0.0
-    if cfg.train.eval_every:
-        valid, _ = load_pairs(valid_pairs)
+    if cfg.train.eval_every and valid is not None:
         batch = heldout_batch_size(cfg.eval.batch_size, cfg.train.batch_size, cfg.train.micro_batches)
         score = heldout_hook(model, heldout_subset(valid, cfg.eval.subset_pairs), batch, device)
         score(0)  # warm-up: the eval shapes' kernels
@@ -74,8 +72,9 @@ def measure(cfg: Config, train_pairs: Path, valid_pairs: Path, vocab_size: int,
         score(0)
         eval_s = time.perf_counter() - t0
     amp = resolve_precision(cfg.train.precision, device)
-    return StepCost(step_s=step_s, eval_s=eval_s, eval_every=cfg.train.eval_every, device=str(device),
-                    precision=str(amp).replace("torch.", "") if amp else "fp32", threads=torch.get_num_threads())
+    return StepCost(step_s=step_s, eval_s=eval_s, eval_every=cfg.train.eval_every if eval_s else 0,
+                    device=str(device), precision=str(amp).replace("torch.", "") if amp else "fp32",
+                    threads=torch.get_num_threads())
 
 
 def flags(preset: str, steps: int, minutes: float) -> str:

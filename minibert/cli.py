@@ -285,6 +285,7 @@ def budget(
 
     from minibert.budget import flags, measure, steps_for
     from minibert.config import config_from_dict, load_config
+    from minibert.pairs import load_pairs
     from minibert.vocab import Vocab
 
     with stage_errors("budget"):
@@ -297,7 +298,8 @@ def budget(
         if not layout.TRAIN_PAIRS.is_file() or not layout.VOCAB.is_file():
             raise MinibertError(f"{layout.TRAIN_PAIRS}: not found; run `dvc repro pairs` first (the budget "
                                 "is measured on the real train pairs)")
-        cost = measure(cfg, layout.TRAIN_PAIRS, layout.VALID_PAIRS, len(Vocab.load(layout.VOCAB)), timed=timed)
+        valid = load_pairs(layout.VALID_PAIRS)[0] if layout.VALID_PAIRS.is_file() else None
+        cost = measure(cfg, load_pairs(layout.TRAIN_PAIRS)[0], valid, len(Vocab.load(layout.VOCAB)), timed=timed)
         steps = steps_for(minutes, cost)
     evals = (f", {cost.eval_s:.2f} s per held-out evaluation every {cost.eval_every} steps"
              if cost.eval_every else "")

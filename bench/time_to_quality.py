@@ -2,6 +2,7 @@
 
     python -m bench.time_to_quality [--recipes book,pre_ln,budget,hf] [--seeds 0,1,2] [--budgets 1,3]
                                     [--T SECONDS] [--points 6] [--out DIR] [--smoke]
+    python -m bench.time_to_quality --recipes budget,budget+train.masking=static+train.mask_rate=0.15  # one lever
 
 Budgets are multiples of T, the wall time of 500 steps of the book's recipe on this machine (measured
 first unless `--T` is given). Each recipe (a preset of params.yaml, or `hf`: HF BertForPreTraining
@@ -41,7 +42,7 @@ from bench.train import DEFAULT_DATA, DEVICE, cpu_kind, load_splits
 from minibert import distributed, layout
 from minibert.batches import to_tensors
 from minibert.budget import measure
-from minibert.config import Config, config_from_dict
+from minibert.config import Config, ConfigError, config_from_dict
 from minibert.evaluate import evaluate
 from minibert.heap import tune_cpu_malloc
 from minibert.model import build_model
@@ -55,19 +56,37 @@ GOALS = {1: 5.5, 3: 5.1}  # issue 27's held-out MLM loss goals at T and 3T
 
 
 def recipe_config(name: str, raw: dict, smoke: bool) -> Config:
-    """The preset's config (hf: the book's sizes); evaluation during `fit` is the bench's own."""
+    """The preset's config (hf: the book's sizes); evaluation during `fit` is the bench's own.
+
+    `NAME+section.key=value+...` is the preset with some levers set otherwise (values in YAML), for
+    measuring one lever at a time: `budget+train.grad_clip=0`, `budget+model.tie_decoder=false`."""
     raw = copy.deepcopy(raw)
+    name, *overrides = name.split("+")
+    for item in overrides:
+        dotted, sep, value = item.partition("=")
+        section, _, key = dotted.partition(".")
+        if not (sep and section and key):
+            raise SystemExit(f"bench.time_to_quality: recipe override {item!r}: write section.key=value")
+        target = raw if name in ("book", "hf") else raw.setdefault("presets", {}).setdefault(name, {})
+        target.setdefault(section, {})[key] = yaml.safe_load(value)
     if smoke:
         raw["pairs"] = {**raw.get("pairs", {}), "max_len": 29}
         raw["model"] = {**raw.get("model", {}), **SMOKE_MODEL}
         raw["train"] = {**raw.get("train", {}), "batch_size": 16, "micro_batches": 1, "threads": 1}
-    cfg = config_from_dict({**raw, "preset": "book" if name == "hf" else name}, "params.yaml")
+    try:
+        cfg = config_from_dict({**raw, "preset": "book" if name == "hf" else name}, "params.yaml")
+    except ConfigError as e:
+        raise SystemExit(f"bench.time_to_quality: recipe {name!r}: {e}") from None
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_every=0, checkpoint_every=0,
                                                               log_every=1, device="cpu"))
 
 
+def is_hf(recipe: str) -> bool:
+    return recipe.split("+")[0] == "hf"
+
+
 def step_seconds(name: str, cfg: Config, train: dict, vocab_size: int, smoke: bool) -> float:
-    if name == "hf":
+    if is_hf(name):
         model = hf_bert.build(cfg.model, vocab_size, seed=0)
         return hf_bert.step_seconds(model, train, cfg.train.batch_size, timed=2 if smoke else 5)
     return measure(cfg, train, None, vocab_size, timed=2 if smoke else 10).step_s
@@ -116,7 +135,7 @@ def plan(recipes: dict[str, Config], steps: dict[str, dict[int, int]], seeds: li
     for seed in seeds:
         for b in budgets:
             for name, cfg in recipes.items():
-                if name != "hf" and cfg.train.schedule == "constant" and b != max(budgets):
+                if not is_hf(name) and cfg.train.schedule == "constant" and b != max(budgets):
                     continue
                 runs.append((seed, name, b))
     return runs
@@ -247,9 +266,9 @@ def main(argv: list[str] | None = None) -> Path:
     for seed, name, b in plan(recipes, steps, seeds, budgets):
         cfg = recipes[name]
         # a constant-rate run (only at the largest budget) is also read at the smaller budgets' steps
-        also = [x for x in budgets if x != b] if name != "hf" and cfg.train.schedule == "constant" else []
+        also = [x for x in budgets if x != b] if not is_hf(name) and cfg.train.schedule == "constant" else []
         at = scored_steps(steps[name][b], a.points, [steps[name][x] for x in also])
-        runner = run_hf if name == "hf" else run_minibert
+        runner = run_hf if is_hf(name) else run_minibert
         for r in runner(cfg, train, valid, vocab_size, seed, steps[name][b], at):
             new = [{"recipe": name, "seed": seed, "budget": b, "at_budget": r["step"] == steps[name][b], **r}]
             new += [{"recipe": name, "seed": seed, "budget": x, "at_budget": True, **r}

@@ -64,3 +64,15 @@ def test_hf_inputs_put_the_static_masks_labels_at_their_positions():
     assert b["labels"].tolist() == [[-100, -100, 12, -100, 13, -100], [-100, 11, -100, -100, -100, -100]]
     assert b["attention_mask"].tolist() == [[1] * 6] * 2 and b["nsp"].tolist() == [0, 1]
     assert b["input_ids"].shape == (2, 6)  # trimmed to the longest pair
+
+
+def test_a_recipe_can_turn_one_lever_of_a_preset_back():
+    raw = yaml.safe_load((ttq.ROOT / "params.yaml").read_text())
+    cfg = ttq.recipe_config("budget+train.grad_clip=0+model.tie_decoder=false", raw, smoke=False)
+    assert (cfg.train.grad_clip, cfg.model.tie_decoder) == (0.0, False)
+    assert (cfg.train.optimizer, cfg.train.masking, cfg.model.norm) == ("adamw", "dynamic", "pre")  # the rest kept
+    assert ttq.recipe_config("book+train.lr=0.002", raw, smoke=False).train.lr == 0.002
+    with pytest.raises(SystemExit, match="train.mask_rate"):  # static masks at the preset's 20 %: refused
+        ttq.recipe_config("budget+train.masking=static", raw, smoke=False)
+    with pytest.raises(SystemExit, match="section.key=value"):
+        ttq.recipe_config("budget+grad_clip", raw, smoke=False)

@@ -15,7 +15,7 @@ interleaved (seed, then budget, then recipe), so machine noise hits every recipe
 
 Each run is scored at `--points` evenly spaced steps and at its budget's step on the full valid split
 with the evaluate stage's definitions (minibert.evaluate.evaluate; for hf the same sums), outside the
-training clock. Writes to `--out` (default bench/results/time_to_quality-<date>): rows.jsonl (one line
+training clock. Writes to `--out` (default bench/results/<date>-time-to-quality-<commit>/): rows.jsonl (one line
 per scored point: recipe, seed, budget, step, train_s, figures), table.md (recipe x budget: MLM loss,
 MLM accuracy, NSP accuracy as mean ± std over seeds, steps, training seconds, CPU kind) and
 curves.png (held-out MLM loss against training seconds, one curve per recipe: the mean over seeds of
@@ -219,6 +219,14 @@ def smoke_data() -> tuple[dict, dict, int]:
     return splits["train"], splits["valid"], 99
 
 
+def commit() -> str:
+    """The checkout's short commit, for the results folder's name (bench/README.md's convention)."""
+    import subprocess
+
+    p = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return p.stdout.strip() or "nogit"
+
+
 def int_list(text: str, flag: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",")]
@@ -260,7 +268,7 @@ def main(argv: list[str] | None = None) -> Path:
     kind = cpu_kind(Path("/proc/cpuinfo").read_text()) if Path("/proc/cpuinfo").is_file() else "unknown CPU"
     print(f"T = {T:.1f} s; step seconds {json.dumps({n: round(c, 4) for n, c in cost.items()})}; "
           f"steps {json.dumps(steps)}; {kind}, {torch.get_num_threads()} threads", file=sys.stderr, flush=True)
-    out_dir = a.out or ROOT / "bench/results" / f"time_to_quality-{datetime.date.today():%Y%m%d}"
+    out_dir = a.out or ROOT / "bench/results" / f"{datetime.date.today()}-time-to-quality-{commit()}"
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     for seed, name, b in plan(recipes, steps, seeds, budgets):

@@ -7,6 +7,7 @@
     minibert encode "a crane is flying" --model models:/minibert-encoder@champion
     minibert export hf OUT [--run RUN_ID]           # a folder Hugging Face transformers loads
     minibert ui-url                                 # the MLflow UI's training-runs table of the experiment
+    minibert budget --minutes 15 [--preset budget]  # steps 15 minutes buy here, and the -S flags
 """
 from __future__ import annotations
 
@@ -273,6 +274,42 @@ def runs(
         **{short: _numeric(df[col]) if col in df else None for col, short in RUN_COLUMNS.items()},
     })
     _console().print(_table(shown, f"{len(df)} newest runs of {experiment!r} ({uri})"))
+
+
+@app.command()
+def budget(
+    minutes: float = typer.Option(..., "--minutes", help="Training time you can afford, in minutes."),
+    preset: Optional[str] = typer.Option(None, help="Recipe to size [default: params.yaml's `preset`]."),
+    params: Path = typer.Option(layout.PARAMS, help="params file"),
+    timed: int = typer.Option(10, min=1, help="Steps timed after 3 warm-up steps."),
+) -> None:
+    """Measure this machine's step time for a recipe; print the steps N minutes buy and the -S flags."""
+    import yaml
+
+    from minibert.training.budget import flags, measure, steps_for
+    from minibert.config import config_from_dict, load_config
+    from minibert.data.pairs import load_pairs
+    from minibert.data.vocab import Vocab
+
+    with stage_errors("budget"):
+        if minutes <= 0:
+            raise MinibertError(f"--minutes {minutes:g}: give a positive number of minutes")
+        load_config(params)  # one clear line for a bad params file
+        raw = yaml.safe_load(params.read_text()) or {}
+        name = preset or raw.get("preset", "book")
+        cfg = config_from_dict({**raw, "preset": name}, str(params))
+        if not layout.TRAIN_PAIRS.is_file() or not layout.VOCAB.is_file():
+            raise MinibertError(f"{layout.TRAIN_PAIRS}: not found; run `dvc repro pairs` first (the budget "
+                                "is measured on the real train pairs)")
+        valid = load_pairs(layout.VALID_PAIRS)[0] if layout.VALID_PAIRS.is_file() else None
+        cost = measure(cfg, load_pairs(layout.TRAIN_PAIRS)[0], valid, len(Vocab.load(layout.VOCAB)), timed=timed)
+        steps = steps_for(minutes, cost)
+    evals = (f", {cost.eval_s:.2f} s per held-out evaluation every {cost.eval_every} steps"
+             if cost.eval_every else "")
+    print(f"budget: preset {name} on {cost.device} ({cost.precision}, {cost.threads} threads): "
+          f"{cost.step_s:.3f} s a step{evals}")
+    print(f"{minutes:g} minutes buy {steps} steps (start-up and the final evaluation not counted):")
+    print(f"  {flags(name, steps, minutes)}")
 
 
 @app.command("ui-url")

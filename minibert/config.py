@@ -138,6 +138,11 @@ class ModelConfig:
     """Rows of the learned positional embedding; must be >= pairs.max_len."""
     norm: Literal["post", "pre"] = "post"
     """`post`: the book's Add & Norm after each sublayer; `pre`: LayerNorm before (faster recipe)."""
+    tie_decoder: bool = False
+    """MLM decoder reuses the token embedding (V, H) as its weight, its input scaled by hidden**-0.5 so
+    the initial logits have unit scale (T5's rule): V x H fewer parameters to learn. The book: its own Linear."""
+    decoder_bias: bool = True
+    """A (V,) bias on the MLM decoder (the book); false drops it (Cramming's cheaper head)."""
 
     def __post_init__(self):
         _require(self.num_layers >= 1, "num_layers", self.num_layers, "an integer >= 1")
@@ -159,11 +164,33 @@ NOT_NUMERIC = {"numeric": False}
 @dataclass(frozen=True)
 class TrainConfig:
     lr: float = 1e-3
-    """Adam learning rate (the book: 1e-3, constant)."""
+    """Peak learning rate (the book: 1e-3, constant)."""
     schedule: Literal["constant", "linear"] = "constant"
-    """`constant` (the book) or linear warmup then linear decay to 0 at `max_steps`."""
+    """`constant` (the book) or linear warmup then linear decay to 0 at `max_steps`: the schedule follows
+    the budget, so a run of more steps stretches the same shape."""
     warmup_steps: int = 0
     """Warmup steps of the `linear` schedule."""
+    warmup_share: float = 0.0
+    """Warmup as a share of `max_steps` (rounded; used instead of `warmup_steps` when > 0), so the
+    warmup scales with the budget."""
+    optimizer: Literal["adam", "adamw"] = "adam"
+    """`adam` (the book: no weight decay) or `adamw` (decoupled `weight_decay` on weight matrices and
+    embeddings only; biases and LayerNorm parameters are never decayed)."""
+    beta2: float = 0.999
+    """Adam's second-moment decay (the book: torch's 0.999; 0.98 is BERT-at-a-budget's)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay of `adamw` (0.01 in RoBERTa/Cramming)."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this before each update (0: off, the book)."""
+    masking: Literal["static", "dynamic"] = "static"
+    """`static`: the pairs stage's masks, the same every epoch (the book). `dynamic`: every step redraws
+    its batch's masks from (seed, step) at `mask_rate` by the same 80/10/10 rule (RoBERTa); the pairs
+    files are untouched and held-out scoring keeps their static 15 % masks."""
+    mask_rate: float = 0.15
+    """Training mask rate of `dynamic` masking; `static` masking must match `pairs.mask_rate`."""
+    budget_minutes: float = field(default=0.0, metadata=NOT_NUMERIC)
+    """What `max_steps` was sized for (`minibert budget --minutes N` prints both): recorded in the run's
+    name and description only; 0: no budget stated. Steps, not minutes, drive the run (reproducible)."""
     batch_size: int = 512
     """Global batch: split across all ranks under DDP."""
     micro_batches: int | Literal["auto"] = "auto"
@@ -205,6 +232,16 @@ class TrainConfig:
     def __post_init__(self):
         _require(self.lr > 0, "lr", self.lr, "a number > 0")
         _require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0")
+        _require(0.0 <= self.warmup_share < 1.0, "warmup_share", self.warmup_share, "a number in [0, 1)")
+        _require(not (self.warmup_share and self.warmup_steps), "warmup_share", self.warmup_share,
+                 f"0 when warmup_steps is set ({self.warmup_steps}); give one of the two")
+        _require(0.0 < self.beta2 < 1.0, "beta2", self.beta2, "a number in (0, 1)")
+        _require(self.weight_decay >= 0.0, "weight_decay", self.weight_decay, "a number >= 0")
+        _require(self.optimizer == "adamw" or self.weight_decay == 0.0, "weight_decay", self.weight_decay,
+                 "0 with optimizer adam (decoupled decay needs optimizer: adamw)")
+        _require(self.grad_clip >= 0.0, "grad_clip", self.grad_clip, "a number >= 0 (0: no clipping)")
+        _require(0.0 < self.mask_rate < 1.0, "mask_rate", self.mask_rate, "a number in (0, 1)")
+        _require(self.budget_minutes >= 0.0, "budget_minutes", self.budget_minutes, "a number >= 0 (0: none)")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         _require(self.micro_batches == "auto" or self.micro_batches >= 1, "micro_batches", self.micro_batches,
                  "auto or an integer >= 1")
@@ -226,6 +263,11 @@ class TrainConfig:
         _require(self.max_restarts >= 0, "max_restarts", self.max_restarts, "an integer >= 0")
         _require(self.threads == "auto" or self.threads >= 0, "threads", self.threads, "auto or an integer >= 0")
         _require(self.eval_every >= 0, "eval_every", self.eval_every, "an integer >= 0 (0: no held-out curve)")
+
+    @property
+    def warmup(self) -> int:
+        """Warmup steps in effect: `warmup_share` of `max_steps` (half rounded up) when set, else `warmup_steps`."""
+        return int(self.warmup_share * self.max_steps + 0.5) if self.warmup_share else self.warmup_steps
 
 
 @dataclass(frozen=True)
@@ -312,6 +354,10 @@ class Config:
     def __post_init__(self):
         _require(self.model.max_len >= self.pairs.max_len, "model.max_len", self.model.max_len,
                  f"an integer >= pairs.max_len ({self.pairs.max_len})")
+        _require(self.train.masking == "dynamic" or self.train.mask_rate == self.pairs.mask_rate,
+                 "train.mask_rate", self.train.mask_rate,
+                 f"pairs.mask_rate ({self.pairs.mask_rate}) with static masks (the pairs stage drew them); "
+                 "set train.masking: dynamic to train at another rate")
 
 
 # ---------------------------------------------------------------------------- loading

@@ -400,3 +400,33 @@ def test_cpu_training_attention_is_the_padded_torch_attention():
     assert isinstance(block, Block) and (fused != 0).any()
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(g_fused[:n], g_plain[:n], atol=1e-5, rtol=1e-5)
+
+
+def test_tied_decoder_is_the_scaled_token_embedding_without_bias(tmp_path):
+    """model.tie_decoder / decoder_bias: no decoder matrix or bias of its own, logits h @ E.T / sqrt(H),
+    the fused training loss equal to the cross-entropy of those logits, and the decoder's gradient
+    reaching embedding rows of words absent from the input."""
+    cfg = ModelConfig(**{**CFG.__dict__, "tie_decoder": True, "decoder_bias": False, "dropout": 0.0})
+    tied, plain = build_model(cfg, V, seed=3), build_model(CFG, V, seed=3)
+    assert not any(k.startswith("mlm.3") for k in tied.state_dict())
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(plain) - count(tied) == V * H + V
+    tokens, segments, valid, positions, weights, labels, nsp = make_batch(4)
+    tokens = tokens % 50  # ids 50..98 never in the input
+    tied.eval()
+    with torch.no_grad():
+        logits, _ = tied(tokens, segments, valid, positions, weights)
+        enc = tied.encode(tokens, segments, valid)  # (B, T, H)
+        at = enc[torch.arange(B)[:, None].expand_as(positions)[weights > 0], positions[weights > 0]]  # (M, H)
+        want = tied.mlm[:-1](at) @ tied.token_embedding.weight.T / math.sqrt(H)  # (M, V)
+    assert torch.allclose(logits, want, atol=1e-5)
+    tied.train()
+    mlm, _ = tied(tokens, segments, valid, positions, weights, labels, nsp)
+    assert mlm.item() == pytest.approx(F.cross_entropy(want, labels[weights > 0]).item(), abs=1e-5)
+    mlm.backward()
+    assert tied.token_embedding.weight.grad[50:].abs().sum() > 0
+    save_pretrained(tied, tmp_path, {"vocab_sha256": "abc"})  # one copy of the shared matrix on disk
+    loaded, meta = load_pretrained(tmp_path)
+    assert meta["model"]["tie_decoder"] is True and loaded.mlm[-1].weight is loaded.token_embedding.weight
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens, segments, valid, positions, weights)[0], logits)

@@ -49,6 +49,20 @@ def test_missing_sections_take_defaults():
     ({"train": {"nodes": 2}}, "train.rdzv_endpoint", "every node can reach"),
     ({"train": {"nodes": 3, "rdzv_endpoint": "127.0.0.2:29500"}}, "train.rdzv_endpoint", "loopback"),
     ({"train": {"nodes": 2, "rdzv_endpoint": "[::1]:29500"}}, "train.rdzv_endpoint", "loopback"),
+    # the quality levers (issue 27)
+    ({"model": {"tie_decoder": "yes"}}, "model.tie_decoder", "true/false"),
+    ({"model": {"decoder_bias": 0}}, "model.decoder_bias", "true/false"),
+    ({"train": {"warmup_share": 1.0}}, "train.warmup_share", "[0, 1)"),
+    ({"train": {"warmup_share": 0.1, "warmup_steps": 7}}, "train.warmup_share", "give one of the two"),
+    ({"train": {"optimizer": "sgd"}}, "train.optimizer", "'adamw'"),
+    ({"train": {"beta2": 1.0}}, "train.beta2", "(0, 1)"),
+    ({"train": {"optimizer": "adamw", "weight_decay": -0.01}}, "train.weight_decay", ">= 0"),
+    ({"train": {"weight_decay": 0.01}}, "train.weight_decay", "needs optimizer: adamw"),
+    ({"train": {"grad_clip": -1}}, "train.grad_clip", "0: no clipping"),
+    ({"train": {"masking": "sometimes"}}, "train.masking", "'dynamic'"),
+    ({"train": {"masking": "dynamic", "mask_rate": 0.0}}, "train.mask_rate", "(0, 1)"),
+    ({"train": {"mask_rate": 0.3}}, "train.mask_rate", "set train.masking: dynamic"),
+    ({"train": {"budget_minutes": -5}}, "train.budget_minutes", ">= 0"),
     ({"probe": {"sentences": [{"name": "x", "a": "a crane", "word": "bird"}]}}, "probe.sentences[0].word", "bird"),
     ({"probe": {"sentences": [{"name": "x"}]}}, "probe.sentences[0]", "missing"),
     ({"data": {"mirrors": {"wikitext-2": {"parquet_urls": {"train": "u"}}}}}, "data.mirrors.wikitext-2.parquet_urls",
@@ -135,3 +149,16 @@ def test_project_params_choose_wikitext_2_and_one_pairs_shard_for_it():
     assert len(cfg.data.mirrors["wikitext-103"].parquet_urls["train"]) == 2
     with pytest.raises(ConfigError, match="pairs.shard_tokens = 999"):
         config_from_dict({"pairs": {"shard_tokens": 999}})
+
+
+def test_budget_preset_sets_the_levers_and_leaves_the_budget_to_the_user():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    cfg = config_from_dict({**raw, "preset": "budget"})
+    assert (cfg.model.norm, cfg.model.dropout, cfg.model.tie_decoder, cfg.model.decoder_bias) == ("pre", 0.0, True, False)
+    assert (cfg.train.optimizer, cfg.train.beta2, cfg.train.weight_decay, cfg.train.masking) == ("adamw", 0.98, 0.01, "dynamic")
+    # `-S train.max_steps=N` is the budget: the preset must not override it
+    sized = config_from_dict({**raw, "preset": "budget", "train": {**raw["train"], "max_steps": 1234}})
+    assert sized.train.max_steps == 1234 and sized.train.warmup == 74  # 6 % of 1234 = 74.04
+    book = load_config(ROOT / "params.yaml")
+    assert (book.train.optimizer, book.train.masking, book.train.grad_clip, book.model.tie_decoder) == \
+        ("adam", "static", 0.0, False)

@@ -36,7 +36,9 @@ TOL = 1e-5
 
 
 def tiny_bert(norm: str):
-    cfg = ModelConfig(num_layers=2, hidden=15, heads=3, ffn_hidden=13, dropout=0.1, max_len=29, norm=norm)
+    tied = norm.endswith("-tied")  # the budget preset's head: decoder = scaled token embedding, no bias
+    cfg = ModelConfig(num_layers=2, hidden=15, heads=3, ffn_hidden=13, dropout=0.1, max_len=29,
+                      norm=norm.removesuffix("-tied"), tie_decoder=tied, decoder_bias=not tied)
     bert = build_model(cfg, len(VOCAB), seed=13)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -46,7 +48,7 @@ def tiny_bert(norm: str):
     return bert.eval()
 
 
-@pytest.fixture(scope="module", params=["post", "pre"])
+@pytest.fixture(scope="module", params=["post", "pre", "pre-tied"])
 def exported(request, tmp_path_factory):
     bert = tiny_bert(request.param)
     out = tmp_path_factory.mktemp(f"hf-{request.param}") / "minibert-hf"

@@ -374,7 +374,7 @@ def test_pretrain_stage_logs_the_heldout_curve_to_csv_and_mlflow(tmp_path):
     stage(root, "pretrain")
     held = pd.read_csv(root / "plots/valid_curve.csv")
     assert list(held.columns) == ["step", "valid_mlm_loss", "valid_mlm_accuracy", "valid_nsp_loss",
-                                  "valid_nsp_accuracy"]
+                                  "valid_nsp_accuracy", "valid_wall_s"]
     assert list(held["step"]) == [5, 10, 12]  # every 5 steps of 12, plus the last
     model, _ = load_pretrained(root / "models")
     final = evaluate(model, heldout_subset(load_arrays(root / "data/pairs/valid.safetensors"), 37), 7, "cpu")
@@ -418,3 +418,134 @@ def test_every_step_draws_its_own_dropout_masks():
         with torch.no_grad():
             mlm, nsp = model.train()(*(batch[k] for k in FIELDS))
         assert (float(mlm), float(nsp)) == pytest.approx(losses[s], abs=1e-6), s
+
+
+# ---------------------------------------------------------------------------- budget runs (issue 27)
+
+
+def test_budget_schedule_hand_worked():
+    """10 steps, warmup share 0.2 -> 2 warmup steps (0.5, 1.0), then 1 - k/8 for k = 0..7: 0 at step 10."""
+    cfg = TrainConfig(lr=1.0, schedule="linear", warmup_share=0.2, max_steps=10)
+    assert [get_lr(s, cfg) for s in range(11)] == pytest.approx(
+        [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0])
+    # the shape follows the budget: 20 steps -> 4 warmup steps, decay over 16
+    long = TrainConfig(lr=1.0, schedule="linear", warmup_share=0.2, max_steps=20)
+    assert [get_lr(s, long) for s in (0, 3, 4, 12, 19)] == pytest.approx([0.25, 1.0, 1.0, 0.5, 1 / 16])
+    # half a step rounds up: 0.5 * 7 = 3.5 -> 4; 0.3 * 7 = 2.1 -> 2
+    assert TrainConfig(warmup_share=0.5, max_steps=7).warmup == 4
+    assert TrainConfig(warmup_share=0.3, max_steps=7).warmup == 2
+    assert TrainConfig(warmup_steps=5, max_steps=7).warmup == 5
+
+
+def test_adamw_decays_weight_matrices_only():
+    """With zero gradients Adam's update is 0, so one AdamW step only multiplies each decayed parameter
+    by (1 - lr * weight_decay); biases and LayerNorm parameters (vectors) stay exactly as they were."""
+    from minibert.training.loop import make_optimizer
+
+    model = build_model(ModelConfig(**TINY_MODEL), 99, seed=0)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    opt = make_optimizer(model.parameters(), TrainConfig(optimizer="adamw", lr=0.5, weight_decay=0.1, beta2=0.98))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert [g["betas"] for g in opt.param_groups] == [(0.9, 0.98)] * 2
+    for name, p in model.named_parameters():
+        want = before[name] * (1 - 0.5 * 0.1) if p.ndim >= 2 else before[name]
+        assert torch.allclose(p.detach(), want, rtol=1e-6, atol=0), name
+    decayed = {n for n, p in model.named_parameters() if p.ndim >= 2}
+    assert "token_embedding.weight" in decayed and not any("norm" in n or n.endswith(".bias") for n in decayed)
+
+
+def test_gradient_clipping_caps_the_update_of_plain_sgd(tmp_path):
+    """SGD with lr 1 moves the weights by exactly the (clipped) gradient: its global norm is the clip."""
+    from minibert.artifacts import load_arrays
+    from minibert.data.batches import gather_batch, to_tensors
+
+    root = make_workspace(tmp_path)
+    data = to_tensors(load_arrays(root / "data/pairs/train.safetensors"), torch.device("cpu"))
+    batch = gather_batch(data, np.arange(13))
+    norms = {}
+    for clip in (0.0, 0.01):
+        model = build_model(ModelConfig(**{**TINY_MODEL, "dropout": 0.0}), 99, seed=0)
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        train_step(model, opt, None, batch, 1.0, 1.0, None, torch.device("cpu"), 1, grad_clip=clip)
+        norms[clip] = float((torch.cat([p.detach().flatten() for p in model.parameters()]) - before).norm())
+    assert norms[0.0] > 0.01 and norms[0.01] == pytest.approx(0.01, rel=1e-4)
+
+
+BUDGET_TRAIN = {"lr": 3e-3, "schedule": "linear", "warmup_share": 0.2, "optimizer": "adamw", "beta2": 0.98,
+                "weight_decay": 0.01, "grad_clip": 0.5, "masking": "dynamic", "mask_rate": 0.3}
+BUDGET_MODEL = {"norm": "pre", "tie_decoder": True, "decoder_bias": False}  # dropout 0.1 kept: reseeded per step
+
+
+class _Killed(Exception):
+    pass
+
+
+def _fit_budget(root, steps, train=None, stop_at=None, resume=None):
+    from minibert.training import checkpoint, distributed
+    from minibert.artifacts import load_arrays
+    from minibert.data.batches import to_tensors
+    from minibert.training.loop import fit, make_optimizer
+
+    cfg = TrainConfig(**{"batch_size": 13, "max_steps": steps, "device": "cpu", "precision": "fp32",
+                         "checkpoint_every": 1, "eval_every": 0, "threads": 1, **(train or BUDGET_TRAIN)})
+    model = build_model(ModelConfig(**{**TINY_MODEL, **BUDGET_MODEL}), 99, seed=0)
+    opt = make_optimizer(model.parameters(), cfg)
+    meta = checkpoint.load(resume, model, opt) if resume else {}
+    data = to_tensors(load_arrays(root / "data/pairs/train.safetensors"), torch.device("cpu"))
+
+    def on_checkpoint(step, history, scaler_state):
+        path = checkpoint.save(root / "ckpt", step, model, opt, {"history": history}, scaler_state)
+        if step == stop_at:
+            raise _Killed(path)
+        return path
+
+    res = fit(model, opt, cfg, data, torch.device("cpu"), distributed.Dist(), vocab_size=99,
+              start_step=meta.get("step", 0), history=meta.get("history"), on_checkpoint=on_checkpoint)
+    return res.history, model
+
+
+def test_a_budget_run_resumed_mid_schedule_is_bit_for_bit_the_uninterrupted_one(tmp_path):
+    """Every lever of the budget preset on (dynamic masks, AdamW, clipping, tied decoder, warmup share,
+    linear decay): stopped after step 7 of 17 and resumed from its checkpoint, the losses and weights
+    are the same bits as a run never stopped."""
+    root = make_workspace(tmp_path)
+    full, m_full = _fit_budget(root, 17)
+    with pytest.raises(_Killed) as killed:
+        _fit_budget(root, 17, stop_at=7)
+    resumed, m_res = _fit_budget(root, 17, resume=killed.value.args[0])
+    key = [(r["step"], r["mlm_loss"], r["nsp_loss"]) for r in full]
+    assert key == [(r["step"], r["mlm_loss"], r["nsp_loss"]) for r in resumed]
+    a, b = m_full.state_dict(), m_res.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the dynamic masks really differ from the static ones: the same run with static masks trains otherwise
+    static, _ = _fit_budget(root, 3, train={**BUDGET_TRAIN, "masking": "static", "mask_rate": 0.15})
+    assert static[0]["mlm_loss"] != full[0]["mlm_loss"]  # step 1: same weights and batch, other masks
+    assert all(r["train_s"] > 0 for r in full) and [r["train_s"] for r in full] == sorted(r["train_s"] for r in full)
+
+
+def test_budget_run_logs_heldout_curve_against_seconds_and_names_its_wall_time(tmp_path):
+    """The pretrain stage with the budget levers (dynamic masks, tied decoder saved, exported and logged):
+    the held-out points carry the training seconds so far (valid_wall_s, in the CSV and MLflow), and a
+    run with train.budget_minutes is renamed at the end with recipe, budget and wall time."""
+    import re
+
+    import mlflow
+
+    root = make_workspace(tmp_path, train={**BUDGET_TRAIN, "eval_every": 5, "checkpoint_every": 0,
+                                           "budget_minutes": 0.5}, model=BUDGET_MODEL, tracking=True)
+    stage(root, "pretrain")
+    held = pd.read_csv(root / "plots/valid_curve.csv")
+    train_s = pd.read_csv(root / "plots/train_loss.csv")  # no train_s column: the CSV's columns are fixed
+    assert list(held["step"]) == [5, 10, 12] and "train_s" not in train_s.columns
+    assert (held["valid_wall_s"] > 0).all() and held["valid_wall_s"].is_monotonic_increasing
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    run_id = json.loads((root / "metrics/train.json").read_text())["mlflow_run_id"]
+    points = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "valid_wall_s"))
+    assert [s for s, _ in points] == [5, 10, 12] and [v for _, v in points] == pytest.approx(list(held["valid_wall_s"]))
+    run = client.get_run(run_id)
+    assert re.search(r" \[book: 12 steps, 0.5 min budget, \d+ s\]$", run.info.run_name), run.info.run_name
+    assert re.search(r"; trained in \d+ s wall \(\d+ s in steps\)$", run.data.tags["mlflow.note.content"])
+    assert run.data.metrics["final_wall_s"] > 0

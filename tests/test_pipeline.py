@@ -246,3 +246,6 @@ def test_heldout_curve_and_baselines_through_dvc(tmp_path):
     for p in points:
         steps.setdefault(p["filename::field"], []).append(int(p["step"]))
     assert steps == {"train_loss.csv::mlm_loss": list(range(1, 10)), "valid_curve.csv::valid_mlm_loss": [4, 8, 9]}
+    timed = shown["heldout_mlm_loss_vs_seconds"][0]["content"]["data"]["values"]  # the same points against seconds
+    seconds = [float(p["valid_wall_s"]) for p in timed]
+    assert len(seconds) == 3 and seconds == sorted(seconds) and seconds[0] > 0

@@ -31,7 +31,9 @@ GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAM
 HYPERPARAMS = {
     "vocab.min_freq", "pairs.max_len", "pairs.mask_rate", "pairs.seed", "pairs.heldout_seed", "pairs.shard_tokens",
     "model.num_layers", "model.hidden", "model.heads", "model.ffn_hidden", "model.dropout", "model.max_len",
-    "model.norm", "train.lr", "train.schedule", "train.warmup_steps", "train.batch_size", "train.micro_batches",
+    "model.norm", "model.tie_decoder", "model.decoder_bias", "train.lr", "train.schedule", "train.warmup_steps",
+    "train.warmup_share", "train.optimizer", "train.beta2", "train.weight_decay", "train.grad_clip", "train.masking",
+    "train.mask_rate", "train.budget_minutes", "train.batch_size", "train.micro_batches",
     "train.max_steps", "train.seed", "train.device", "train.precision", "train.log_every",
     "train.checkpoint_every", "train.devices", "train.nodes", "train.threads", "train.compile",
     "train.eval_every", "eval.batch_size", "eval.subset_pairs", "eval.device", "preset"}
@@ -86,6 +88,20 @@ def test_run_named_from_what_differs_from_the_commit(repo):
     note = run.data.tags["mlflow.note.content"]
     assert note.startswith("BERT 2 layers × 128 hidden, 2 heads, FFN 256, post-LN, dropout 0.2; Adam lr 0.002 constant")
     assert "20 steps × 512 pairs" in note and note.endswith("changed: lr=0.002 steps=20") and "\n" not in note
+
+
+def test_budget_run_names_recipe_and_budget_and_describes_the_levers(repo):
+    from minibert.tracking.runinfo import budget_name
+
+    edit(repo / "params.yaml", preset="budget", train__max_steps=321, train__budget_minutes=15)
+    run = open_run(repo)
+    assert run.info.run_name.endswith(" [budget: 321 steps, 15 min budget]")
+    note = run.data.tags["mlflow.note.content"]
+    assert "AdamW (β2 0.98, decay 0.01) lr 0.003 linear, warmup 0.06 of steps, 321 steps" in note
+    assert "tied decoder, no decoder bias, clip 0.5, dynamic masks 0.2; budget 15 min = 321 steps; preset budget" in note
+    params = {"preset": "budget", "train.max_steps": 321, "train.budget_minutes": 15.0}
+    assert budget_name("x", params, 871.4) == "x [budget: 321 steps, 15 min budget, 871 s]"
+    assert budget_name("x", {**params, "train.budget_minutes": 0.0}, 871.4) == "x"  # no budget stated
 
 
 def test_unchanged_params_are_the_baseline(repo):

@@ -75,16 +75,20 @@ def assemble(ids, sentence_offsets, a_idx, b_idx, max_len: int):
     return tokens.astype(np.int32), segments, valid_lens.astype(np.int32), in_a | in_b
 
 
-def mask_tokens(tokens, valid_lens, candidates, cfg: PairsConfig, vocab_size: int, rng: np.random.Generator):
-    """Choose max(1, round(mask_rate * len)) positions among real tokens (never `<cls>`/`<sep>`) and
+def mask_tokens(tokens, valid_lens, candidates, mask_rate: float, max_preds: int, vocab_size: int,
+                rng: np.random.Generator):
+    """Choose max(1, round(mask_rate * len)) positions among real tokens (never `<cls>`/`<sep>`; at most
+    the row's candidates, which only a rate far above the book's 15 % reaches) into `max_preds` slots, and
     corrupt them by BERT's 80/10/10 rule. Only 80 % become `<mask>` because `<mask>` never occurs at
     fine-tuning time; 10 % stay unchanged so the model must keep a good representation of the
     observed token too; 10 % become a random token so it cannot trust any input word blindly.
     Random tokens are drawn from the ordinary words only: a stray `<cls>`/`<sep>`/`<pad>` in the
-    input would corrupt the sentence structure rather than a word."""
+    input would corrupt the sentence structure rather than a word. The training loop's dynamic masks
+    (minibert/masking.py) are drawn here too."""
     n, t = tokens.shape
-    p = cfg.max_preds
-    num_preds = np.maximum(1, np.rint(valid_lens * cfg.mask_rate)).astype(np.int64)  # (N,), round-half-even like Python
+    p = max_preds
+    num_preds = np.maximum(1, np.rint(valid_lens * mask_rate)).astype(np.int64)  # (N,), round-half-even like Python
+    num_preds = np.minimum(num_preds, candidates.sum(1))  # never a special: a row may get no slot
     keys = rng.random((n, t))
     keys[~candidates] = 2.0                                           # never pick a non-candidate
     chosen = np.argsort(keys, axis=1, kind="stable")[:, :p]           # (N, P) random candidates
@@ -112,7 +116,8 @@ def make_pairs(split: dict[str, np.ndarray], cfg: PairsConfig, vocab_size: int,
     keep = lengths[a_idx] + lengths[b_idx] + 3 <= cfg.max_len        # the book drops over-long pairs
     a_idx, b_idx, nsp = a_idx[keep], b_idx[keep], nsp[keep]
     tokens, segments, valid_lens, candidates = assemble(ids, sent_off, a_idx, b_idx, cfg.max_len)
-    tokens, positions, weights, labels = mask_tokens(tokens, valid_lens, candidates, cfg, vocab_size, rng)
+    tokens, positions, weights, labels = mask_tokens(tokens, valid_lens, candidates, cfg.mask_rate, cfg.max_preds,
+                                                     vocab_size, rng)
     return {"token_ids": tokens, "segments": segments, "valid_lens": valid_lens, "pred_positions": positions,
             "mlm_weights": weights, "mlm_labels": labels, "nsp_labels": nsp}
 

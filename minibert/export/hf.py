@@ -43,8 +43,16 @@ def _transformers():
 
 def hf_state_dict(bert: torch.nn.Module) -> dict[str, torch.Tensor]:
     """minibert's weights under the shipped model's names: the encoder moves under `minibert.`."""
-    return {(k if k.startswith(HEADS) else f"minibert.{k}"): v.detach().cpu().contiguous()
-            for k, v in bert.state_dict().items()}
+    state = {(k if k.startswith(HEADS) else f"minibert.{k}"): v.detach().cpu().contiguous()
+             for k, v in bert.state_dict().items()}
+    # A tied or bias-free decoder (model.tie_decoder / decoder_bias) ships as the plain Linear the shipped
+    # code has: the embedding with the tied input scale folded in, a zero bias: the same logits.
+    decoder = bert.mlm[-1]
+    last = f"mlm.{len(bert.mlm) - 1}"
+    scale = getattr(decoder, "scale", 1.0)
+    state.setdefault(f"{last}.weight", (decoder.weight.detach() * scale).cpu().contiguous())
+    state.setdefault(f"{last}.bias", torch.zeros(decoder.weight.shape[0], dtype=decoder.weight.dtype))
+    return state
 
 
 def hf_config(cfg, vocab_size: int):

@@ -136,6 +136,28 @@ class Block(nn.Module):
         return norm(dropout(y, self.p, self.training) + x)
 
 
+class TiedDecoder(nn.Module):
+    """The MLM decoder reading the token embedding (V, H) as its weight, on inputs scaled by H**-0.5.
+
+    The embedding is referenced, not registered as a submodule: the shared matrix is saved once, as
+    `token_embedding.weight`, and `parameters()` lists it once. Embeddings start N(0, 1), so unscaled
+    logits of LayerNorm'd inputs would start with std sqrt(H); the scale makes it ~1 (T5's rule)."""
+
+    def __init__(self, embedding: nn.Embedding, bias: bool):
+        super().__init__()
+        self.__dict__["embedding"] = embedding  # plain attribute: not a submodule, not in state_dict
+        V, H = embedding.weight.shape
+        self.scale = H ** -0.5
+        self.bias = nn.Parameter(torch.zeros(V)) if bias else None
+
+    @property
+    def weight(self) -> Tensor:
+        return self.embedding.weight
+
+    def forward(self, h: Tensor) -> Tensor:
+        return F.linear(h * self.scale, self.weight, self.bias)
+
+
 class BERT(nn.Module):
     """The book's BERTModel: encoder + MLM head + NSP head."""
 
@@ -149,7 +171,9 @@ class BERT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         # The pre-LN recipe needs a last LayerNorm: nothing normalises the final residual sum otherwise.
         self.final_norm = nn.LayerNorm(H) if cfg.norm == "pre" else nn.Identity()
-        self.mlm = nn.Sequential(nn.Linear(H, H), nn.ReLU(), nn.LayerNorm(H), nn.Linear(H, vocab_size))
+        decoder = (TiedDecoder(self.token_embedding, cfg.decoder_bias) if cfg.tie_decoder
+                   else nn.Linear(H, vocab_size, bias=cfg.decoder_bias))
+        self.mlm = nn.Sequential(nn.Linear(H, H), nn.ReLU(), nn.LayerNorm(H), decoder)
         self.nsp_hidden = nn.Sequential(nn.Linear(H, H), nn.Tanh())
         self.nsp = nn.Linear(H, 2)
 
@@ -222,7 +246,10 @@ class BERT(nn.Module):
         M = mlm_rows.numel()
         hidden = self.mlm[:-1](rows.index_select(0, F.pad(mlm_rows, (0, -M % SLOT_BUCKET))))[:M]  # (M, H)
         decoder = self.mlm[-1]
-        mlm = linear_cross_entropy(hidden, decoder.weight, decoder.bias, mlm_labels[real].long())
+        if isinstance(decoder, TiedDecoder):
+            hidden = hidden * decoder.scale
+        bias = decoder.bias if decoder.bias is not None else decoder.weight.new_zeros(self.vocab_size)
+        mlm = linear_cross_entropy(hidden, decoder.weight, bias, mlm_labels[real].long())
         return mlm, F.cross_entropy(nsp_logits.float(), nsp_labels.long())
 
     def fixed_losses(self, rows: Tensor, B: int, T: int, valid_lens: Tensor, pred_positions: Tensor,

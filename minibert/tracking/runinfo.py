@@ -98,16 +98,52 @@ def short_name(diff: dict[str, Any]) -> str:
     return name if len(name) <= MAX_NAME else name[:MAX_NAME - 1] + "…"
 
 
+def levers(params: dict[str, Any]) -> str:
+    """The quality levers set away from the book's values, as `; tied decoder, no decoder bias, …` ('' if none)."""
+    p = params.get
+    out = []
+    if p("model.tie_decoder"):
+        out.append("tied decoder")
+    if p("model.decoder_bias") is False:
+        out.append("no decoder bias")
+    if p("train.grad_clip"):
+        out.append(f"clip {p('train.grad_clip')}")
+    if p("train.masking") == "dynamic":
+        out.append(f"dynamic masks {p('train.mask_rate')}")
+    return "; " + ", ".join(out) if out else ""
+
+
+def budget_clause(params: dict[str, Any]) -> str:
+    """`; budget 15 min = 1200 steps` when `train.budget_minutes` is set, else ''."""
+    minutes = params.get("train.budget_minutes")
+    return f"; budget {minutes:g} min = {params.get('train.max_steps')} steps" if minutes else ""
+
+
+def budget_name(name: str, params: dict[str, Any], wall_s: float | None = None) -> str:
+    """A budget run's name carries recipe, budget and (once known) wall time:
+    `lumpy-tush [budget: 1200 steps, 15 min budget, 871 s]`; other runs keep `name`."""
+    minutes = params.get("train.budget_minutes")
+    if not minutes:
+        return name
+    wall = f", {wall_s:.0f} s" if wall_s is not None else ""
+    return (f"{name} [{params.get('preset', 'book')}: {params.get('train.max_steps')} steps, "
+            f"{minutes:g} min budget{wall}]")
+
+
 def description(params: dict[str, Any], diff: dict[str, Any] | None) -> str:
     """One line: model and recipe from the effective (flattened) params, then what differs."""
     p = params.get
-    warm = f", warmup {p('train.warmup_steps')}" if p("train.warmup_steps") else ""
+    warmup = p("train.warmup_steps") or (f"{p('train.warmup_share'):g} of steps" if p("train.warmup_share") else 0)
+    warm = f", warmup {warmup}" if warmup else ""
+    opt = "AdamW" if p("train.optimizer") == "adamw" else "Adam"
+    if p("train.beta2", 0.999) != 0.999 or p("train.weight_decay"):
+        opt += f" (β2 {p('train.beta2')}, decay {p('train.weight_decay')})"
     changed = "as committed" if diff == {} else f"changed: {short_name(diff)}" if diff else "no committed params.yaml"
     return (f"BERT {p('model.num_layers')} layers × {p('model.hidden')} hidden, {p('model.heads')} heads, "
             f"FFN {p('model.ffn_hidden')}, {p('model.norm')}-LN, dropout {p('model.dropout')}; "
-            f"Adam lr {p('train.lr')} {p('train.schedule')}{warm}, {p('train.max_steps')} steps × "
-            f"{p('train.batch_size')} pairs, {p('train.precision')}, seed {p('train.seed')}; "
-            f"preset {p('preset', 'book')}; {changed}")
+            f"{opt} lr {p('train.lr')} {p('train.schedule')}{warm}, {p('train.max_steps')} steps × "
+            f"{p('train.batch_size')} pairs, {p('train.precision')}, seed {p('train.seed')}{levers(params)}"
+            f"{budget_clause(params)}; preset {p('preset', 'book')}; {changed}")
 
 
 def _source_name(root: Path) -> str:
@@ -154,12 +190,15 @@ def _user() -> str:
         return "unknown"
 
 
-def describe_run(params: dict[str, Any], params_file: Path | None) -> tuple[str, dict[str, str]]:
-    """(run name, description tags) of a new run from its flattened params and the params file it read."""
+def describe_run(params: dict[str, Any], params_file: Path | None,
+                 wall_s: float | None = None) -> tuple[str, dict[str, str]]:
+    """(run name, description tags) of a new run from its flattened params and the params file it read;
+    `wall_s` (known at the end) joins a budget run's name."""
     current = yaml.safe_load(params_file.read_text()) if params_file and params_file.is_file() else None
     reference = committed_params(params_file) if current is not None else None
     diff = params_diff(reference, current) if reference is not None else None
     name = dvc_experiment() or (short_name(diff) if diff is not None else "uncommitted")
+    name = budget_name(name, params, wall_s)
     tags = {NOTE_TAG: description(params, diff)}
     if diff is not None:
         tags[DIFF_TAG] = short_name(diff)

@@ -21,16 +21,21 @@ from minibert.training import distributed
 from minibert.data.batches import gather_batch
 from minibert.config import TrainConfig
 from minibert.errors import Interrupted, MinibertError
+from minibert.data.masking import redraw, step_rng
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for 0-based `step`: the book's constant rate, or linear warmup then linear decay."""
+    """Learning rate of 0-based `step`: the book's constant rate, or linear warmup over `cfg.warmup` steps
+    to `lr`, then linear decay that would reach 0 at `max_steps` (the last update, step max_steps - 1,
+    gets lr / (max_steps - warmup)). A pure function of (step, cfg), so a resumed run continues the
+    schedule exactly; the shape stretches with the budget when the warmup is a share."""
     if cfg.schedule == "constant":
         return cfg.lr
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    return cfg.lr * max(0.0, 1.0 - (step - cfg.warmup_steps) / span)
+    warmup = cfg.warmup
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    span = max(1, cfg.max_steps - warmup)
+    return cfg.lr * max(0.0, 1.0 - (step - warmup) / span)
 
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
@@ -112,8 +117,16 @@ class StopFlag:
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # fused Adam: one kernel over all parameters (CUDA, and CPU since torch 2.4: ~5 ms/step saved here)
-    return torch.optim.Adam(params, lr=cfg.lr, fused=True)
+    """The book's Adam, or AdamW whose decay skips vectors: biases and LayerNorm gains/shifts (ndim < 2)
+    are not weights a decay toward 0 should shrink (BERT, RoBERTa, Cramming all exempt them)."""
+    # fused: one kernel over all parameters (CUDA, and CPU since torch 2.4: ~5 ms/step saved here)
+    betas = (0.9, cfg.beta2)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=betas, fused=True)
+    params = list(params)
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=True)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -155,7 +168,7 @@ def split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, to
 
 def train_step(model, opt, scaler, batch: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]],
                scale_mlm: float, scale_nsp: float, amp_dtype: torch.dtype | None, device: torch.device,
-               micro_batches: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+               micro_batches: int = 1, grad_clip: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step; returns the (mlm, nsp) losses of this rank's shard as device tensors.
 
     `scale_*` turn this rank's means into its share of the global-batch mean, so DDP's gradient
@@ -163,7 +176,8 @@ def train_step(model, opt, scaler, batch: dict[str, torch.Tensor] | list[dict[st
     batch runs as that many forward/backward passes; each pass's mean is weighted by its share of the
     batch's MLM slots and pairs, so the summed gradient is the one-pass gradient (DDP syncs only on the
     last pass). `batch` may come already cut (a list of micro-batches, `micro_batch_rows`): then
-    `micro_batches` is not used."""
+    `micro_batches` is not used. `grad_clip` > 0 scales the summed (under DDP: averaged) gradient to at
+    most that global L2 norm before the update."""
     opt.zero_grad(set_to_none=True)
     parts = batch if isinstance(batch, list) else split_batch(batch, micro_batches)
     slots = sum((p["mlm_weights"] > 0).sum() for p in parts)  # device tensor: no host sync
@@ -181,6 +195,10 @@ def train_step(model, opt, scaler, batch: dict[str, torch.Tensor] | list[dict[st
             (scaler.scale(loss) if scaler is not None else loss).backward()
         mlm_sum = mlm_sum + mlm.detach() * w_mlm
         nsp_sum = nsp_sum + nsp.detach() * w_nsp
+    if grad_clip > 0:
+        if scaler is not None:
+            scaler.unscale_(opt)  # clip the true gradient, not the loss-scaled one
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
     if scaler is not None:
         scaler.step(opt)
         scaler.update()
@@ -198,7 +216,7 @@ def check_finite(step: int, mlm: float, nsp: float, last_ckpt: Any) -> None:
 
 @dataclass
 class FitResult:
-    history: list[dict[str, float]]      # one row per step: step, mlm_loss, nsp_loss, pairs_per_sec
+    history: list[dict[str, float]]      # one row per step: step, mlm_loss, nsp_loss, pairs_per_sec, train_s
     train_s: float                        # seconds spent in steps run by this process
     pairs: int                            # global pairs processed by this process's steps
     tokens: int                           # global real tokens in those pairs
@@ -206,7 +224,8 @@ class FitResult:
 
 def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, data: dict[str, torch.Tensor],
         device: torch.device, d: distributed.Dist, *, start_step: int = 0, history: list | None = None,
-        on_log=None, on_checkpoint=None, on_eval=None, scaler_state: dict | None = None) -> FitResult:
+        on_log=None, on_checkpoint=None, on_eval=None, scaler_state: dict | None = None,
+        vocab_size: int = 0) -> FitResult:
     """Train from `start_step` to `cfg.max_steps`.
 
     `on_log(rows)` receives new history rows after every host sync (rank 0 logs them);
@@ -216,7 +235,8 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, da
     last, after the step's update: the dict it returns (held-out figures; None for nothing) joins that
     step's history row. All run on every rank; the callee decides what rank 0 alone does. Evaluation
     runs outside the timed interval (it does not lower pairs_per_sec) and cannot move the training
-    numbers: dropout is reseeded before every step."""
+    numbers: dropout is reseeded before every step. `train.masking: dynamic` redraws each step's masks
+    (minibert/masking.py) and needs `vocab_size` for its random words."""
     amp_dtype = resolve_precision(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     if scaler is not None and scaler_state:  # the loss scale it had learnt, not the initial 2**16
@@ -224,7 +244,14 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, da
     n = len(data["nsp_labels"])
     micro = resolve_micro_batches(cfg.micro_batches, device)
     weights_all, lens_all = data["mlm_weights"].sum(1).cpu().numpy(), data["valid_lens"].cpu().numpy()
+    host = None
+    if cfg.masking == "dynamic":
+        if vocab_size < 1:
+            raise MinibertError("fit: train.masking = 'dynamic' needs the vocabulary size (vocab_size=...)")
+        host = {k: v.cpu().numpy() for k, v in data.items()}  # on CPU: views of `data`, no copy
     history = list(history or [])
+    # training seconds before this call (a resumed run continues its clock): the held-out curve's x in time
+    clock = float(history[-1].get("train_s", 0.0)) if history else 0.0
     interval, last_ckpt = PendingLosses(), None
     train_s, pairs, tokens = 0.0, 0, 0
     model.train()
@@ -237,12 +264,24 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, da
             if len(idx) == 0:
                 raise MinibertError(f"train.batch_size = {cfg.batch_size} leaves rank {d.rank} of {d.world} "
                                     "without pairs; use a batch of at least one pair per process")
-            slots_total, slots = float(weights_all[global_idx].sum()), float(weights_all[idx].sum())
-            # cut on the host (lengths known here): no device read before the step's kernels are queued
-            parts = [gather_batch(data, rows, width=int(lens_all[rows].max())) for rows in micro_batch_rows(idx, lens_all, micro)]
+            if host is None:
+                slots_total, slots = float(weights_all[global_idx].sum()), float(weights_all[idx].sum())
+                # cut on the host (lengths known here): no device read before the step's kernels are queued
+                parts = [gather_batch(data, rows, width=int(lens_all[rows].max()))
+                         for rows in micro_batch_rows(idx, lens_all, micro)]
+            else:  # the whole global batch re-masked, then cut: the masks do not depend on the world size
+                fresh = redraw({k: v[global_idx] for k, v in host.items()}, cfg.mask_rate, vocab_size,
+                               step_rng(cfg.seed, step))
+                mine = np.arange(len(global_idx))[d.rank::d.world]
+                w = fresh["mlm_weights"].sum(1)
+                slots_total, slots = float(w.sum()), float(w[mine].sum())
+                fresh_on_device = {k: torch.from_numpy(v).to(device) for k, v in fresh.items()}
+                parts = [gather_batch(fresh_on_device, rows, width=int(fresh["valid_lens"][rows].max()))
+                         for rows in micro_batch_rows(mine, fresh["valid_lens"], micro)]
             torch.manual_seed(step_seed(cfg.seed, d.rank, step))
             mlm, nsp = train_step(model, opt, scaler, parts, slots / slots_total * d.world,
-                                  len(idx) / len(global_idx) * d.world, amp_dtype, device)
+                                  len(idx) / len(global_idx) * d.world, amp_dtype, device,
+                                  grad_clip=cfg.grad_clip)
             interval.add(step, mlm, nsp, (slots, float(len(idx))), (slots_total, float(len(global_idx))))
             pairs += len(global_idx)
             tokens += int(lens_all[global_idx].sum())
@@ -258,12 +297,14 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, da
                 train_s += elapsed
                 losses = interval.global_losses(d)
                 rate = sum(p for _, p in interval.totals) / elapsed
-                rows = [{"step": s + 1, "mlm_loss": m, "nsp_loss": ns, "pairs_per_sec": rate}
-                        for s, (m, ns) in zip(interval.steps, losses)]
+                rows = [{"step": s + 1, "mlm_loss": m, "nsp_loss": ns, "pairs_per_sec": rate,
+                         "train_s": clock + train_s} for s, (m, ns) in zip(interval.steps, losses)]
                 for r in rows:
                     check_finite(r["step"], r["mlm_loss"], r["nsp_loss"], last_ckpt)
                 if eval_due and on_eval:  # rows[-1] is this step: an eval step always syncs
-                    rows[-1].update(on_eval(step + 1) or {})
+                    held = on_eval(step + 1) or {}
+                    # training seconds to this point (evaluations left out): the curve against wall-clock
+                    rows[-1].update({**held, "valid_wall_s": clock + train_s} if held else {})
                 history += rows
                 if on_log:
                     on_log(rows)

@@ -25,12 +25,12 @@ from minibert.artifacts import all_or_nothing, atomic_path, sha256_file, write_j
 from minibert.data.batches import resolve_device, to_tensors
 from minibert.training.cpus import ThreadShare
 from minibert.config import EvalConfig, ModelConfig, TrackingConfig, TrainConfig
-from minibert.tracking.runinfo import DIFF_TAG, describe_run
 from minibert.errors import Interrupted, WriteError
 from minibert.evaluation.heldout import CURVE, heldout_batch_size, heldout_hook, heldout_subset
 from minibert.training.heap import release_cpu_memory, tune_cpu_malloc
 from minibert.model.bert import Encoder, build_model, check_vocab, save_pretrained
 from minibert.data.pairs import load_pairs
+from minibert.tracking.runinfo import DIFF_TAG, NOTE_TAG, describe_run
 from minibert.progress import Progress
 from minibert.data.shards import drop_mapped_pages
 from minibert.tracking.registry import register_version
@@ -202,7 +202,7 @@ def train(run: Run, cfg: TrainConfig, eval_cfg: EvalConfig):
     result = fit(run.net, run.opt, cfg, to_tensors(run.pairs, run.device), run.device, ranks,
                  start_step=start, history=run.resumed.get("history"),
                  on_log=on_log, on_checkpoint=on_checkpoint, scaler_state=run.resumed.get("scaler"),
-                 on_eval=on_eval)
+                 on_eval=on_eval, vocab_size=len(run.vocab))
     # Every rank leaves the group here, so rank 0's output work in `publish` (files, MLflow: minutes on a
     # slow server) runs under no collective's timeout while the others wait for it (NCCL's is 10 minutes).
     distributed.shutdown()
@@ -227,7 +227,9 @@ def publish(run: Run, result, model_cfg: ModelConfig, cfg: TrainConfig, tracking
     write_outputs(run.model, hist, metrics, run.vocab, run.data_sha, paths,
                   plots.run_title(run_name, asdict(model_cfg), asdict(cfg)))
     tracker.log_metrics({f"final_{k}": metrics[k] for k in ("mlm_loss_avg", "nsp_loss_avg",
-                                                              "pairs_per_sec", "tokens_per_sec")})
+                                                              "pairs_per_sec", "tokens_per_sec", "wall_s")})
+    if run.resumed.get("mlflow_run_id") is None:  # a run this process named: add what only the end knows
+        tracker.set_tags(wall_tags(params, paths, metrics["wall_s"], result.train_s))
     for f in (paths.models / "bert.safetensors", paths.models / "bert.json", paths.vocab):
         tracker.log_artifact(f, "weights")  # enough to rebuild the encoder: `minibert encode --run ID`
     tracker.log_model(Encoder(run.model).cpu(), example=encoder_example(run.pairs),
@@ -260,6 +262,15 @@ def final_metrics(result, cfg: TrainConfig, run: Run, t_start: float) -> dict[st
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
 
 
+def wall_tags(params: dict[str, Any], paths: Paths, wall_s: float, train_s: float) -> dict[str, str]:
+    """The run's description with its wall time appended, and a budget run's name with it (tracking/runinfo.py)."""
+    name, tags = describe_run(params, paths.params_file, wall_s=wall_s)
+    out = {NOTE_TAG: f"{tags[NOTE_TAG]}; trained in {wall_s:.0f} s wall ({train_s:.0f} s in steps)"}
+    if params.get("train.budget_minutes"):
+        out["mlflow.runName"] = name
+    return out
+
+
 def run_status(e: BaseException) -> str:
     """MLflow's end state for a run stopped by `e`: KILLED when asked to stop, FAILED otherwise (NaN too)."""
     return "KILLED" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "FAILED"
@@ -287,6 +298,6 @@ def _write_outputs(model, history, metrics, vocab: Vocab, data_sha: str, paths: 
         pd.DataFrame(history, columns=["step", "mlm_loss", "nsp_loss", "pairs_per_sec"]).to_csv(tmp, index=False)
     heldout = [r for r in history if "valid_mlm_loss" in r]  # header only when eval_every is 0
     with atomic_path(paths.valid_curve) as tmp:
-        pd.DataFrame(heldout, columns=["step", *(f"valid_{k}" for k in CURVE)]).to_csv(tmp, index=False)
+        pd.DataFrame(heldout, columns=["step", *(f"valid_{k}" for k in CURVE), "valid_wall_s"]).to_csv(tmp, index=False)
     plots.loss_curves(history, paths.curve_png, title, vocab_size=len(vocab), max_steps=history[-1]["step"])
     write_json(paths.metrics, metrics)

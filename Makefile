@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,hf]'
-	$(PY) -m minibert.model.kernels.build   # the C++ CPU kernels (minibert/kernels), ~10 s
+	$(PY) -m minibert.model.kernels.build   # the C++ CPU kernels (minibert/model/kernels), ~10 s
 	touch $@
 
 repro: install

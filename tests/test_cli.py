@@ -64,8 +64,9 @@ def test_help_lists_every_command():
 
 
 def test_a_stage_outside_the_project_says_where_to_run_it(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-m", "minibert.cli", "evaluate"], cwd=tmp_path, env=env,
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # this checkout's minibert, no stages/
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from minibert.cli import app; app()"
+    proc = subprocess.run([sys.executable, "-c", code, "evaluate"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: minibert evaluate: no stages/evaluate.py in")
 

@@ -8,6 +8,7 @@
     minibert export hf OUT [--run RUN_ID]           # a folder Hugging Face transformers loads
     minibert ui-url                                 # the MLflow UI's training-runs table of the experiment
     minibert budget --minutes 15 [--preset budget]  # steps 15 minutes buy here, and the -S flags
+    minibert serve [--port 5001]                    # the champion over HTTP (mlflow models serve)
 """
 from __future__ import annotations
 
@@ -310,6 +311,24 @@ def budget(
           f"{cost.step_s:.3f} s a step{evals}")
     print(f"{minutes:g} minutes buy {steps} steps (start-up and the final evaluation not counted):")
     print(f"  {flags(name, steps, minutes)}")
+
+
+@app.command()
+def serve(
+    model: Optional[str] = typer.Option(None, help="Registered model URI [default: models:/<tracking.registered_model>@champion]."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(5001, help="Port to listen on."),
+    workers: int = typer.Option(1, help="Server worker processes."),
+    params: Path = typer.Option(layout.PARAMS, help="params file (tracking.registered_model)."),
+) -> None:
+    """Serve the registry's text model (text in, vectors out) with `mlflow models serve`, in this environment."""
+    from minibert.config import load_config
+    from minibert.tracking.serving import serve as serve_model
+
+    with stage_errors("serve"):
+        uri = model or f"models:/{load_config(params).tracking.registered_model}@champion"
+        code = serve_model(uri, host, port, workers, Path("."))
+    raise typer.Exit(code)
 
 
 @app.command("ui-url")

@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,13 +133,15 @@ def test_encode_from_the_registered_champion(registered):
 
 @pytest.fixture(scope="module")
 def served(registered):
-    """`mlflow models serve -m models:/minibert-encoder@champion --env-manager local` on a free port."""
+    """`minibert serve` (mlflow models serve of the champion) on a free port, started the way a user without
+    the virtual environment on PATH would: MLflow runs `uvicorn` from PATH, which then is not there."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{registered}/mlflow.db"}
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep) if d and d != bin_dir)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true", "PATH": path}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the project's own store, found by `minibert serve`
     log = open(registered / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",
-                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+    proc = subprocess.Popen([sys.executable, "-m", "minibert.cli", "serve", "--port", str(port)],
                             cwd=registered, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -151,6 +154,8 @@ def served(registered):
                     break
             except OSError:
                 time.sleep(0.5)
+        said = (registered / "serve.log").read_text()
+        assert f"models:/{NAME}@champion (version 1) at {url}/invocations" in said, said[-2000:]
         yield url
     finally:
         try:
@@ -264,3 +269,13 @@ def test_text_model_builds_its_tensors_on_the_models_device():
     encode_rows(model, vocab, [("a crane is", None), ("crane", "is")], "encode", 1)
     encode_rows(model, vocab, [("a <mask> is", None)], "fill-mask", 2)
     assert model.seen == ["meta"] * 8
+
+
+def test_serve_without_a_champion_is_one_line(tmp_path):
+    """`minibert serve` before any pipeline run: no registered model; one line that says how to make one."""
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    r = cli(tmp_path, "serve", "--port", str(free_port()))
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("error: serve: ") and f"models:/{NAME}@champion" in r.stderr and "dvc repro" in r.stderr
+    bad = cli(tmp_path, "serve", "--model", "runs:/abc/model")
+    assert bad.returncode == 1 and "models:/NAME@ALIAS" in bad.stderr and len(bad.stderr.splitlines()) == 1

@@ -77,3 +77,27 @@ def download_model(model_uri: str, dest: str | Path, root: Path) -> Path:
         raise MinibertError(f"{model_uri} is not a minibert text model (no artifacts/model/bert.safetensors); "
                             "pass a version the pretrain stage registered")
     return folder
+
+
+def registered_version(model_uri: str, root: Path) -> str:
+    """The version `models:/NAME@ALIAS` or `models:/NAME/VERSION` names in the project's store, or one
+    line saying what is missing and how to make it (the pretrain stage registers, evaluate moves the alias)."""
+    name, _, ref = model_uri.removeprefix("models:/").partition("@")
+    version = None
+    if not ref:
+        name, _, version = name.partition("/")
+    if not model_uri.startswith("models:/") or not name or not (ref or version):
+        raise MinibertError(f"{model_uri!r} is not a registered model URI; use models:/NAME@ALIAS or "
+                            "models:/NAME/VERSION, e.g. models:/minibert-encoder@champion")
+    uri = tracking_uri(root)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise MinibertError(f"no MLflow store at {uri} (so no {model_uri}); run the pipeline (dvc repro) "
+                            "in this folder first, or set MLFLOW_TRACKING_URI to the store that has it")
+    connect(uri)  # an unreachable server fails here, in seconds, with one line
+    client = store_client(uri, registry=True)
+    try:
+        mv = client.get_model_version_by_alias(name, ref) if ref else client.get_model_version(name, version)
+    except Exception as e:
+        raise MinibertError(f"MLflow at {uri}: no {model_uri} ({one_line(e)[:160]}); run the pipeline "
+                            "(dvc repro) so pretrain registers a version and evaluate sets the champion") from None
+    return str(mv.version)

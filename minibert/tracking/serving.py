@@ -174,3 +174,26 @@ def log_text_model(tracker, model_dir: Path, vocab_path: Path) -> str | None:
     except Exception as e:  # the weights are in DVC and the run's artifacts: this copy must not fail the stage
         log.warning("MLflow: could not log the text model to run %s: %s", tracker.run_id, one_line(e)[:300])
         return None
+
+
+def serve(model_uri: str, host: str, port: int, workers: int, root: Path) -> int:
+    """`mlflow models serve` for a registered text model, in this environment; its exit code.
+
+    MLflow starts the server with `uvicorn` looked up on PATH, so a virtual environment that is not
+    activated fails with "returned non zero return code 127": the interpreter's own bin folder goes
+    first on PATH, and the tracking store is the project's (not whatever cwd MLflow would pick)."""
+    import os
+    import subprocess
+    import sys
+
+    from minibert.tracking.registry import registered_version
+    from minibert.tracking.store import tracking_uri
+
+    version = registered_version(model_uri, root)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(root),
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+           "-h", host, "-p", str(port), "-w", str(workers)]
+    print(f"minibert serve: {model_uri} (version {version}) at http://{host}:{port}/invocations "
+          f"(POST JSON, e.g. {{\"inputs\": {{\"text\": [\"a crane is flying\"]}}}}); Ctrl-C stops", flush=True)
+    return subprocess.run(cmd, env=env, check=False).returncode

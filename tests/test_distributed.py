@@ -75,8 +75,8 @@ def test_no_gpu_names_the_setting(monkeypatch):
 def test_launch_command_wires_max_restarts(two_gpus, monkeypatch):
     for v in ("LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(v, raising=False)
-    cmd = distributed.launch_command(TrainConfig(devices="auto", max_restarts=3), ["--params", "p.yaml"])
+    cmd = distributed.launch_command(TrainConfig(devices="auto", max_restarts=3), "stages.pretrain", ["--params", "p.yaml"])
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--nproc-per-node=2" in cmd and "--max-restarts=3" in cmd and cmd[-3:] == ["stages.pretrain", "--params", "p.yaml"]
-    assert "--max-restarts=0" in distributed.launch_command(TrainConfig(devices=2), [])
-    assert distributed.launch_command(TrainConfig(devices=1), []) is None
+    assert "--max-restarts=0" in distributed.launch_command(TrainConfig(devices=2), "stages.pretrain", [])
+    assert distributed.launch_command(TrainConfig(devices=1), "stages.pretrain", []) is None

@@ -40,7 +40,7 @@ def hyperparams(flat: dict[str, Any]) -> dict[str, Any]:
 
 def _git(root: Path, *args: str) -> str | None:
     try:
-        p = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        p = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return p.stdout.strip() if p.returncode == 0 else None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -188,28 +189,36 @@ def test_server_killed_and_restarted_mid_run_loses_nothing(team, tmp_path, monke
 
 
 def test_browser_shows_laptop_and_ci_runs_with_their_datasets(team, tmp_path):
-    """Headless Chromium, logged in as alice (basic auth in the URL), opens the experiment's saved
-    compare view: the laptop's and CI's runs are both there, and the Datasets column names their data.
-    The screenshot is kept as tmp_path/team-runs.png (and copied to $MINIBERT_SCREENSHOT_DIR if set)."""
+    """Headless Chromium, logged in as alice (tests/auth_proxy.py adds her Basic header, as a browser
+    she logged into does), opens the experiment's saved compare view: the laptop's and CI's runs are
+    there, and the Datasets column names each run's train pairs with its own digest. The screenshot
+    is tmp_path/team-runs.png (copied into $MINIBERT_SCREENSHOT_DIR when set)."""
+    import html
     import shutil
 
     from minibert.config import TrackingConfig
     from minibert.tracking.tracker import ui_url
     from scripts.ui_check import chromium, render
+    from tests.auth_proxy import start_auth_proxy
 
     if chromium() is None:
         pytest.skip("chromium not installed (apt-get install chromium; .ci/run does)")
     client = admin(team)
     exp = client.get_experiment_by_name(EXPERIMENT)
-    names = [r.info.run_name for r in client.search_runs([exp.experiment_id]) if r.inputs.dataset_inputs]
-    if len(names) < 2:
+    runs = [r for r in client.search_runs([exp.experiment_id]) if r.inputs.dataset_inputs]
+    if len(runs) < 2:
         pytest.skip("needs the laptop and CI runs of the test above")
-    url = ui_url(TrackingConfig(experiment=EXPERIMENT), tmp_path, team.uri)
-    authed = url.replace("http://", f"http://alice:{team.users['alice']}@", 1)
-    dom = render(authed, tmp_path / "team-runs.png")
+    base, proxy = start_auth_proxy(team.uri, "alice", team.users["alice"])
+    try:
+        dom = render(ui_url(TrackingConfig(experiment=EXPERIMENT), tmp_path, base), tmp_path / "team-runs.png")
+    finally:
+        proxy.shutdown()
     if os.environ.get("MINIBERT_SCREENSHOT_DIR"):
         shutil.copy(tmp_path / "team-runs.png", os.environ["MINIBERT_SCREENSHOT_DIR"])
-    for name in names:
-        assert f">{name}<" in dom, name
-    assert "train_pairs" in dom.split("<body", 1)[-1]  # only the Datasets column names it
-    assert "You are not authenticated" not in dom
+    body = html.unescape(dom.split("<body", 1)[-1])
+    text = re.sub(r"<[^>]*>", "", body)  # React splits text nodes with <!-- --> comments
+    assert "You are not authenticated" not in body and "alice" in body
+    for r in runs:
+        assert f">{r.info.run_name}<" in body, r.info.run_name
+        train = next(d.dataset for d in r.inputs.dataset_inputs if d.dataset.name == "train_pairs")
+        assert f"train_pairs ({train.digest[:8]}" in text, train.digest  # the Datasets cell of this run

@@ -80,9 +80,9 @@ def log_data_inputs(tracker, inputs: list[DataInput], root: Path) -> None:
     if getattr(tracker, "run_id", None) is None or not hasattr(tracker, "uri"):
         return
     try:
-        from minibert.tracking.tracker import _mlflow
+        from minibert.tracking.store import mlflow_module
 
-        _mlflow().MlflowClient(tracker.uri).log_inputs(tracker.run_id, datasets=dataset_inputs(inputs, root))
+        mlflow_module().MlflowClient(tracker.uri).log_inputs(tracker.run_id, datasets=dataset_inputs(inputs, root))
     except Exception as e:
         log.warning("MLflow: could not log the dataset inputs of run %s: %s", tracker.run_id,
                     " ".join(str(e).split())[:300])

@@ -159,11 +159,11 @@ def test_server_killed_and_restarted_mid_run_loses_nothing(team, tmp_path, monke
     tracker = start_run(TrackingConfig(experiment=EXPERIMENT, registered_model=""), tmp_path, run_name="restart")
     stop, step = threading.Event(), [0]
 
-    def train():  # 3 points every 20 ms, like a fast training's log_every: 1
+    def train():  # 3 points every 50 ms, like a fast training's log_every: 1
         while not stop.is_set():
             step[0] += 1
             tracker.log_metrics({k: 1.0 / step[0] for k in TRAIN_KEYS}, step=step[0])
-            time.sleep(0.02)
+            time.sleep(0.05)
 
     t = threading.Thread(target=train)
     t.start()
@@ -178,9 +178,18 @@ def test_server_killed_and_restarted_mid_run_loses_nothing(team, tmp_path, monke
     finally:
         stop.set()
         t.join()
-    tracker.close()
     client = admin(team)
-    stored = {k: sorted(m.step for m in client.get_metric_history(tracker.run_id, k)) for k in TRAIN_KEYS}
+
+    def stored_now():
+        return {k: sorted(m.step for m in client.get_metric_history(tracker.run_id, k)) for k in TRAIN_KEYS}
+
+    # The backlog (a minute of points or more, on a loaded machine) drains at the server's pace; close()
+    # waits only 30 s by design, so wait here until the server has it all (or give up after 5 minutes).
+    deadline = time.monotonic() + 300
+    while sum(map(len, (stored := stored_now()).values())) < 3 * step[0] and time.monotonic() < deadline:
+        time.sleep(2)
+    tracker.close()
+    stored = stored_now()
     sent = 3 * step[0]
     print(f"\nserver restart: killed at step {at_kill}, last step {step[0]}, points sent {sent}, "
           f"stored {sum(map(len, stored.values()))}")

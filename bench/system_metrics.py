@@ -73,7 +73,7 @@ def main() -> None:
     a = ap.parse_args()
     from minibert.config import TrackingConfig
     from minibert.tracking.system_metrics import SystemSampler
-    from minibert.tracking.tracker import start_run
+    from minibert.tracking.runs import start_run
 
     with tempfile.TemporaryDirectory(prefix="minibert-sysmetrics-") as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(tmp) / 'mlflow.db'}"

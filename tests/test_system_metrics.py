@@ -6,7 +6,7 @@ import pytest
 
 from minibert.config import ConfigError, TrackingConfig, load_config
 from minibert.tracking.system_metrics import SystemSampler
-from minibert.tracking.tracker import start_run
+from minibert.tracking.runs import start_run
 
 
 def vm_rss_mb():

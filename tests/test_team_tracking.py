@@ -152,7 +152,7 @@ def test_server_killed_and_restarted_mid_run_loses_nothing(team, tmp_path, monke
     """A run keeps logging while the server is killed (SIGKILL) and comes back on the same port:
     the buffered tracker resends, and every point is stored once."""
     from minibert.config import TrackingConfig
-    from minibert.tracking.tracker import start_run
+    from minibert.tracking.runs import start_run
 
     for k, v in team.env("alice").items():
         monkeypatch.setenv(k, v)
@@ -206,7 +206,7 @@ def test_browser_shows_laptop_and_ci_runs_with_their_datasets(team, tmp_path):
     import shutil
 
     from minibert.config import TrackingConfig
-    from minibert.tracking.tracker import ui_url
+    from minibert.tracking.runs import ui_url
     from scripts.ui_check import chromium, render
     from tests.auth_proxy import start_auth_proxy
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,15 +75,24 @@ def dataset_inputs(inputs: list[DataInput], root: Path):
             for i in inputs]
 
 
-def log_data_inputs(tracker, inputs: list[DataInput], root: Path) -> None:
+def log_data_inputs(tracker, inputs: list[DataInput], root: Path, attempts: int = 4) -> None:
     """Log `inputs` to the tracker's run (once, at its start); nothing when tracking is off.
-    A failure warns and training goes on: the content hashes are also the run's tags."""
+
+    Synchronous, unlike metrics (MLflow takes inputs only while the run is active, so they cannot
+    wait in the buffer past its end), hence a few tries: a busy team server can time out one request
+    (seen with three runs starting at once). After that it warns and training goes on: the content
+    hashes are also the run's tags. MLflow stores a repeated input once."""
     if getattr(tracker, "run_id", None) is None or not hasattr(tracker, "uri"):
         return
-    try:
-        from minibert.tracking.store import mlflow_module
+    from minibert.tracking.store import mlflow_module
 
-        mlflow_module().MlflowClient(tracker.uri).log_inputs(tracker.run_id, datasets=dataset_inputs(inputs, root))
-    except Exception as e:
-        log.warning("MLflow: could not log the dataset inputs of run %s: %s", tracker.run_id,
-                    " ".join(str(e).split())[:300])
+    for attempt in range(1, attempts + 1):
+        try:
+            mlflow_module().MlflowClient(tracker.uri).log_inputs(tracker.run_id, datasets=dataset_inputs(inputs, root))
+            return
+        except Exception as e:
+            if attempt == attempts or getattr(e, "error_code", None) in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
+                log.warning("MLflow: could not log the dataset inputs of run %s: %s", tracker.run_id,
+                            " ".join(str(e).split())[:300])
+                return
+            time.sleep(2.0 * attempt)

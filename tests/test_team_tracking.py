@@ -197,7 +197,7 @@ def test_server_killed_and_restarted_mid_run_loses_nothing(team, tmp_path, monke
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
 
 
-def test_browser_shows_laptop_and_ci_runs_with_their_datasets(team, tmp_path):
+def test_browser_shows_laptop_and_ci_runs_with_their_datasets(team, tmp_path, monkeypatch):
     """Headless Chromium, logged in as alice (tests/auth_proxy.py adds her Basic header, as a browser
     she logged into does), opens the experiment's saved compare view: the laptop's and CI's runs are
     there, and the Datasets column names each run's train pairs with its own digest. The screenshot
@@ -217,6 +217,8 @@ def test_browser_shows_laptop_and_ci_runs_with_their_datasets(team, tmp_path):
     runs = [r for r in client.search_runs([exp.experiment_id]) if r.inputs.dataset_inputs]
     if len(runs) < 2:
         pytest.skip("needs the laptop and CI runs of the test above")
+    for k, v in team.env("alice").items():  # ui_url talks to the server named by the environment
+        monkeypatch.setenv(k, v)
     base, proxy = start_auth_proxy(team.uri, "alice", team.users["alice"])
     try:
         dom = render(ui_url(TrackingConfig(experiment=EXPERIMENT), tmp_path, base), tmp_path / "team-runs.png")

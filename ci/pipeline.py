@@ -1,7 +1,8 @@
 """The CI steps, one script for GitHub Actions, `make ci` and a laptop: `python3 -m ci.pipeline --help`.
 
 install → test → pull (if a DVC remote is configured) → `dvc repro` → push (on push events) →
-metrics and params diff against the base branch as markdown (the job summary).
+metrics and params diff against the base branch, and the held-out curves of base and head as one
+picture (ci/curves.py), as markdown: the job summary, and with `--report FILE` the pull-request comment.
 
 Standard library only: it runs before the install step has made `.venv`. Every failing step ends in
 one line on stderr, `error: ci: <step>: <what>; <how to fix>`, and a non-zero exit; DVC's own output
@@ -17,6 +18,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from ci.curves import curves_section
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -194,7 +197,14 @@ def summary(base: str) -> str:
     lines += [f"## params against `{base}`", ""]
     lines += (["| file | param | old | new |", "|---|---|---|---|", *params, ""] if params
               else ["No param changed.", ""])
+    lines.append(curves_section(base, ROOT, run_url()))
     return "\n".join(lines)
+
+
+def run_url() -> str | None:
+    """This GitHub Actions run's page (where its artifacts are), when running there."""
+    parts = [os.environ.get(k) for k in ("GITHUB_SERVER_URL", "GITHUB_REPOSITORY", "GITHUB_RUN_ID")]
+    return f"{parts[0]}/{parts[1]}/actions/runs/{parts[2]}" if all(parts) else None
 
 
 def default_base() -> str:
@@ -221,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: the PR's base branch, HEAD~1 on the default branch, else origin/main)")
     p.add_argument("--summary", type=Path, default=os.environ.get("GITHUB_STEP_SUMMARY") or None,
                    help="append the markdown summary here (default: $GITHUB_STEP_SUMMARY, else stdout)")
+    p.add_argument("--report", type=Path, default=os.environ.get("CI_REPORT") or None,
+                   help="also write the summary here, whole (env CI_REPORT): the pull-request comment's body")
     args = p.parse_args(argv)
     try:
         if not args.skip_install:
@@ -242,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.summary:
         with open(args.summary, "a", encoding="utf-8") as f:
             f.write(text + "\n")
+    if args.report:
+        args.report.write_text(text + "\n", encoding="utf-8")
     print(text)
     return 0
 

@@ -328,9 +328,14 @@ class TrackingConfig:
     registered_model: str = "minibert-encoder"
     """Model Registry name the pretrain stage registers its text model under (a new version per run);
     the evaluate stage points its `champion` alias at the best held-out version. Empty: no registration."""
+    system_metrics_every_s: float = 5.0
+    """Seconds between `system/*` samples (CPU %, RSS, GPU) logged to the run; 0 = off."""
 
     def __post_init__(self):
         _require(bool(self.experiment.strip()), "experiment", self.experiment, "a non-empty string")
+        _require(self.system_metrics_every_s == 0 or 0.1 <= self.system_metrics_every_s <= 3600,
+                 "system_metrics_every_s", self.system_metrics_every_s,
+                 "0 (off) or seconds between samples, 0.1 to 3600")
         _require(self.registered_model == "" or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.registered_model)
                  is not None, "registered_model", self.registered_model,
                  "empty (no registration) or a name of letters, digits, '_', '.', '-'")

@@ -9,7 +9,7 @@ from typing import Any
 
 from minibert.config import TrackingConfig
 from minibert.errors import MinibertError
-from minibert.tracking import view
+from minibert.tracking import auth, view
 from minibert.tracking.runinfo import describe_run, hyperparams, run_tags
 from minibert.tracking.store import connect, one_line, project_root, store_trouble, tracking_uri
 from minibert.tracking.tracker import MlflowTracker, NullTracker, Tracker
@@ -83,6 +83,8 @@ def start_run(cfg: TrackingConfig, root: Path, run_id: str | None = None, run_na
     except MinibertError:
         raise
     except Exception as e:
+        if (line := auth.refusal(e, uri, cfg.experiment)) is not None:
+            raise MinibertError(line) from None
         if not store_trouble(e):
             what = f"run {run_id}" if run_id else f"a run in experiment {cfg.experiment!r}"
             raise MinibertError(f"MLflow at {uri}: could not open {what}: {one_line(e)[:300]}") from None

@@ -29,13 +29,17 @@ METRICS = ("valid_mlm_loss", "baseline_unigram_mlm_loss", "valid_mlm_accuracy", 
 PARAMS = ("preset", "train.lr", "train.max_steps", "train.batch_size", "train.schedule", "model.num_layers",
           "model.hidden", "model.heads", "model.norm", "model.dropout")
 TAGS = ("params_diff",)
+DATASETS_COLUMN = "attributes.`Dataset`"
 CHARTS = "loss"  # chart view filter: mlm_loss, nsp_loss, valid_mlm_loss, … (the loss curves)
 
 
 def view_state() -> dict:
     """Search facets (newest first, active runs) and the table columns of the saved view."""
     # Column ids as the UI writes them: metrics.`valid_mlm_loss`, params.`train.lr`, tags.`params_diff`.
-    columns = ([f"metrics.`{k}`" for k in METRICS] + [f"tags.`{k}`" for k in TAGS]
+    # Right after the held-out figure, the run's data (its dataset inputs: tracking/lineage.py); the
+    # UI's id for that column is attributes.`Dataset`, and a saved view without it hides it.
+    metrics = [f"metrics.`{k}`" for k in METRICS]
+    columns = (metrics[:1] + [DATASETS_COLUMN] + metrics[1:] + [f"tags.`{k}`" for k in TAGS]
                + [f"params.`{k}`" for k in PARAMS])
     return {
         "searchFilter": "", "orderByKey": "attributes.start_time", "orderByAsc": False, "startTime": "ALL",

@@ -33,10 +33,13 @@ from minibert.data.pairs import load_pairs
 from minibert.tracking.runinfo import DIFF_TAG, NOTE_TAG, describe_run
 from minibert.progress import Progress
 from minibert.data.shards import drop_mapped_pages
+from minibert.tracking.lineage import DataInput, log_data_inputs
 from minibert.tracking.registry import register_version
 from minibert.tracking.runs import start_run
 from minibert.tracking.serving import log_text_model
+from minibert.tracking.system_metrics import SystemSampler
 from minibert.tracking.tracker import NullTracker, Tracker
+from minibert.training.live_plots import TRAIN_COLUMNS, VALID_COLUMNS, LiveCurves
 from minibert.data.vocab import Vocab
 from minibert.training.loop import fit, make_optimizer, resolve_micro_batches, resolve_precision
 
@@ -80,6 +83,7 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
         clean = True
         return metrics
     except BaseException as e:  # anything at all: never leave the MLflow run RUNNING
+        run.sampler.stop()
         run.tracker.close(run_status(e))
         raise
     finally:
@@ -105,6 +109,8 @@ class Run:
     opt: torch.optim.Optimizer | None = None
     resumed: dict = field(default_factory=dict)  # the checkpoint's state, {} for a fresh start
     logged: int = 0  # last step MLflow has: a resumed run does not log its steps twice
+    sampler: SystemSampler = field(default_factory=lambda: SystemSampler(NullTracker(), 0))  # system/* metrics
+    live: LiveCurves | None = None  # the plot CSVs, growing while training runs (rank 0)
 
 
 def start_process(cfg: TrainConfig) -> Run:
@@ -138,6 +144,10 @@ def set_up(run: Run, model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Tra
                                 params=params, params_file=paths.params_file)  # a new run logs params
         run.tracker.set_tags({"train_pairs_sha256": run.data_sha, "vocab_sha256": run.vocab.sha256,
                               "device": str(run.device)})  # start_run adds the git and DVC tags
+        log_data_inputs(run.tracker, data_inputs(paths, run.data_sha, run.vocab.sha256, run.heldout is not None),
+                        paths.root)
+        run.sampler = SystemSampler(run.tracker, tracking_cfg.system_metrics_every_s,
+                                    run.device.type == "cuda").start()
         for line in damaged:
             print(f"warning: pretrain: {line}", file=sys.stderr, flush=True)
         if latest:
@@ -147,6 +157,8 @@ def set_up(run: Run, model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Tra
     # so a kill -9 can lose the last points it had queued. The checkpoint's history has them.
     log_new_steps(run, run.resumed.get("history") or [])
     run.logged = max(run.logged, run.resumed.get("step", 0))
+    run.live = LiveCurves(paths.curve_csv, paths.valid_curve, enabled=ranks.is_main)
+    run.live.start(run.resumed.get("history"))  # the plot CSVs grow from here while training runs
     run.net = run.model
     if ranks.enabled:
         run.net = torch.nn.parallel.DistributedDataParallel(
@@ -171,6 +183,7 @@ def train(run: Run, cfg: TrainConfig, eval_cfg: EvalConfig):
     def on_log(rows):
         run.threads.refresh()  # `auto`: trainings may have started or ended since
         log_new_steps(run, rows)
+        run.live.append(rows)
         r = rows[-1]
         held = f"  valid mlm {r['valid_mlm_loss']:.3f}" if "valid_mlm_loss" in r else ""
         bar.update(r["step"], f"mlm {r['mlm_loss']:.3f}  nsp {r['nsp_loss']:.3f}{held}  {r['pairs_per_sec']:.0f} pairs/s")
@@ -240,6 +253,7 @@ def publish(run: Run, result, model_cfg: ModelConfig, cfg: TrainConfig, tracking
     for f in (paths.curve_csv, paths.curve_png, paths.valid_curve, paths.metrics, paths.params_file):
         if f is not None and f.is_file():
             tracker.log_artifact(f)
+    run.sampler.stop()
     tracker.close()
     shutil.rmtree(run.ckpt_dir, ignore_errors=True)  # complete: nothing left to resume
     return metrics
@@ -276,6 +290,21 @@ def run_status(e: BaseException) -> str:
     return "KILLED" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "FAILED"
 
 
+def data_inputs(paths: Paths, data_sha: str, vocab_sha: str, heldout: bool) -> list[DataInput]:
+    """The run's data as lineage inputs: train pairs, vocabulary, and the valid pairs when it scores them."""
+    root = paths.root.resolve()
+
+    def rel(p: Path) -> str:  # as dvc.yaml names it, relative to the project root
+        p = Path(p).resolve()
+        return str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
+
+    out = [DataInput("train_pairs", rel(paths.pairs), data_sha, "training"),
+           DataInput("vocab", rel(paths.vocab), vocab_sha, "vocabulary")]
+    if heldout:
+        out.append(DataInput("valid_pairs", rel(paths.valid_pairs), sha256_file(paths.valid_pairs), "validation"))
+    return out
+
+
 def encoder_example(pairs: dict) -> dict:
     """Two real train pairs, trimmed to their longest: the input example of the logged encoder."""
     t = int(pairs["valid_lens"][:2].max())
@@ -295,9 +324,9 @@ def _write_outputs(model, history, metrics, vocab: Vocab, data_sha: str, paths: 
     save_pretrained(model, paths.models, {"vocab_sha256": vocab.sha256, "step": metrics["steps"],
                                           "train_pairs_sha256": data_sha, "mlflow_run_id": metrics["mlflow_run_id"]})
     with atomic_path(paths.curve_csv) as tmp:
-        pd.DataFrame(history, columns=["step", "mlm_loss", "nsp_loss", "pairs_per_sec"]).to_csv(tmp, index=False)
+        pd.DataFrame(history, columns=TRAIN_COLUMNS).to_csv(tmp, index=False)
     heldout = [r for r in history if "valid_mlm_loss" in r]  # header only when eval_every is 0
     with atomic_path(paths.valid_curve) as tmp:
-        pd.DataFrame(heldout, columns=["step", *(f"valid_{k}" for k in CURVE), "valid_wall_s"]).to_csv(tmp, index=False)
+        pd.DataFrame(heldout, columns=VALID_COLUMNS).to_csv(tmp, index=False)
     plots.loss_curves(history, paths.curve_png, title, vocab_size=len(vocab), max_steps=history[-1]["step"])
     write_json(paths.metrics, metrics)

@@ -6,7 +6,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install repro test test-fast bench ui clean mutation
+.PHONY: install repro test test-fast bench ui serve lint hooks clean mutation
 
 install: $(STAMP)
 
@@ -47,6 +47,18 @@ mutation: install
 ui: install
 	@$(PY) -m minibert.cli ui-url --base http://127.0.0.1:$(UI_PORT) | sed 's/^/open: /' || true
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
+
+# The registry's champion over HTTP (`minibert serve`: this .venv's bin on PATH, the project's store).
+SERVE_PORT ?= 5001
+serve: install
+	$(VENV)/bin/minibert serve --port $(SERVE_PORT)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+# Git hooks from .pre-commit-config.yaml: ruff, and DVC's pre-commit / pre-push / post-checkout hooks.
+hooks: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/pre-commit install --hook-type pre-commit --hook-type pre-push --hook-type post-checkout
 
 # The CI steps in one place (ci/pipeline.py), what .github/workflows/pipeline.yml runs: install, test,
 # pull if a DVC remote is configured, `dvc repro`, push on push events, metrics/params diff summary.

@@ -29,8 +29,8 @@ import torch
 
 from bench.common import DEFAULT_DATA, load_splits
 from minibert import layout
-from minibert.training.loop import resolve_precision
 from minibert.artifacts import save_arrays
+from minibert.training.loop import resolve_precision
 
 CHILD = """
 import json, sys, time

@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 
 from bench.common import DEFAULT_DATA, DEVICE, load_splits
-from minibert.training import distributed
 from minibert import layout
 from minibert.config import EvalConfig, ModelConfig, TrainConfig
-from minibert.evaluation.heldout import heldout_batch_size, heldout_hook, heldout_subset
-from minibert.training.heap import tune_cpu_malloc
-from minibert.model.bert import build_model
 from minibert.data.batches import to_tensors
+from minibert.evaluation.heldout import heldout_batch_size, heldout_hook, heldout_subset
+from minibert.model.bert import build_model
+from minibert.training import distributed
+from minibert.training.heap import tune_cpu_malloc
 from minibert.training.loop import fit, make_optimizer, resolve_micro_batches, resolve_precision
 
 

@@ -28,8 +28,8 @@ import torch
 
 from minibert import layout
 from minibert.config import ModelConfig, TrackingConfig
-from minibert.model.bert import build_model, save_pretrained
 from minibert.data.vocab import SPECIALS, Vocab
+from minibert.model.bert import build_model, save_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTENCES = ["a crane is flying over the river", "he just left the bank", "the bird sat on the old wall",
@@ -44,9 +44,9 @@ def book_model(norm: str):
 def parity(norm: str) -> dict[str, float]:
     from transformers import AutoModel, AutoModelForPreTraining, AutoTokenizer, pipeline
 
-    from minibert.export.hf import export_hf
-    from minibert.evaluation.probes import encode_probe
     from minibert.config import ProbeSpec
+    from minibert.evaluation.probes import encode_probe
+    from minibert.export.hf import export_hf
 
     bert, vocab = book_model(norm)
     with tempfile.TemporaryDirectory() as tmp:

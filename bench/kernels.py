@@ -38,14 +38,14 @@ import torch
 import torch.nn.functional as F
 
 from minibert.config import ModelConfig
-from minibert.training.heap import tune_cpu_malloc
+from minibert.model.bert import Block, token_layout
 from minibert.model.kernels import build
 from minibert.model.kernels.addnorm import add_norm
 from minibert.model.kernels.attention import attention_rows
 from minibert.model.kernels.dropout import dropout
 from minibert.model.kernels.softmax_xent import softmax_xent_
 from minibert.model.loss import linear_cross_entropy
-from minibert.model.bert import Block, token_layout
+from minibert.training.heap import tune_cpu_malloc
 from minibert.training.loop import CPU_MICRO_BATCHES
 
 P, H, V, CHUNK = 0.2, 128, 20256, 512

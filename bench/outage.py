@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from bench.data import data_dir
 from bench.common import DEFAULT_DATA
+from bench.data import data_dir
 from minibert import layout
 from minibert.artifacts import save_arrays
 from minibert.config import PairsConfig, VocabConfig

@@ -21,14 +21,14 @@ from pathlib import Path
 import yaml
 
 from bench.common import DEFAULT_DATA, DEVICE, load_splits
-from minibert.training import distributed
 from minibert import layout
-from minibert.data.batches import to_tensors
 from minibert.config import config_from_dict
+from minibert.data.batches import to_tensors
 from minibert.evaluation.heldout import heldout_hook
-from minibert.training.heap import tune_cpu_malloc
 from minibert.model.bert import build_model
-from minibert.training.loop import fit, make_optimizer
+from minibert.training import distributed
+from minibert.training.heap import tune_cpu_malloc
+from minibert.training.loop import fit, make_optimizer, resolve_precision
 
 
 class Reached(Exception):

@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 
 from bench.common import DEFAULT_DATA, DEVICE, load_splits
-from minibert.training import distributed
 from minibert import layout
-from minibert.data.batches import to_tensors
 from minibert.config import EvalConfig, ModelConfig, TrainConfig
+from minibert.data.batches import to_tensors
 from minibert.evaluation.heldout import heldout_hook
-from minibert.training.heap import tune_cpu_malloc
 from minibert.model.bert import build_model
+from minibert.training import distributed
+from minibert.training.heap import tune_cpu_malloc
 from minibert.training.loop import fit, make_optimizer
 
 METRICS = ("mlm_loss", "mlm_accuracy", "nsp_accuracy")

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from minibert import layout
-
 from bench.common import DEFAULT_DATA
+from minibert import layout
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,10 +25,10 @@ import torch
 import minibert.training.loop as mt
 from bench.common import DEFAULT_DATA, load_splits
 from minibert import layout
-from minibert.data.batches import gather_batch, to_tensors
 from minibert.config import ModelConfig, TrainConfig
-from minibert.training.heap import tune_cpu_malloc
+from minibert.data.batches import gather_batch, to_tensors
 from minibert.model.bert import build_model
+from minibert.training.heap import tune_cpu_malloc
 
 
 def interleaved_split(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
@@ -62,7 +62,7 @@ def main() -> None:
     print(f"{n} train pairs ({source}); {a.batches} batches x {a.rounds} rounds, {dtype or 'fp32'}, "
           f"{a.micro_batches} micro-batches", file=sys.stderr)
     try:
-        for r in range(a.rounds):
+        for _ in range(a.rounds):
             for name, split in variants.items():
                 mt.split_batch = split  # train_step looks the split up at call time
                 for i, b in enumerate(batches):

@@ -21,8 +21,8 @@ from torch import nn
 
 import minibert.model.bert as mm
 from minibert.config import ModelConfig
-from minibert.training.heap import tune_cpu_malloc
 from minibert.model.kernels.attention import reference_from_heads, reference_to_heads
+from minibert.training.heap import tune_cpu_malloc
 
 V, B, T, P = 20256, 512, 64, 10
 

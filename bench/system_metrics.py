@@ -72,8 +72,8 @@ def main() -> None:
     ap.add_argument("--stress", type=float, default=0.1)
     a = ap.parse_args()
     from minibert.config import TrackingConfig
-    from minibert.tracking.system_metrics import SystemSampler
     from minibert.tracking.runs import start_run
+    from minibert.tracking.system_metrics import SystemSampler
 
     with tempfile.TemporaryDirectory(prefix="minibert-sysmetrics-") as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(tmp) / 'mlflow.db'}"

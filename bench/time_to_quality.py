@@ -41,13 +41,13 @@ from bench import hf_bert
 from bench.common import DEFAULT_DATA, DEVICE, load_splits
 from bench.train import cpu_kind
 from minibert import layout
-from minibert.training import distributed
-from minibert.data.batches import to_tensors
-from minibert.training.budget import measure
 from minibert.config import Config, ConfigError, config_from_dict
+from minibert.data.batches import to_tensors
 from minibert.evaluation.heldout import evaluate
-from minibert.training.heap import tune_cpu_malloc
 from minibert.model.bert import build_model
+from minibert.training import distributed
+from minibert.training.budget import measure
+from minibert.training.heap import tune_cpu_malloc
 from minibert.training.loop import fit, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]

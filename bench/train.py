@@ -48,10 +48,10 @@ from bench.common import DEFAULT_DATA, DEVICE, load_splits
 from bench.data import SHARED, data_dir
 from minibert import layout
 from minibert.artifacts import load_arrays, save_arrays
-from minibert.data.batches import gather_batch, to_tensors
 from minibert.config import ModelConfig, TrainConfig
-from minibert.training.heap import tune_cpu_malloc
+from minibert.data.batches import gather_batch, to_tensors
 from minibert.model.bert import build_model
+from minibert.training.heap import tune_cpu_malloc
 from minibert.training.loop import (
     CPU_MICRO_BATCHES,
     batch_indices,

@@ -123,8 +123,8 @@ def _load(checkpoint: Path | None, run: str | None, vocab: Path | None, tmp: Pat
           device: str = "cpu"):
     """(model, vocabulary, bert.json) from a folder, the `weights/` artifacts of an MLflow run, or a
     registered model (`models:/minibert-encoder@champion`)."""
-    from minibert.evaluation.inference import load_for_inference
     from minibert.data.vocab import Vocab
+    from minibert.evaluation.inference import load_for_inference
 
     if sum(x is not None for x in (checkpoint, run, model)) > 1:
         raise MinibertError("give one of --checkpoint, --run, --model")
@@ -287,10 +287,10 @@ def budget(
     """Measure this machine's step time for a recipe; print the steps N minutes buy and the -S flags."""
     import yaml
 
-    from minibert.training.budget import flags, measure, steps_for
     from minibert.config import config_from_dict, load_config
     from minibert.data.pairs import load_pairs
     from minibert.data.vocab import Vocab
+    from minibert.training.budget import flags, measure, steps_for
 
     with stage_errors("budget"):
         if minutes <= 0:

@@ -41,7 +41,8 @@ class Progress:
         self.closed = not enabled
         self._bar = None
         if enabled and self.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as Bar
 
             self._bar = Bar(TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
                             TextColumn(unit), TextColumn("ETA"), TimeRemainingColumn(),

@@ -16,8 +16,8 @@ import typer
 from minibert import layout
 from minibert.config import load_config
 from minibert.data.fetch import fetch_wikitext
-from minibert.errors import stage_errors
 from minibert.data.text import fetch_text
+from minibert.errors import stage_errors
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 

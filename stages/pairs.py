@@ -14,9 +14,9 @@ from minibert import layout
 from minibert.artifacts import write_json
 from minibert.config import load_config
 from minibert.data.corpus import SPLITS
-from minibert.errors import stage_errors
 from minibert.data.pairs import pairs_splits
 from minibert.data.shards import workers
+from minibert.errors import stage_errors
 
 app = typer.Typer(add_completion=False)
 

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import typer
 
-from minibert.training import distributed
-
 from minibert import layout
 from minibert.config import flatten, load_config
 from minibert.errors import stage_errors
+from minibert.training import distributed
 from minibert.training.pretrain import Paths, run_pretrain
 
 app = typer.Typer(add_completion=False)

@@ -13,12 +13,12 @@ import typer
 from minibert import layout
 from minibert.artifacts import atomic_path, write_json
 from minibert.config import load_config
+from minibert.data.vocab import Vocab
 from minibert.errors import stage_errors
 from minibert.evaluation.inference import load_for_inference
-from minibert.plots import similarity_heatmap
 from minibert.evaluation.probes import flat_metrics, run_probes
+from minibert.plots import similarity_heatmap
 from minibert.tracking.runs import pretrain_run
-from minibert.data.vocab import Vocab
 
 app = typer.Typer(add_completion=False)
 

@@ -15,9 +15,9 @@ import typer
 from minibert import layout
 from minibert.artifacts import atomic_path, write_json
 from minibert.config import load_config
-from minibert.errors import stage_errors
 from minibert.data.shards import workers
 from minibert.data.tokenize import tokenize_splits
+from minibert.errors import stage_errors
 
 app = typer.Typer(add_completion=False)
 

@@ -65,7 +65,7 @@ def start_s3_server(tmp_path: Path, timeout_s: float = 60.0) -> S3Server:
         except OSError:
             if time.monotonic() > deadline:
                 stop_s3_server(proc)
-                raise RuntimeError(f"moto_server at {endpoint} did not answer in {timeout_s:.0f} s")
+                raise RuntimeError(f"moto_server at {endpoint} did not answer in {timeout_s:.0f} s") from None
             time.sleep(0.2)
     try:
         iam = boto3.client("iam", endpoint_url=endpoint, region_name=REGION, aws_access_key_id="bootstrap",

@@ -17,11 +17,11 @@ from bench.common import load_splits
 from bench.train import cpu_kind, forward_flops, matmul_peak, runnable_precisions
 from minibert.artifacts import save_arrays
 from minibert.config import ModelConfig, PairsConfig, TrainConfig
-from minibert.model.bert import build_model
-from minibert.data.pairs import make_pairs
 from minibert.data.batches import gather_batch, to_tensors
-from minibert.training.loop import batch_indices, make_optimizer, train_step
+from minibert.data.pairs import make_pairs
 from minibert.data.vocab import build_vocab, encode_paragraphs
+from minibert.model.bert import build_model
+from minibert.training.loop import batch_indices, make_optimizer, train_step
 from tests.test_loop import cpu_flags
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,8 +39,8 @@ def tiny_pairs(n: int = 13, T: int = 13, P: int = 3, V: int = 37, seed: int = 7)
 
 
 def test_forward_flops_match_torch_flop_counter_over_a_train_step(monkeypatch):
-    import minibert.model.loss
     import minibert.model.bert
+    import minibert.model.loss
 
     # No row padding: at this size rounding 9 MLM slots up to 128 would swamp the count (at the
     # book's size it is < 1 % of a step).

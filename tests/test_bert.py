@@ -168,7 +168,7 @@ def test_same_seed_same_init_and_global_rng_untouched():
     before = torch.random.get_rng_state()
     a, b, c = build_model(CFG, V, 7), build_model(CFG, V, 7), build_model(CFG, V, 8)
     assert torch.equal(before, torch.random.get_rng_state())
-    for (k, x), y, z in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+    for (k, x), y, _z in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
         assert torch.equal(x, y), k
     assert any(not torch.equal(x, z) for x, z in zip(a.parameters(), c.parameters()))
 
@@ -252,8 +252,9 @@ def test_bf16_autocast_step_gives_fp32_losses():
 
 def test_filler_rows_change_no_loss_or_gradient():
     """Training rounds the row count up with filler rows at pad positions: same losses and grads."""
-    import minibert.model.bert as mm
     from tiny_project import tiny_batch
+
+    import minibert.model.bert as mm
     torch.manual_seed(3)
     cfg = ModelConfig(num_layers=2, hidden=12, heads=3, ffn_hidden=37, dropout=0.0, max_len=13)
     T, V = 13, 99
@@ -284,8 +285,9 @@ def test_filler_rows_change_no_loss_or_gradient():
 def test_mlm_head_shapes_repeat_across_batches():
     """The MLM MLP sees slot counts rounded up to SLOT_BUCKET: batches with 13 and 21 slots give one
     shape (oneDNN caches a primitive per matmul shape; a new M every batch grew RSS without bound)."""
-    import minibert.model.bert as mm
     from tiny_project import tiny_batch
+
+    import minibert.model.bert as mm
 
     torch.manual_seed(4)
     model = build_model(ModelConfig(num_layers=1, hidden=12, heads=3, ffn_hidden=37, max_len=13), 99, seed=1)
@@ -335,8 +337,9 @@ def test_pad_tokens_never_reach_real_rows_in_training():
     """Train mode, dropout > 0, filler rows present (a row bucket of 16 pads 63 real rows to 64 with a
     pad position): changing every pad token changes the filler's keys and values, so the loss and the
     real rows stay identical under the same dropout seed only if pad keys are masked out."""
-    import minibert.model.bert as mm
     from tiny_project import tiny_batch
+
+    import minibert.model.bert as mm
 
     torch.manual_seed(3)
     tokens, segments, valid, positions, weights, labels, nsp = tiny_batch([13, 5, 9, 7, 12, 6, 11], [3] * 7)

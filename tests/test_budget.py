@@ -5,10 +5,10 @@ import subprocess
 import sys
 
 import pytest
-
-from minibert.training.budget import StepCost, flags, steps_for
-from minibert.errors import MinibertError
 from tiny_project import ROOT, make_workspace
+
+from minibert.errors import MinibertError
+from minibert.training.budget import StepCost, flags, steps_for
 
 
 def cost(step_s, eval_s=0.0, eval_every=0):

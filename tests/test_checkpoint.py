@@ -9,14 +9,14 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_project import TINY_MODEL, make_workspace, popen_stage, stage
 
-from minibert.training import checkpoint, distributed
 from minibert.artifacts import load_arrays
 from minibert.config import ModelConfig, TrainConfig
-from minibert.model.bert import build_model
 from minibert.data.batches import to_tensors
+from minibert.model.bert import build_model
+from minibert.training import checkpoint, distributed
 from minibert.training.loop import fit, make_optimizer
-from tiny_project import TINY_MODEL, make_workspace, popen_stage, stage
 
 CPU = torch.device("cpu")
 STEPS = {"max_steps": 90, "checkpoint_every": 10}

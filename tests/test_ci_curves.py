@@ -3,9 +3,9 @@ the workflow posts the report on pull requests and says when it cannot."""
 import subprocess
 
 import yaml
+from tiny_project import ROOT
 
 from ci.curves import at_rev, chart, read_curve, report, thin
-from tiny_project import ROOT
 
 HEADER = "step,valid_mlm_loss,valid_mlm_accuracy,valid_nsp_loss,valid_nsp_accuracy\n"
 BASE = HEADER + "5,6.5,0.01,0.7,0.5\n10,6.25,0.02,0.69,0.52\n13,6.0,0.03,0.68,0.55\n"

@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 
 from minibert.cli import STAGES, app
 from minibert.config import ModelConfig, TrackingConfig
+from minibert.data.vocab import SPECIALS, Vocab
 from minibert.model.bert import build_model, save_pretrained
 from minibert.tracking.runs import start_run
-from minibert.data.vocab import SPECIALS, Vocab
 
 try:
     from tests.tiny_project import ROOT, TINY_MODEL, make_workspace

@@ -9,8 +9,17 @@ import zipfile
 import pytest
 
 from minibert.config import DataConfig, Mirror
-from minibert.data.corpus import (SHA256, SPLITS, TOKENS_SHA256, read_paragraphs, rebuild_from_parquet, safe_extract,
-                                  split_file, tokens_sha256, verify_files)
+from minibert.data.corpus import (
+    SHA256,
+    SPLITS,
+    TOKENS_SHA256,
+    read_paragraphs,
+    rebuild_from_parquet,
+    safe_extract,
+    split_file,
+    tokens_sha256,
+    verify_files,
+)
 from minibert.data.fetch import download, fetch_wikitext
 from minibert.errors import DataError
 

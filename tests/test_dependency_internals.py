@@ -9,15 +9,15 @@ upgrade that moves one fails here, naming it, instead of somewhere deep in a pip
 | `mlflow.tracking._tracking_service.utils._tracking_uri` | tracking/store.py `fluent_uris` | put the fluent API's URI back after one call |
 | `mlflow.tracking._model_registry.utils._registry_uri` | tracking/store.py `fluent_uris` | the same for the registry URI |
 | `Repo.stage_cache._load_cache`, `._create_stage`, `.cache_dir` | ci/runcache.py | push the objects a run-cache entry names |
-| the UI bundle's saved-view keys (`server/js/build/static/js`) | tracking/view.py | the experiment's saved view (tests/test_view.py reads the bundle) |
+| the UI bundle's saved-view keys (`server/js/build/static/js`) | tracking/view.py | the saved view (tests/test_view.py) |
 """
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 INTERNALS = {"_tracking_service", "_model_registry", "_tracking_uri", "_registry_uri", "_load_cache",

@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
-from minibert.training import distributed
-from minibert.data.batches import resolve_device
 from minibert.config import TrainConfig
+from minibert.data.batches import resolve_device
 from minibert.errors import MinibertError
+from minibert.training import distributed
 
 
 @pytest.fixture

@@ -18,14 +18,13 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM,  # noqa: E402
-                          AutoModelForPreTraining, AutoTokenizer, pipeline)
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForPreTraining, AutoTokenizer, pipeline  # noqa: E402
 
 from minibert.config import ModelConfig, ProbeSpec  # noqa: E402
+from minibert.data.vocab import MASK, SPECIALS, Vocab  # noqa: E402
+from minibert.evaluation.probes import probe_words  # noqa: E402
 from minibert.export.hf import export_hf  # noqa: E402
 from minibert.model.bert import build_model  # noqa: E402
-from minibert.evaluation.probes import probe_words  # noqa: E402
-from minibert.data.vocab import MASK, SPECIALS, Vocab  # noqa: E402
 
 WORDS = ("a crane is flying the bird sat on wall he just left driver came über straße ça ok "
          "river bank money").split()

@@ -15,14 +15,13 @@ import yaml
 
 from minibert.artifacts import save_arrays
 from minibert.config import ModelConfig, PairsConfig, TrackingConfig
+from minibert.data.pairs import make_pairs
+from minibert.data.vocab import SPECIALS
 from minibert.errors import DataError
 from minibert.evaluation.heldout import baselines, evaluate, heldout_hook, heldout_subset, load_pairs
-from minibert.tracking.runs import pretrain_run_id
 from minibert.model.bert import build_model, load_pretrained, save_pretrained
-from minibert.data.pairs import make_pairs
-from minibert.tracking.runs import start_run
+from minibert.tracking.runs import pretrain_run_id, start_run
 from minibert.tracking.store import tracking_uri
-from minibert.data.vocab import SPECIALS
 
 ROOT = Path(__file__).resolve().parents[1]
 V = 99

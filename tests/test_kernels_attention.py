@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from minibert.model.bert import token_layout
 from minibert.model.kernels import build
 from minibert.model.kernels.attention import (
     attention_rows,
@@ -16,7 +17,6 @@ from minibert.model.kernels.attention import (
     reference_to_heads,
 )
 from minibert.model.kernels.dropout import reference_keep
-from minibert.model.bert import token_layout
 
 pytestmark = pytest.mark.skipif(not build.load(), reason="C++ kernels unavailable (no compiler)")
 

@@ -16,7 +16,7 @@ from minibert.model.kernels.addnorm import add_norm
 from minibert.model.kernels.attention import attention_rows
 from minibert.model.kernels.dropout import drop_cut, reference_bits
 from minibert.model.kernels.softmax_xent import softmax_xent_
-from tests.test_kernels_attention import HEADS, T, VALID, per_pair
+from tests.test_kernels_attention import HEADS, VALID, T, per_pair
 from tests.test_kernels_attention import inputs as attention_inputs
 from tests.test_kernels_softmax_xent import REAL, case, float64_truth
 

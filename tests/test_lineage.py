@@ -4,10 +4,10 @@ import json
 
 import mlflow
 import yaml
-
-from minibert.tracking.lineage import lock_md5
 from test_pretrain import run_in_process
 from tiny_project import make_workspace
+
+from minibert.tracking.lineage import lock_md5
 
 
 def inputs_of(root):

@@ -3,11 +3,11 @@ import os
 import threading
 
 import pandas as pd
-
-from minibert.training import live_plots, pretrain
-from minibert.training.live_plots import TRAIN_COLUMNS, VALID_COLUMNS, LiveCurve, LiveCurves
 from test_pretrain import run_in_process
 from tiny_project import make_workspace
+
+from minibert.training import pretrain
+from minibert.training.live_plots import TRAIN_COLUMNS, VALID_COLUMNS, LiveCurve, LiveCurves
 
 
 def test_live_files_are_the_end_of_run_writers_bytes(tmp_path, monkeypatch):

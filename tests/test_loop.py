@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.numpy import load_file as load_np
 from safetensors.torch import load_file
+from tiny_project import TINY_MODEL, make_workspace, popen_stage, stage
 
 from minibert.config import ModelConfig, TrainConfig
-from minibert.model.bert import build_model, load_pretrained
 from minibert.data.pairs import FIELDS
+from minibert.model.bert import build_model, load_pretrained
 from minibert.training.loop import batch_indices, get_lr, resolve_precision, split_batch, step_seed, train_step
-from tiny_project import TINY_MODEL, make_workspace, popen_stage, stage
 
 
 def test_constant_and_linear_schedules():
@@ -274,13 +274,14 @@ def test_two_gloo_processes_match_one(tmp_path):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_on_cpu(tmp_path, precision):
-    from minibert.training import distributed
+    from tiny_project import TINY_MODEL
+
     from minibert.artifacts import load_arrays
     from minibert.config import ModelConfig
-    from minibert.model.bert import build_model
     from minibert.data.batches import to_tensors
+    from minibert.model.bert import build_model
+    from minibert.training import distributed
     from minibert.training.loop import fit, make_optimizer
-    from tiny_project import TINY_MODEL
 
     root = make_workspace(tmp_path)
     cfg = TrainConfig(batch_size=16, max_steps=30, lr=3e-3, device="cpu", precision=precision, checkpoint_every=0)
@@ -296,9 +297,9 @@ def test_mixed_precision_trains_on_cpu(tmp_path, precision):
 
 
 def _fit_tiny(root, eval_every, hook):
-    from minibert.training import distributed
     from minibert.artifacts import load_arrays
     from minibert.data.batches import to_tensors
+    from minibert.training import distributed
     from minibert.training.loop import fit, make_optimizer
 
     cfg = TrainConfig(batch_size=13, max_steps=11, lr=3e-3, device="cpu", precision="fp32", checkpoint_every=0,
@@ -393,12 +394,13 @@ def test_every_step_draws_its_own_dropout_masks():
     """One pair, so every step sees the same batch, and an optimizer that holds none of the model's
     weights, so they never change: the loss of step s then varies only through the dropout masks.
     Each step must draw fresh masks (all losses differ) from its own seed, step_seed(seed, 0, s)."""
-    from minibert.training import distributed
-    from minibert.config import PairsConfig
-    from minibert.data.pairs import make_pairs
-    from minibert.data.batches import to_tensors
-    from minibert.training.loop import fit
     from tiny_project import synthetic_split
+
+    from minibert.config import PairsConfig
+    from minibert.data.batches import to_tensors
+    from minibert.data.pairs import make_pairs
+    from minibert.training import distributed
+    from minibert.training.loop import fit
 
     pairs = make_pairs(synthetic_split(np.random.default_rng(5), n_para=7), PairsConfig(max_len=29), 99,
                        np.random.default_rng(5))
@@ -484,9 +486,9 @@ class _Killed(Exception):
 
 
 def _fit_budget(root, steps, train=None, stop_at=None, resume=None):
-    from minibert.training import checkpoint, distributed
     from minibert.artifacts import load_arrays
     from minibert.data.batches import to_tensors
+    from minibert.training import checkpoint, distributed
     from minibert.training.loop import fit, make_optimizer
 
     cfg = TrainConfig(**{"batch_size": 13, "max_steps": steps, "device": "cpu", "precision": "fp32",

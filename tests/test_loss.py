@@ -1,10 +1,10 @@
 """The pretraining loss: the fused chunked MLM decoder + cross-entropy against the plain logits path."""
 import pytest
 import torch
+from tiny_project import tiny_batch
 
 from minibert.config import ModelConfig
 from minibert.model.bert import build_model, pretrain_loss
-from tiny_project import tiny_batch
 
 
 @pytest.mark.parametrize("amp", [None, torch.bfloat16])

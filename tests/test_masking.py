@@ -3,12 +3,12 @@ import math
 
 import numpy as np
 import pytest
+from tiny_project import synthetic_split
 
 from minibert.config import PairsConfig
 from minibert.data.masking import candidates, original_tokens, redraw, step_rng
 from minibert.data.pairs import assemble, make_pairs
 from minibert.data.vocab import CLS, MASK, PAD, SEP, SPECIALS
-from tiny_project import synthetic_split
 
 V = 99
 

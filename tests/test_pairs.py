@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from minibert.config import PairsConfig
-from minibert.errors import DataError
 from minibert.data.pairs import FIELDS, make_pairs, pair_stats
 from minibert.data.vocab import CLS, MASK, PAD, SEP, SPECIALS
+from minibert.errors import DataError
 
 
 def synthetic_split(rng, n_para=99, vocab_size=37, max_sent=13):
@@ -239,6 +239,7 @@ def run_pairs_stage(root, name, shard_tokens, workers):
     import sys
 
     import yaml
+
     from tests.tiny_project import ROOT
 
     (root / f"{name}.yaml").write_text(yaml.safe_dump(
@@ -344,8 +345,8 @@ def test_load_pairs_maps_the_file_and_training_tensors_share_the_map(tmp_path, p
     import torch
 
     from minibert.artifacts import save_arrays
-    from minibert.data.pairs import load_pairs
     from minibert.data.batches import to_tensors
+    from minibert.data.pairs import load_pairs
 
     save_arrays(tmp_path / "p.safetensors", pairs, {"vocab_sha256": "ab" * 32})
     arrays, meta = load_pairs(tmp_path / "p.safetensors")
@@ -366,6 +367,7 @@ def test_pairs_stage_on_a_full_filesystem_is_one_line_and_keeps_the_old_output(t
     import sys
 
     import yaml
+
     from tests.tiny_project import ROOT
 
     tokens_dir(tmp_path)

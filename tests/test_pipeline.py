@@ -213,7 +213,7 @@ def test_own_text_corpus_through_dvc(tmp_path):
     (root / "mytext/b.txt").write_bytes(b"\xff\xfe l\x00a\x00t\x00i\x00n\x00")  # UTF-16: NUL bytes
     proc = sh(root, "dvc", "repro", "-f", "download", check=False)
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error: download:")]
-    assert proc.returncode != 0 and errors == [f"error: download: mytext/b.txt: a binary file (NUL byte on line 1); "
+    assert proc.returncode != 0 and errors == ["error: download: mytext/b.txt: a binary file (NUL byte on line 1); "
                                                "the text corpus takes UTF-8 .txt files, one paragraph per line"]
     assert not (root / "data/raw/corpus").exists()  # DVC cleared the old output; no partial new one
 

@@ -11,22 +11,21 @@ dropout, the fixed-size training layout), so these tests guard the GPU path on e
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from tiny_project import synthetic_split, tiny_batch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from minibert.training import distributed
-from minibert.data.batches import gather_batch, to_tensors
 from minibert.config import ModelConfig, PairsConfig, TrainConfig
+from minibert.data.batches import gather_batch, to_tensors
+from minibert.data.pairs import FIELDS, make_pairs
+from minibert.model.bert import Block, build_model, token_layout
 from minibert.model.kernels import build
 from minibert.model.kernels.addnorm import reference_add_norm
 from minibert.model.kernels.attention import attention_rows, reference_from_heads, reference_softmax_dropout, reference_to_heads
 from minibert.model.kernels.dropout import reference_dropout
 from minibert.model.kernels.softmax_xent import reference_softmax_xent_
-from minibert.model.bert import Block, build_model, token_layout
-from minibert.data.pairs import FIELDS, make_pairs
 from minibert.model.portable import portable, portable_path, use_portable, uses_kernels
-from minibert.training.loop import fit, micro_batch_rows, resolve_micro_batches, split_batch, train_step
-from tiny_project import synthetic_split, tiny_batch
+from minibert.training import distributed
+from minibert.training.loop import fit, micro_batch_rows, resolve_micro_batches, split_batch
 
 CPU = torch.device("cpu")
 # The book's architecture at tiny odd sizes (post-LN, 2 layers); dropout 0 so both paths compute the same math.
@@ -144,7 +143,7 @@ def test_cpp_ops_are_registered_for_cpu_tensors_only():
         "softmax_dropout": lambda: ops.softmax_dropout(torch.empty(4, 4, 4, device="meta"), lens.to("meta"),
                                                        2, 0.5, 0.2, 1),
     }
-    for name, call in calls.items():
+    for _name, call in calls.items():
         with pytest.raises(NotImplementedError, match="Meta"):
             call()
     # and on the CPU they still run

@@ -5,11 +5,11 @@ import time
 from dataclasses import field, make_dataclass, replace
 
 import pytest
+from tiny_project import make_workspace, popen_stage, stage
 
-from minibert.training import pretrain
 from minibert.config import NOT_NUMERIC, ModelConfig, TrainConfig, load_config
 from minibert.errors import MinibertError
-from tiny_project import make_workspace, popen_stage, stage
+from minibert.training import pretrain
 
 
 def statuses(root):

@@ -8,7 +8,6 @@ import time
 
 import pandas as pd
 import pytest
-
 from mlflow_server import free_port, start_mlflow_server, stop_mlflow_server
 from tiny_project import ROOT, make_workspace
 
@@ -58,9 +57,9 @@ def test_logged_encoder_round_trips_through_mlflow(tmp_path):
     import mlflow
     import torch
     from safetensors.numpy import load_file
+    from tiny_project import stage
 
     from minibert.model.bert import load_pretrained
-    from tiny_project import stage
 
     root = make_workspace(tmp_path, tracking=True)
     stage(root, "pretrain")

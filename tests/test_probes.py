@@ -15,13 +15,12 @@ import torch.nn.functional as F
 import yaml
 
 from minibert.config import ModelConfig, ProbeConfig, ProbeSpec, TrackingConfig
+from minibert.data.vocab import SPECIALS, Vocab
 from minibert.errors import DataError, MinibertError
+from minibert.evaluation.probes import UnknownWordWarning, encode_probe, flat_metrics, run_probes, similarity_matrix
 from minibert.model.bert import build_model, save_pretrained
-from minibert.evaluation.probes import (UnknownWordWarning, encode_probe, flat_metrics, run_probes,
-                             similarity_matrix)
 from minibert.tracking.runs import start_run
 from minibert.tracking.store import tracking_uri
-from minibert.data.vocab import SPECIALS, Vocab
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "a crane is flying driver came he just left".split()

@@ -23,16 +23,15 @@ import torch
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from mlflow import MlflowClient  # noqa: E402  (tests read back through MLflow's own client)
-
-from minibert.config import ProbeSpec, TrackingConfig  # noqa: E402
-from minibert.model.bert import load_pretrained  # noqa: E402
-from minibert.evaluation.probes import encode_probe, probe_words  # noqa: E402
-from minibert.tracking.registry import set_champion  # noqa: E402
-from minibert.tracking.runs import start_run
-from minibert.data.vocab import MASK, Vocab  # noqa: E402
-
 from mlflow_server import free_port  # noqa: E402
 from tiny_project import ROOT, make_workspace, stage  # noqa: E402
+
+from minibert.config import ProbeSpec, TrackingConfig  # noqa: E402
+from minibert.data.vocab import MASK, Vocab  # noqa: E402
+from minibert.evaluation.probes import encode_probe, probe_words  # noqa: E402
+from minibert.model.bert import load_pretrained  # noqa: E402
+from minibert.tracking.registry import set_champion  # noqa: E402
+from minibert.tracking.runs import start_run
 
 NAME = "minibert-encoder"
 
@@ -247,8 +246,8 @@ def test_text_model_builds_its_tensors_on_the_models_device():
     """The pyfunc's rows go where the model is (a GPU-loaded model got CPU tensors before): the stand-in's
     weights are on the meta device and it records its inputs' devices."""
     from minibert.config import ModelConfig
-    from minibert.tracking.serving import encode_rows
     from minibert.data.vocab import SPECIALS
+    from minibert.tracking.serving import encode_rows
 
     class Recorder(torch.nn.Module):
         def __init__(self):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from minibert.errors import DataError
 from minibert.data.shards import ByteShard, byte_shards, open_safetensors, pool_map, shard_lines, write_safetensors
+from minibert.errors import DataError
 
 
 def arrays():

@@ -5,8 +5,8 @@ import mlflow
 import pytest
 
 from minibert.config import ConfigError, TrackingConfig, load_config
-from minibert.tracking.system_metrics import SystemSampler
 from minibert.tracking.runs import start_run
+from minibert.tracking.system_metrics import SystemSampler
 
 
 def vm_rss_mb():

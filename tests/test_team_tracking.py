@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny_project import ROOT, make_workspace
 
 from tests.mlflow_server import stop_mlflow_server
 from tests.team_server import ADMIN, ADMIN_PASSWORD, pg_bin, start_team_server, stop_team_server
-from tiny_project import ROOT, make_workspace
 
 pytestmark = pytest.mark.skipif(pg_bin() is None, reason="PostgreSQL binaries not installed "
                                 "(/usr/lib/postgresql/*/bin; apt-get install postgresql)")

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from minibert.data.corpus import read_paragraphs, split_file
-from minibert.errors import DataError
 from minibert.data.text import fetch_text, normalise
+from minibert.errors import DataError
 
 
 def test_normalise_hand_cases():

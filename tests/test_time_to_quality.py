@@ -11,11 +11,12 @@ import yaml
 
 pytest.importorskip("transformers")
 
-from bench import hf_bert, time_to_quality as ttq  # noqa: E402
-from minibert.training import distributed  # noqa: E402
+from bench import hf_bert  # noqa: E402
+from bench import time_to_quality as ttq
 from minibert.data.batches import to_tensors  # noqa: E402
 from minibert.evaluation.heldout import evaluate  # noqa: E402
 from minibert.model.bert import build_model  # noqa: E402
+from minibert.training import distributed  # noqa: E402
 from minibert.training.loop import fit, make_optimizer  # noqa: E402
 
 

@@ -10,8 +10,8 @@ import pytest
 
 from minibert.artifacts import save_arrays
 from minibert.data.corpus import read_paragraphs
-from minibert.data.tokenize import count_shard, encode_shard, write_split
 from minibert.data.shards import byte_shards, pool_map
+from minibert.data.tokenize import count_shard, encode_shard, write_split
 from minibert.data.vocab import UNK, build_vocab, encode_paragraphs, vocab_from_counts
 
 

@@ -14,8 +14,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import mlflow  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
-from minibert.tracking import view
 from minibert.config import TrackingConfig, flatten, load_config
+from minibert.tracking import view
 from minibert.tracking.runs import start_run, ui_url
 from minibert.tracking.store import tracking_uri
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from minibert.data.corpus import read_paragraphs
-from minibert.errors import DataError
 from minibert.data.vocab import PAD, SPECIALS, UNK, Vocab, build_vocab, encode_paragraphs, split_stats
+from minibert.errors import DataError
 
 
 def synthetic_paragraphs(rng, n_para=37, words=99):

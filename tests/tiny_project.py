@@ -118,10 +118,10 @@ def tiny_fit(train: dict, out: Path | None = None):
     import torch
     from safetensors.torch import save_file
 
-    from minibert.training import distributed
     from minibert.config import ModelConfig, TrainConfig
-    from minibert.model.bert import build_model
     from minibert.data.batches import to_tensors
+    from minibert.model.bert import build_model
+    from minibert.training import distributed
     from minibert.training.loop import fit
 
     cfg = TrainConfig(**{"device": "cpu", "checkpoint_every": 0, "threads": 1, **train})

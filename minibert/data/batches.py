@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from minibert.errors import MinibertError
 from minibert.data.pairs import FIELDS
+from minibert.errors import MinibertError
 
 
 def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") -> torch.device:

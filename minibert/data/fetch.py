@@ -17,10 +17,18 @@ from typing import Callable, Iterator
 
 from minibert.artifacts import atomic_dir
 from minibert.config import DataConfig, Mirror
-from minibert.data.corpus import (MAX_MEMBER_BYTES, PINS, SPLITS, Pins, parquet_in, rebuild_from_parquet, safe_extract,
-                                  split_file, verify_files)
+from minibert.data.corpus import (
+    MAX_MEMBER_BYTES,
+    PINS,
+    SPLITS,
+    Pins,
+    parquet_in,
+    rebuild_from_parquet,
+    safe_extract,
+    split_file,
+    verify_files,
+)
 from minibert.errors import DataError
-
 
 # ---------------------------------------------------------------------------- http
 

@@ -31,9 +31,9 @@ import numpy as np
 
 from minibert.artifacts import atomic_dir
 from minibert.config import PairsConfig
-from minibert.errors import DataError
 from minibert.data.shards import open_safetensors, pool_map, write_safetensors
 from minibert.data.vocab import CLS, MASK, PAD, SEP, SPECIALS, Vocab
+from minibert.errors import DataError
 
 FIELDS = ("token_ids", "segments", "valid_lens", "pred_positions", "mlm_weights", "mlm_labels", "nsp_labels")
 

@@ -11,14 +11,15 @@ NSP majority class), estimated on the train pairs and scored on the valid ones.
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minibert.errors import DataError, MinibertError
-from minibert.data.pairs import load_pairs  # noqa: F401 (re-exported: the evaluate stage reads valid pairs)
-from minibert.progress import Progress
 from minibert.data.batches import gather_batch, to_tensors
+from minibert.data.pairs import load_pairs  # noqa: F401 (re-exported: the evaluate stage reads valid pairs)
+from minibert.errors import DataError, MinibertError
+from minibert.progress import Progress
 
 # The figures the held-out curve logs per step (prefixed `valid_`).
 CURVE = ("mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy")

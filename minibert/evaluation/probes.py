@@ -14,8 +14,8 @@ import pandas as pd
 import torch
 
 from minibert.config import ProbeConfig, ProbeSpec
-from minibert.errors import DataError, MinibertError
 from minibert.data.vocab import CLS, SEP, Vocab
+from minibert.errors import DataError, MinibertError
 
 N_VALUES = 4  # leading vector components shown per token in the table (v0..v3)
 

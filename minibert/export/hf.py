@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import save_file
 
 from minibert.artifacts import atomic_dir
-from minibert.errors import MinibertError
 from minibert.data.vocab import CLS, MASK, PAD, SEP, SPECIALS, UNK, Vocab
+from minibert.errors import MinibertError
 
 MODELING_FILE = Path(__file__).with_name("modeling_minibert.py")
 HEADS = ("mlm.", "nsp_hidden.", "nsp.")  # minibert parameter prefixes outside the encoder

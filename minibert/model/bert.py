@@ -37,9 +37,9 @@ from torch import Tensor, nn
 from minibert.artifacts import atomic_path, write_json
 from minibert.config import ModelConfig
 from minibert.errors import DataError, MinibertError
-from minibert.model.loss import linear_cross_entropy, pretrain_loss  # noqa: F401 (pretrain_loss: public API)
 from minibert.model.kernels.addnorm import add_norm
 from minibert.model.kernels.attention import attention_rows
+from minibert.model.loss import linear_cross_entropy, pretrain_loss  # noqa: F401 (pretrain_loss: public API)
 from minibert.model.ops import dropout, gather_rows
 from minibert.model.portable import uses_kernels
 
@@ -110,7 +110,7 @@ class Block(nn.Module):
 
     def attend_padded(self, qkv: Tensor, idx: Tensor, B: int, T: int, key_keep: Tensor) -> Tensor:
         """The same attention in torch ops on the padded (B, h, T, dh) layout: inference, portable path. (N, H)."""
-        N, H = qkv.shape[0], qkv.shape[1] // 3
+        H = qkv.shape[1] // 3
         h = self.heads
         padded = qkv.new_zeros(B * T, 3 * H)
         padded.index_copy_(0, idx, qkv)  # (B*T, 3H), zeros at pads

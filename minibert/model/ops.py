@@ -10,7 +10,6 @@ from minibert.model.kernels.dropout import drop_cut
 from minibert.model.kernels.dropout import dropout as kernel_dropout
 from minibert.model.portable import uses_kernels
 
-
 # ---------------------------------------------------------------------------- dropout
 
 

@@ -59,8 +59,8 @@ def make_text_model():
         """Text in; tokens with encodings, or top-k words for each `<mask>`, out."""
 
         def load_context(self, context):
-            from minibert.model.bert import load_pretrained
             from minibert.data.vocab import Vocab
+            from minibert.model.bert import load_pretrained
 
             folder = Path(context.artifacts["model"])
             self.model, _ = load_pretrained(folder)
@@ -86,8 +86,8 @@ def encode_rows(model, vocab, rows, mode: str, top_k: int) -> list[dict]:
     import torch
 
     from minibert.config import ProbeSpec
-    from minibert.evaluation.probes import probe_words
     from minibert.data.vocab import MASK
+    from minibert.evaluation.probes import probe_words
 
     ids, segs = [], []
     for i, (a, b) in enumerate(rows):

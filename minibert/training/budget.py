@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from minibert.training import distributed
-from minibert.data.batches import resolve_device, to_tensors
 from minibert.config import Config
+from minibert.data.batches import resolve_device, to_tensors
 from minibert.errors import MinibertError
 from minibert.evaluation.heldout import heldout_batch_size, heldout_hook, heldout_subset
 from minibert.model.bert import build_model
+from minibert.training import distributed
 from minibert.training.loop import fit, make_optimizer, resolve_precision
 
 

@@ -17,11 +17,11 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from minibert.training import distributed
-from minibert.data.batches import gather_batch
 from minibert.config import TrainConfig
-from minibert.errors import Interrupted, MinibertError
+from minibert.data.batches import gather_batch
 from minibert.data.masking import redraw, step_rng
+from minibert.errors import Interrupted, MinibertError
+from minibert.training import distributed
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:

@@ -18,30 +18,30 @@ from typing import Any
 import pandas as pd
 import torch
 
-from minibert.training import checkpoint, distributed
-
 from minibert import layout, plots
 from minibert.artifacts import all_or_nothing, atomic_path, sha256_file, write_json
-from minibert.data.batches import resolve_device, to_tensors
-from minibert.training.cpus import ThreadShare
 from minibert.config import EvalConfig, ModelConfig, TrackingConfig, TrainConfig
-from minibert.errors import Interrupted, WriteError
-from minibert.evaluation.heldout import CURVE, heldout_batch_size, heldout_hook, heldout_subset
-from minibert.training.heap import release_cpu_memory, tune_cpu_malloc
-from minibert.model.bert import Encoder, build_model, check_vocab, save_pretrained
+from minibert.data.batches import resolve_device, to_tensors
 from minibert.data.pairs import load_pairs
-from minibert.tracking.runinfo import DIFF_TAG, NOTE_TAG, describe_run
-from minibert.progress import Progress
 from minibert.data.shards import drop_mapped_pages
+from minibert.data.vocab import Vocab
+from minibert.errors import Interrupted, WriteError
+from minibert.evaluation.heldout import heldout_batch_size, heldout_hook, heldout_subset
+from minibert.model.bert import Encoder, build_model, check_vocab, save_pretrained
+from minibert.progress import Progress
 from minibert.tracking.lineage import DataInput, log_data_inputs
 from minibert.tracking.registry import register_version
+from minibert.tracking.runinfo import DIFF_TAG, NOTE_TAG, describe_run
 from minibert.tracking.runs import start_run
 from minibert.tracking.serving import log_text_model
 from minibert.tracking.system_metrics import SystemSampler
 from minibert.tracking.tracker import NullTracker, Tracker
+from minibert.training import checkpoint, distributed
+from minibert.training.cpus import ThreadShare
+from minibert.training.heap import release_cpu_memory, tune_cpu_malloc
 from minibert.training.live_plots import TRAIN_COLUMNS, VALID_COLUMNS, LiveCurves
-from minibert.data.vocab import Vocab
 from minibert.training.loop import fit, make_optimizer, resolve_micro_batches, resolve_precision
+
 
 @dataclass(frozen=True)
 class Paths:

@@ -21,7 +21,6 @@ from minibert.model.kernels import build
 from minibert.model.kernels.dropout import draw_seed, reference_keep
 from minibert.model.portable import uses_kernels
 
-
 # ---------------------------------------------------------------------------- plain-torch references
 
 

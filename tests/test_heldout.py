@@ -12,15 +12,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from tiny_project import pretrain_run
 
 from minibert.artifacts import save_arrays
-from minibert.config import ModelConfig, PairsConfig, TrackingConfig
+from minibert.config import ModelConfig, PairsConfig
 from minibert.data.pairs import make_pairs
 from minibert.data.vocab import SPECIALS
 from minibert.errors import DataError
 from minibert.evaluation.heldout import baselines, evaluate, heldout_hook, heldout_subset, load_pairs
 from minibert.model.bert import build_model, load_pretrained, save_pretrained
-from minibert.tracking.runs import pretrain_run_id, start_run
+from minibert.tracking.runs import pretrain_run_id
 from minibert.tracking.store import tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,10 +177,7 @@ def test_stage_writes_metrics_into_the_pretrain_run(tmp_path, model, pairs, monk
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = _workspace(tmp_path, model, pairs)
-    with start_run(TrackingConfig(experiment="eval-13"), root) as tracker:  # what pretrain leaves behind
-        run_id = tracker.run_id
-    (root / "metrics").mkdir()
-    (root / "metrics/train.json").write_text(json.dumps({"mlflow_run_id": run_id}))
+    run_id = pretrain_run(root, "eval-13")
     proc = _stage(root)
     assert proc.returncode == 0, proc.stderr
     got = json.loads((root / "metrics/eval.json").read_text())

@@ -13,13 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from tiny_project import pretrain_run
 
-from minibert.config import ModelConfig, ProbeConfig, ProbeSpec, TrackingConfig
+from minibert.config import ModelConfig, ProbeConfig, ProbeSpec
 from minibert.data.vocab import SPECIALS, Vocab
 from minibert.errors import DataError, MinibertError
 from minibert.evaluation.probes import UnknownWordWarning, encode_probe, flat_metrics, run_probes, similarity_matrix
 from minibert.model.bert import build_model, save_pretrained
-from minibert.tracking.runs import start_run
 from minibert.tracking.store import tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,10 +144,7 @@ def test_stage_writes_outputs_and_logs_into_the_pretrain_run(tmp_path, vocab, mo
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({
         "pairs": {"max_len": 13}, "model": {"max_len": 13}, "probe": {"sentences": sentences},
         "tracking": {"enabled": True, "experiment": "probe-13"}}))
-    with start_run(TrackingConfig(experiment="probe-13"), tmp_path) as tracker:  # what pretrain leaves behind
-        run_id = tracker.run_id
-    (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics/train.json").write_text(json.dumps({"mlflow_run_id": run_id}))
+    run_id = pretrain_run(tmp_path, "probe-13")
     proc = _stage(tmp_path)
     assert proc.returncode == 0, proc.stderr
     warn = [line for line in proc.stderr.splitlines() if line.startswith("warning: probe:")]

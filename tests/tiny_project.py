@@ -19,6 +19,21 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"num_layers": 1, "hidden": 12, "heads": 3, "ffn_hidden": 37, "dropout": 0.1, "max_len": 29}
 
 
+def pretrain_run(root: Path, experiment: str) -> str:
+    """What the pretrain stage leaves behind for evaluate and probe: an MLflow run in `root`'s store and
+    its id in metrics/train.json. Returns the run id."""
+    import json
+
+    from minibert.config import TrackingConfig
+    from minibert.tracking.runs import start_run
+
+    with start_run(TrackingConfig(experiment=experiment), root) as tracker:
+        run_id = tracker.run_id
+    (root / "metrics").mkdir(exist_ok=True)
+    (root / "metrics/train.json").write_text(json.dumps({"mlflow_run_id": run_id}))
+    return run_id
+
+
 def synthetic_split(rng, n_para=99, vocab_size=99, max_sent=13):
     n_sent = rng.integers(2, 8, n_para)
     lens = rng.integers(1, max_sent + 1, n_sent.sum())

@@ -56,6 +56,7 @@ def test_dvc_paths_are_the_stage_defaults(name):
 
 # Literals that equal a layout path but are no path: (file, value) -> why.
 NOT_PATHS = {("bench/export.py", "models"): "the `mlflow models serve` subcommand",
+             ("minibert/tracking/serving.py", "models"): "the `mlflow models serve` subcommand",
              ("bench/queue.py", "metrics"): "a key of `dvc exp show --json`, beside `params`"}
 
 

@@ -145,7 +145,7 @@ def test_params_are_hyperparameters_only_and_never_none(repo):
 
 
 def test_standard_tags_are_those_mlflow_start_run_sets(repo, monkeypatch):
-    from mlflow.tracking.context.registry import resolve_tags
+    from mlflow.tracking.context.registry import _run_context_provider_registry, resolve_tags
 
     script = repo / "stages" / "pretrain.py"
     script.parent.mkdir()
@@ -154,6 +154,11 @@ def test_standard_tags_are_those_mlflow_start_run_sets(repo, monkeypatch):
     sh(repo, "git", "remote", "add", "origin", "https://someone:s3cret@example.invalid/minibert.git")
     monkeypatch.setattr(sys, "argv", [str(script)])
     monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    # MLflow's git provider caches its answer for the life of the process, so an earlier test's
+    # mlflow.start_run (another argv[0]) would decide what we expect here: start each cache empty.
+    for provider in _run_context_provider_registry:
+        if isinstance(getattr(provider, "_cache", None), dict):
+            monkeypatch.setattr(provider, "_cache", {})
     expected = resolve_tags()  # what mlflow.start_run would add, from MLflow's own context providers
     run = open_run(repo)
     for key in ("mlflow.user", "mlflow.source.type", "mlflow.source.git.commit", "mlflow.source.git.branch",

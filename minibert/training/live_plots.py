@@ -13,6 +13,7 @@ hundred rows. The rows are formatted by the same pandas call as the end-of-run w
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -36,14 +37,25 @@ class LiveCurve:
 
     def __init__(self, path: Path, columns: list[str], heldout: bool = False):
         self.path, self.columns, self.heldout = Path(path), columns, heldout
+        self.before: bytes | None = None
 
     def _mine(self, rows: Sequence[dict]) -> list[dict]:
         return [r for r in rows if "valid_mlm_loss" in r] if self.heldout else list(rows)
 
     def start(self, history: Sequence[dict]) -> None:
-        """Rewrite the file from `history` (empty: the header alone) before training goes on."""
+        """Rewrite the file from `history` (empty: the header alone) before training goes on; what was
+        there before is kept (in memory: a CSV of a few thousand rows) for `restore`."""
+        self.before = self.path.read_bytes() if self.path.is_file() else None
         with atomic_path(self.path) as tmp:
             tmp.write_bytes(_csv(self._mine(history), self.columns, header=True))
+
+    def restore(self) -> None:
+        """Put back the file as `start` found it (none: remove it)."""
+        if self.before is None:
+            self.path.unlink(missing_ok=True)
+            return
+        with atomic_path(self.path) as tmp:
+            tmp.write_bytes(self.before)
 
     def append(self, rows: Sequence[dict]) -> None:
         mine = self._mine(rows)
@@ -82,3 +94,16 @@ class LiveCurves:
         if self.enabled:
             for c in self.curves:
                 c.append(rows)
+
+    def restore(self) -> None:
+        """A run that stops with an error puts back the CSVs it started from, so that every pretrain
+        output stays the previous run's (the final writer's all-or-nothing promise). A full disk that
+        refuses even that leaves the failed run's rows, with one warning."""
+        if not self.enabled:
+            return
+        for c in self.curves:
+            try:
+                c.restore()
+            except OSError as e:
+                print(f"warning: pretrain: could not put back {c.path} ({e.strerror or e}); it holds this "
+                      "failed run's rows", file=sys.stderr, flush=True)

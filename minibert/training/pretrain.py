@@ -84,6 +84,8 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
         return metrics
     except BaseException as e:  # anything at all: never leave the MLflow run RUNNING
         run.sampler.stop()
+        if run.live is not None:  # the live plot CSVs go back to the last good run's, like every output
+            run.live.restore()
         run.tracker.close(run_status(e))
         raise
     finally:

@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=Path, default=layout.PAIRS, help="pipeline pairs folder, used if present")
     a = ap.parse_args()
     codes = [c.resolve() for c in a.code]
-    if bad := [str(c) for c in codes if not (c / "minibert" / "train.py").is_file()]:
+    if bad := [str(c) for c in codes if not (c / "minibert" / "training" / "loop.py").is_file()]:
         raise SystemExit(f"bench.ab: {', '.join(bad)}: not a minibert checkout (no minibert/training/loop.py); "
                          "make one with `git worktree add DIR REV`")
     if a.rounds < 1 or a.steps < 1 or a.micro_batches < 1:

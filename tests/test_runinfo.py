@@ -97,7 +97,7 @@ def test_budget_run_names_recipe_and_budget_and_describes_the_levers(repo):
     run = open_run(repo)
     assert run.info.run_name.endswith(" [budget: 321 steps, 15 min budget]")
     note = run.data.tags["mlflow.note.content"]
-    assert "AdamW (β2 0.98, decay 0.01) lr 0.003 linear, warmup 0.06 of steps, 321 steps" in note
+    assert "AdamW (β2 0.98, decay 0.01) lr 0.005 linear, warmup 0.06 of steps, 321 steps × 128 pairs" in note
     assert "tied decoder, no decoder bias, clip 0.5, dynamic masks 0.2; budget 15 min = 321 steps; preset budget" in note
     params = {"preset": "budget", "train.max_steps": 321, "train.budget_minutes": 15.0}
     assert budget_name("x", params, 871.4) == "x [budget: 321 steps, 15 min budget, 871 s]"

@@ -103,8 +103,9 @@ class Block(nn.Module):
 
     def attend(self, x: Tensor, idx: Tensor, B: int, T: int, key_keep: Tensor, valid_lens: Tensor) -> Tensor:
         qkv = self.qkv(x)  # (N, 3H)
-        if self.training and self.p > 0 and uses_kernels(x):
-            # rows -> heads, masked softmax + dropout, heads -> rows as single passes (kernels/attention.py)
+        if self.training and uses_kernels(x):
+            # rows -> heads, masked softmax + dropout, heads -> rows as single passes (kernels/attention.py);
+            # with dropout 0 too: the padded torch path costs more than the dropout it skips
             return self.out(attention_rows(qkv, idx, valid_lens, T, self.heads, self.p))
         return self.out(self.attend_padded(qkv, idx, B, T, key_keep))
 

@@ -114,7 +114,7 @@ def attention_rows(qkv: Tensor, idx: Tensor, valid_lens: Tensor, T: int, heads: 
     `idx` (N,) holds each row's flat padded position b * T + t, `valid_lens` (B,) the real lengths: keys
     past a pair's length are masked; dropout `p` falls on the attention weights."""
     B, dh = valid_lens.numel(), qkv.shape[1] // 3 // heads
-    seed = draw_seed() if seed is None else seed
+    seed = (draw_seed() if p > 0 else 0) if seed is None else seed  # p = 0 keeps the global RNG as it was
     valid_lens = valid_lens.long().contiguous()
     if supported(qkv):
         q, k, v = _ToHeads.apply(qkv, idx, B, T, heads)  # 3 x (B*h, T, dh)

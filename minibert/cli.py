@@ -282,7 +282,8 @@ def budget(
     minutes: float = typer.Option(..., "--minutes", help="Training time you can afford, in minutes."),
     preset: Optional[str] = typer.Option(None, help="Recipe to size [default: params.yaml's `preset`]."),
     params: Path = typer.Option(layout.PARAMS, help="params file"),
-    timed: int = typer.Option(10, min=1, help="Steps timed after 3 warm-up steps."),
+    timed: int = typer.Option(10, min=1, help="Steps timed after 3 warm-up steps (more if they take under --min-seconds)."),
+    min_seconds: float = typer.Option(10.0, min=0, help="The timed steps span at least this many seconds."),
 ) -> None:
     """Measure this machine's step time for a recipe; print the steps N minutes buy and the -S flags."""
     import yaml
@@ -303,12 +304,13 @@ def budget(
             raise MinibertError(f"{layout.TRAIN_PAIRS}: not found; run `dvc repro pairs` first (the budget "
                                 "is measured on the real train pairs)")
         valid = load_pairs(layout.VALID_PAIRS)[0] if layout.VALID_PAIRS.is_file() else None
-        cost = measure(cfg, load_pairs(layout.TRAIN_PAIRS)[0], valid, len(Vocab.load(layout.VOCAB)), timed=timed)
+        cost = measure(cfg, load_pairs(layout.TRAIN_PAIRS)[0], valid, len(Vocab.load(layout.VOCAB)), timed=timed,
+                       min_seconds=min_seconds)
         steps = steps_for(minutes, cost)
     evals = (f", {cost.eval_s:.2f} s per held-out evaluation every {cost.eval_every} steps"
              if cost.eval_every else "")
     print(f"budget: preset {name} on {cost.device} ({cost.precision}, {cost.threads} threads): "
-          f"{cost.step_s:.3f} s a step{evals}")
+          f"{cost.step_s:.3f} s a step (mean of {cost.timed_steps}){evals}")
     print(f"{minutes:g} minutes buy {steps} steps (start-up and the final evaluation not counted):")
     print(f"  {flags(name, steps, minutes)}")
 

@@ -12,6 +12,7 @@ prints the steps and the `-S` flags; `train.budget_minutes` records the intent i
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ class StepCost:
     device: str
     precision: str
     threads: int
+    timed_steps: int = 0  # steps the step time is the mean of (>= `timed`; more to fill min_seconds)
 
 
 def steps_for(minutes: float, cost: StepCost) -> int:
@@ -47,22 +49,24 @@ def steps_for(minutes: float, cost: StepCost) -> int:
 
 
 def measure(cfg: Config, train: dict[str, np.ndarray], valid: dict[str, np.ndarray] | None, vocab_size: int,
-            warmup: int = 3, timed: int = 10) -> StepCost:
+            warmup: int = 3, timed: int = 10, min_seconds: float = 10.0) -> StepCost:
     """Time `timed` training steps of `cfg`'s recipe on the `train` pairs after `warmup` untimed ones
     (oneDNN builds its kernels on the first steps), and one held-out evaluation of `valid`'s subset
-    when `cfg.train.eval_every` > 0, on this machine."""
-    if warmup < 1 or timed < 1:
-        raise MinibertError(f"budget: warm-up {warmup} and timed {timed} steps must both be >= 1")
+    when `cfg.train.eval_every` > 0, on this machine.
+
+    The timed steps span at least `min_seconds`: when `timed` steps take less, the measurement is
+    repeated with as many steps as fill it. A 2-core VM stalls for a second now and then; in ten 0.1 s
+    steps one stall doubled a recipe's step time (and halved its budget's steps)."""
+    if warmup < 1 or timed < 1 or min_seconds < 0:
+        raise MinibertError(f"budget: warm-up {warmup} and timed {timed} steps must both be >= 1 "
+                            f"and min_seconds {min_seconds:g} >= 0")
     device = resolve_device(cfg.train.device)
     if cfg.train.threads not in (0, "auto"):
         torch.set_num_threads(int(cfg.train.threads))
-    tcfg = dataclasses.replace(cfg.train, max_steps=warmup + timed, eval_every=0, checkpoint_every=0,
-                               log_every=1, budget_minutes=0.0)
-    model = build_model(cfg.model, vocab_size, seed=tcfg.seed).to(device)
-    opt = make_optimizer(model.parameters(), tcfg)
-    result = fit(model, opt, tcfg, to_tensors(train, device), device, distributed.Dist(), vocab_size=vocab_size)
-    clock = [r["train_s"] for r in result.history]  # cumulative seconds after each step (log_every 1)
-    step_s = (clock[-1] - clock[warmup - 1]) / timed
+    model, step_s = _time_steps(cfg, train, vocab_size, device, warmup, timed)
+    if step_s * timed < min_seconds:
+        timed = math.ceil(min_seconds / step_s)
+        model, step_s = _time_steps(cfg, train, vocab_size, device, warmup, timed)
     eval_s = 0.0
     if cfg.train.eval_every and valid is not None:
         batch = heldout_batch_size(cfg.eval.batch_size, cfg.train.batch_size,
@@ -75,7 +79,19 @@ def measure(cfg: Config, train: dict[str, np.ndarray], valid: dict[str, np.ndarr
     amp = resolve_precision(cfg.train.precision, device)
     return StepCost(step_s=step_s, eval_s=eval_s, eval_every=cfg.train.eval_every if eval_s else 0,
                     device=str(device), precision=str(amp).replace("torch.", "") if amp else "fp32",
-                    threads=torch.get_num_threads())
+                    threads=torch.get_num_threads(), timed_steps=timed)
+
+
+def _time_steps(cfg: Config, train: dict[str, np.ndarray], vocab_size: int, device: torch.device,
+                warmup: int, timed: int) -> tuple[torch.nn.Module, float]:
+    """(the trained model, mean seconds of the `timed` steps after `warmup`) of a fresh run of the recipe."""
+    tcfg = dataclasses.replace(cfg.train, max_steps=warmup + timed, eval_every=0, checkpoint_every=0,
+                               log_every=1, budget_minutes=0.0)
+    model = build_model(cfg.model, vocab_size, seed=tcfg.seed).to(device)
+    opt = make_optimizer(model.parameters(), tcfg)
+    result = fit(model, opt, tcfg, to_tensors(train, device), device, distributed.Dist(), vocab_size=vocab_size)
+    clock = [r["train_s"] for r in result.history]  # cumulative seconds after each step (log_every 1)
+    return model, (clock[-1] - clock[warmup - 1]) / timed
 
 
 def flags(preset: str, steps: int, minutes: float) -> str:

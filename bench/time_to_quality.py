@@ -1,7 +1,7 @@
 """Time to quality: held-out figures each recipe reaches in the same wall-clock budget, side by side.
 
     python -m bench.time_to_quality [--recipes book,pre_ln,budget,hf] [--seeds 0,1,2] [--budgets 1,3]
-                                    [--T SECONDS] [--points 6] [--out DIR] [--smoke]
+                                    [--T SECONDS] [--step-s NAME=SECONDS,...] [--points 6] [--out DIR] [--smoke]
     python -m bench.time_to_quality --recipes budget,budget+train.masking=static+train.mask_rate=0.15  # one lever
 
 Budgets are multiples of T, the wall time of 500 steps of the book's recipe on this machine (measured
@@ -9,7 +9,9 @@ first unless `--T` is given). Each recipe (a preset of params.yaml, or `hf`: HF 
 with Trainer's defaults at the same size, bench/hf_bert.py) has its step time measured once
 (`minibert.training.budget.measure`: warm-up, then timed steps of `fit` itself), and a budget of B seconds
 becomes max_steps = B / step time: what `minibert budget` would tell a user, so the recipe's schedule
-(warmup share, decay to 0 at the last step) is fitted to each budget. A constant-rate recipe (the
+(warmup share, decay to 0 at the last step) is fitted to each budget. `--step-s` gives some recipes'
+step times instead of measuring them (a long run's train s / steps is steadier than a 20 s window on
+a shared VM). A constant-rate recipe (the
 book) needs one run per seed, read at each budget's step count. All runs happen in this one process,
 interleaved (seed, then budget, then recipe), so machine noise hits every recipe alike.
 
@@ -74,7 +76,11 @@ def recipe_config(name: str, raw: dict, smoke: bool) -> Config:
     if smoke:
         raw["pairs"] = {**raw.get("pairs", {}), "max_len": 29}
         raw["model"] = {**raw.get("model", {}), **SMOKE_MODEL}
-        raw["train"] = {**raw.get("train", {}), "batch_size": 16, "micro_batches": 1, "threads": 1}
+        tiny = {"batch_size": 16, "micro_batches": 1, "threads": 1}
+        raw["train"] = {**raw.get("train", {}), **tiny}
+        if name not in ("book", "hf"):  # a preset's keys win over the sections: its batch too must be tiny
+            preset_train = raw.setdefault("presets", {}).setdefault(name, {}).setdefault("train", {})
+            preset_train.update({k: v for k, v in tiny.items() if k in preset_train})
     try:
         cfg = config_from_dict({**raw, "preset": "book" if name == "hf" else name}, str(layout.PARAMS))
     except ConfigError as e:
@@ -91,7 +97,7 @@ def step_seconds(name: str, cfg: Config, train: dict, vocab_size: int, smoke: bo
     if is_hf(name):
         model = hf_bert.build(cfg.model, vocab_size, seed=0)
         return hf_bert.step_seconds(model, train, cfg.train.batch_size, timed=2 if smoke else 5)
-    return measure(cfg, train, None, vocab_size, timed=2 if smoke else 10).step_s
+    return measure(cfg, train, None, vocab_size, timed=2 if smoke else 10, min_seconds=0 if smoke else 20).step_s
 
 
 def scored_steps(max_steps: int, points: int, extra: list[int]) -> list[int]:
@@ -237,12 +243,31 @@ def int_list(text: str, flag: str) -> list[int]:
     return values
 
 
+def step_s_given(text: str, names: list[str]) -> dict[str, float]:
+    """`NAME=SECONDS,...` -> {NAME: SECONDS}; NAME is one of `names` (a recipe name may hold `=`)."""
+    out: dict[str, float] = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.rpartition("=")
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = 0.0
+        if name not in names or not seconds > 0:
+            raise SystemExit(f"bench.time_to_quality: --step-s {item!r}: write RECIPE=SECONDS for a recipe of "
+                             f"--recipes and a positive number of seconds")
+        out[name] = seconds
+    return out
+
+
 def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipes", default="book,pre_ln,budget,hf")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--budgets", default="1,3", help="multiples of T")
     ap.add_argument("--T", type=float, default=None, help="seconds [default: measured, 500 book steps]")
+    ap.add_argument("--step-s", default="", metavar="NAME=SECONDS,...",
+                    help="step seconds of some recipes, not measured: from a long run's train s / steps, steadier "
+                         "than a 20 s window on a shared VM")
     ap.add_argument("--points", type=int, default=6, help="scored points per run besides the budget steps")
     ap.add_argument("--params", type=Path, default=ROOT / layout.PARAMS)
     ap.add_argument("--data", default=DEFAULT_DATA)
@@ -263,12 +288,14 @@ def main(argv: list[str] | None = None) -> Path:
         splits, vocab_size, _ = load_splits(("train", "valid"), a.data, a.pairs)
         train, valid = splits["train"], splits["valid"]
     book = recipes.get("book") or recipe_config("book", raw, a.smoke)
-    cost = {n: step_seconds(n, cfg, train, vocab_size, a.smoke) for n, cfg in recipes.items()}
+    given = step_s_given(a.step_s, names)
+    cost = {n: given.get(n) or step_seconds(n, cfg, train, vocab_size, a.smoke) for n, cfg in recipes.items()}
     T = a.T or (SMOKE_T_STEPS if a.smoke else T_STEPS) * (cost.get("book") or
                                                           step_seconds("book", book, train, vocab_size, a.smoke))
     steps = {n: {b: max(1, int(b * T / cost[n])) for b in budgets} for n in recipes}
     kind = cpu_kind(Path("/proc/cpuinfo").read_text()) if Path("/proc/cpuinfo").is_file() else "unknown CPU"
-    print(f"T = {T:.1f} s; step seconds {json.dumps({n: round(c, 4) for n, c in cost.items()})}; "
+    print(f"T = {T:.1f} s; step seconds {json.dumps({n: round(c, 4) for n, c in cost.items()})} "
+          f"(given: {sorted(given) or 'none'}); "
           f"steps {json.dumps(steps)}; {kind}, {torch.get_num_threads()} threads", file=sys.stderr, flush=True)
     out_dir = a.out or ROOT / "bench/results" / f"{datetime.date.today()}-time-to-quality-{commit()}"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -77,3 +77,20 @@ def test_a_recipe_can_turn_one_lever_of_a_preset_back():
         ttq.recipe_config("budget+train.masking=static", raw, smoke=False)
     with pytest.raises(SystemExit, match="section.key=value"):
         ttq.recipe_config("budget+grad_clip", raw, smoke=False)
+
+
+def test_given_step_seconds_name_recipes_whose_names_hold_equals_signs():
+    names = ["book", "budget+train.lr=0.005"]
+    assert ttq.step_s_given("book=0.5584,budget+train.lr=0.005=0.1228", names) == \
+        {"book": 0.5584, "budget+train.lr=0.005": 0.1228}
+    assert ttq.step_s_given("", names) == {}
+    for bad in ("pre_ln=0.3", "book=0", "book=fast", "budget+train.lr=0.005"):  # unknown, not > 0, not a number
+        with pytest.raises(SystemExit, match="RECIPE=SECONDS"):
+            ttq.step_s_given(bad, names)
+
+
+def test_smoke_shrinks_the_batch_a_preset_sets():
+    raw = yaml.safe_load((ttq.ROOT / "params.yaml").read_text())
+    raw.setdefault("presets", {})["big"] = {"train": {"batch_size": 4096, "lr": 0.007}}
+    cfg = ttq.recipe_config("big", raw, smoke=True)
+    assert (cfg.train.batch_size, cfg.train.lr) == (16, 0.007)  # the tiny batch, the preset's own rate

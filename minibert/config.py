@@ -312,11 +312,63 @@ class ProbeSpec:
 class ProbeConfig:
     sentences: tuple[ProbeSpec, ...] = ()
     """Inputs encoded after pretraining (the book's: `a crane is flying`; `a crane driver came` / `he just left`)."""
+    word_similarity: tuple[Literal["simlex999", "wordsim353"], ...] = ("simlex999", "wordsim353")
+    """Human similarity judgements the word vectors are scored against (Spearman); empty: none."""
 
     def __post_init__(self):
         _require(len(self.sentences) >= 1, "sentences", len(self.sentences), "at least one probe")
         names = [p.name for p in self.sentences]
         _require(len(set(names)) == len(names), "sentences", names, "unique probe names")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    task: Literal["bbc", "polarity", "snli", "file"] = "bbc"
+    """`bbc` (BBC News, 5 topics), `polarity` (Pang & Lee sentences), `snli` (the book's next chapter:
+    sentence pairs, 3 classes), or `file` (your own `train_file`). Data: `MINIBERT_TASK_DATA` or the
+    pinned public source (minibert/downstream/sources.py)."""
+    train_file: str = ""
+    """task `file`: a .tsv/.csv (header) or .jsonl with text, label and optionally text_b."""
+    test_file: str = ""
+    """task `file`: the held-out examples; empty: `test_share` of train_file is held out."""
+    test_share: float = 0.2
+    """Share held out when the task has no test split (bbc, polarity, a file without test_file)."""
+    split_seed: int = 0
+    """Seed of that split and of the `max_train`/`max_test` samples."""
+    max_train: int = 0
+    """At most this many training examples (0 = all; SNLI's 550k pairs take hours on a CPU)."""
+    max_test: int = 0
+    """At most this many test examples (0 = all)."""
+    max_len: int = 64
+    """Tokens per input including <cls>/<sep>; at most the pretrained model.max_len."""
+    epochs: int = 5
+    lr: float = 3e-4
+    """Adam's constant rate for the BERT classifiers (pretrained and random-init alike)."""
+    bow_lr: float = 0.05
+    """Adam's rate for the bag-of-words control (a convex problem that takes a larger step)."""
+    batch_size: int = 32
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """One fine-tuning per seed and system: the figures are mean ± std over them."""
+    freeze: bool = False
+    """True: the encoder stays as pretrained; only the <cls> hidden and output layers learn."""
+    device: str = "cpu"
+    """Where fine-tuning runs: cpu, cuda, cuda:N or auto."""
+
+    def __post_init__(self):
+        _require(self.task != "file" or bool(self.train_file.strip()), "train_file", self.train_file,
+                 "a path to your labelled file when task is file")
+        _require(0 < self.test_share < 1, "test_share", self.test_share, "a number between 0 and 1")
+        for key in ("max_train", "max_test"):
+            _require(getattr(self, key) >= 0, key, getattr(self, key), "an integer >= 0 (0 = all)")
+        _require(self.max_len >= 3, "max_len", self.max_len, "an integer >= 3 (<cls>, a word, <sep>)")
+        for key in ("epochs", "batch_size"):
+            _require(getattr(self, key) >= 1, key, getattr(self, key), "an integer >= 1")
+        for key in ("lr", "bow_lr"):
+            _require(getattr(self, key) > 0, key, getattr(self, key), "a number > 0")
+        _require(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "seeds", self.seeds,
+                 "a list of distinct integers")
+        _require(self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device) is not None,
+                 "device", self.device, "auto, cpu, cuda or cuda:N")
 
 
 @dataclass(frozen=True)
@@ -352,6 +404,7 @@ class Config:
     probe: ProbeConfig = field(default_factory=lambda: ProbeConfig(sentences=(
         ProbeSpec("crane_flying", "a crane is flying", word="crane"),
         ProbeSpec("crane_driver", "a crane driver came", "he just left", word="crane"))))
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     preset: str = "book"
     """Recipe applied on top of the sections: `book` (none) or a name under `presets:`."""

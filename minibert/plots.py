@@ -100,3 +100,19 @@ def similarity_figure(sim: np.ndarray, labels: Sequence[str], title: str):
 
 def similarity_heatmap(sim: np.ndarray, labels: Sequence[str], path: Path, title: str) -> None:
     _save(similarity_figure(sim, labels, title), path)
+
+
+def confusion_matrix(confusion: np.ndarray, classes: Sequence[str], path: Path, title: str) -> None:
+    """Counts with true classes as rows and predicted as columns, each cell written in."""
+    n = len(classes)
+    fig, ax = _pyplot().subplots(figsize=(1.6 + 0.7 * n, 1.2 + 0.6 * n))
+    ax.imshow(confusion, cmap="Blues")
+    for (i, j), v in np.ndenumerate(confusion):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
+                color="white" if v > confusion.max() / 2 else "black")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=10)
+    _save(fig, path)

@@ -2,7 +2,8 @@
 
 Writes the per-token table (parquet + CSV), metrics/probe.json (shapes, norms, the cross-context
 similarity of shared words) and a token-by-token cosine similarity heatmap; all of it also goes
-into the pretrain stage's MLflow run.
+into the pretrain stage's MLflow run. Word similarity: Spearman rho against SimLex-999 / WordSim-353 for
+the trained model and, as the control, its untrained initialisation.
 """
 import sys
 import warnings
@@ -17,6 +18,8 @@ from minibert.data.vocab import Vocab
 from minibert.errors import stage_errors
 from minibert.evaluation.inference import load_for_inference
 from minibert.evaluation.probes import flat_metrics, run_probes
+from minibert.evaluation.similarity import word_similarity
+from minibert.model.bert import build_model
 from minibert.plots import similarity_heatmap
 from minibert.tracking.runs import pretrain_run
 
@@ -38,6 +41,9 @@ def main(params: Path = typer.Option(layout.PARAMS, help="params file"),
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             df, metrics, sim, labels = run_probes(model, voc, cfg.probe, device)
+        # the control: the initialisation the pretrain stage started from (its seed, this architecture)
+        untrained = build_model(model.cfg, len(voc), seed=cfg.train.seed).to(device)
+        metrics["word_similarity"] = word_similarity(model, untrained, voc, cfg.probe.word_similarity)
         for w in caught:  # one line per probe, not Python's two-line warning format
             print(f"warning: probe: {w.message}", file=sys.stderr)
         csv = table.with_suffix(".csv")
@@ -56,7 +62,12 @@ def main(params: Path = typer.Option(layout.PARAMS, help="params file"),
                 tracker.log_artifact(f, "probe")
         shapes = ", ".join(f"{n} {tuple(e['shape'])}" for n, e in metrics["probes"].items())
         sims = ", ".join(f"{k} {v:.3f}" for k, v in metrics["similarity"].items()) or "-"
-        print(f"probe: {shapes}; similarity {sims}; MLflow run {tracker.run_id or '-'}")
+        rho = ", ".join(f"{n} rho {w['trained'].get('spearman_embedding', float('nan')):.3f} embedding / "
+                        f"{w['trained'].get('spearman_context', float('nan')):.3f} context "
+                        f"(untrained {w['untrained'].get('spearman_embedding', float('nan')):.3f}, "
+                        f"{w['trained']['pairs']} of {w['trained']['total']} pairs)"
+                        for n, w in metrics["word_similarity"].items()) or "-"
+        print(f"probe: {shapes}; similarity {sims}; {rho}; MLflow run {tracker.run_id or '-'}")
 
 
 if __name__ == "__main__":

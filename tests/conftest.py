@@ -1,4 +1,5 @@
-"""Shared fixtures: real WikiText-2 (via MINIBERT_DATA, else skipped) and a loopback HTTP server."""
+"""Shared fixtures: real WikiText-2 (via MINIBERT_DATA, else skipped), the real downstream data (via
+MINIBERT_TASK_DATA, else skipped) and a loopback HTTP server."""
 from __future__ import annotations
 
 import os
@@ -20,6 +21,19 @@ def _real_data() -> Path:
     if not src:
         pytest.skip("MINIBERT_DATA unset: set it to wikitext-2-v1.zip or its folder to run real-data tests")
     return Path(src)
+
+
+def _task_data() -> Path:
+    src = os.environ.get("MINIBERT_TASK_DATA")
+    if not src:
+        pytest.skip("MINIBERT_TASK_DATA unset: set it to ../shared/data/downstream to run the downstream-data tests")
+    return Path(src)
+
+
+@pytest.fixture(scope="session")
+def task_data() -> Path:
+    """The folder of real labelled data and word-similarity judgements (BBC News, Pang & Lee, SimLex-999…)."""
+    return _task_data()
 
 
 @pytest.fixture(scope="session")

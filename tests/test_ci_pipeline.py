@@ -22,13 +22,14 @@ pytestmark = pytest.mark.slow
 TINY = {"model": {"num_layers": 1, "hidden": 12, "heads": 3, "ffn_hidden": 37, "dropout": 0.1},
         "train": {"batch_size": 13, "micro_batches": 1, "max_steps": 3, "threads": 1, "checkpoint_every": 3,
                   "log_every": 1, "device": "cpu", "precision": "fp32"},
+        "finetune": {"epochs": 1, "seeds": [0], "max_train": 99, "max_test": 37, "max_len": 29, "batch_size": 13},
         "tracking": {"enabled": False}}
 
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    if not os.environ.get("MINIBERT_DATA"):
-        pytest.skip("MINIBERT_DATA unset: the data stages need the real WikiText-2")
+    if not os.environ.get("MINIBERT_DATA") or not os.environ.get("MINIBERT_TASK_DATA"):
+        pytest.skip("MINIBERT_DATA or MINIBERT_TASK_DATA unset: the pipeline needs WikiText-2 and the downstream data")
     server = start_s3_server(tmp_path_factory.mktemp("s3"))
     yield server
     stop_s3_server(server.proc)

@@ -53,8 +53,9 @@ def digest(root: Path, *parts: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def data_env():
-    if not os.environ.get("MINIBERT_DATA"):
-        pytest.skip("MINIBERT_DATA unset")
+    for var, what in (("MINIBERT_DATA", "WikiText-2"), ("MINIBERT_TASK_DATA", "the probe and finetune stages' data")):
+        if not os.environ.get(var):
+            pytest.skip(f"{var} unset: the whole pipeline needs {what} offline")
 
 
 DATA_OUTS = ("data/raw", "data/tokens", "data/pairs", "metrics/corpus.json", "metrics/corpus_stats.csv",
@@ -110,7 +111,7 @@ def plain_accuracy(root: Path, valid: dict) -> float:
 
 def test_full_pipeline_outputs(full_run):
     root, out = full_run
-    for stage in ("download", "tokenize", "pairs", "pretrain", "evaluate", "probe"):
+    for stage in ("download", "tokenize", "pairs", "pretrain", "evaluate", "probe", "finetune"):
         assert f"Running stage '{stage}'" in out.stdout
     train = json.loads((root / "metrics/train.json").read_text())
     ev = json.loads((root / "metrics/eval.json").read_text())
@@ -132,8 +133,15 @@ def test_full_pipeline_outputs(full_run):
     assert probe["probes"]["crane_flying"]["word_position"] == probe["probes"]["crane_driver"]["word_position"] == 2
     # "the" is ~7.5 % of the valid masked slots; NSP labels are fair coins
     assert 0.05 < ev["baseline_unigram_mlm_accuracy"] < 0.1 and 0.45 < ev["baseline_majority_nsp_accuracy"] < 0.55
+    # the default finetune task: BBC News (2,225 articles, 5 topics; the largest is 511 = 23 %) with a 20 % test split
+    ft = json.loads((root / "metrics/finetune.json").read_text())
+    assert ft["task"] == "bbc" and ft["train_examples"] + ft["test_examples"] == 2225 and ft["test_examples"] == 445
+    assert set(ft["systems"]) == {"pretrained", "random_init", "bag_of_words", "majority"}
+    assert 0.15 < ft["systems"]["majority"]["accuracy"] < 0.3 and ft["systems"]["bag_of_words"]["accuracy"] > 0.8
+    assert all(ft["systems"][s]["seeds"] == 3 for s in ("pretrained", "random_init", "bag_of_words"))
+    assert {n: w["trained"]["total"] for n, w in probe["word_similarity"].items()} == {"simlex999": 999, "wordsim353": 353}
     for f in ("models/bert.safetensors", "models/bert.json", "plots/train_loss.csv", "plots/train_loss.png",
-              "plots/valid_curve.csv",
+              "plots/valid_curve.csv", "finetune/per_seed.csv", "plots/finetune_curves.csv", "plots/finetune_confusion.png",
               "probes/probe_table.parquet", "probes/probe_table.csv", "plots/probe_similarity.png"):
         assert (root / f).is_file(), f
     assert "up to date" in sh(root, "dvc", "status").stdout

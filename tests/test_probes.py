@@ -142,7 +142,7 @@ def test_stage_writes_outputs_and_logs_into_the_pretrain_run(tmp_path, vocab, mo
                  {"name": "heron", "a": "a heron is flying", "word": "heron"},
                  {"name": "crane_alone", "a": "crane", "word": "crane"}]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({
-        "pairs": {"max_len": 13}, "model": {"max_len": 13}, "probe": {"sentences": sentences},
+        "pairs": {"max_len": 13}, "model": {"max_len": 13}, "probe": {"sentences": sentences, "word_similarity": []},
         "tracking": {"enabled": True, "experiment": "probe-13"}}))
     run_id = pretrain_run(tmp_path, "probe-13")
     proc = _stage(tmp_path)
@@ -193,3 +193,41 @@ def test_encode_probe_builds_its_inputs_on_the_models_device():
     model = _DeviceRecorder(len(vocab))
     encode_probe(model, vocab, ProbeSpec("p", "crane flying"))
     assert model.seen == ["meta"] * 3
+
+
+def test_stage_word_similarity_against_scipy(tmp_path, task_data, monkeypatch):
+    """Spearman of the embedding cosines on SimLex-999's in-vocabulary pairs, recomputed here with scipy
+    from the saved weights; the untrained control is the pretrain seed's initialisation."""
+    from mlflow import MlflowClient
+    from scipy.stats import spearmanr
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    pairs = [line.split("\t") for line in (task_data / "simlex999.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    words = sorted({w.lower() for p in pairs[::7] for w in p[:2]})  # every 7th pair's words: 1/7 of pairs or more
+    vocab = Vocab(SPECIALS + tuple(words))
+    trained = build_model(TINY, len(vocab), seed=11)
+    save_pretrained(trained, tmp_path / "models", {"vocab_sha256": vocab.sha256})
+    vocab.save(tmp_path / "data/tokens/vocab.txt")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "pairs": {"max_len": 13}, "model": {"max_len": 13}, "train": {"seed": 5},
+        "probe": {"sentences": [{"name": "one", "a": words[0]}], "word_similarity": ["simlex999"]},
+        "tracking": {"enabled": True, "experiment": "probe-13"}}))
+    run_id = pretrain_run(tmp_path, "probe-13")
+    proc = _stage(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads((tmp_path / "metrics/probe.json").read_text())["word_similarity"]["simlex999"]
+    known = [(a.lower(), b.lower(), float(h)) for a, b, h in (p[:3] for p in pairs)
+             if a.lower() in words and b.lower() in words]
+    assert got["trained"]["pairs"] == len(known) >= 999 // 7 and got["trained"]["total"] == 999
+
+    def rho(model):
+        emb = model.token_embedding.weight.detach().double()
+        cos = [float(F.cosine_similarity(emb[vocab.id(a)], emb[vocab.id(b)], dim=0)) for a, b, _ in known]
+        return spearmanr(cos, [h for _, _, h in known]).statistic
+
+    assert got["trained"]["spearman_embedding"] == pytest.approx(rho(trained), abs=1e-9)
+    assert got["untrained"]["spearman_embedding"] == pytest.approx(rho(build_model(TINY, len(vocab), seed=5)), abs=1e-9)
+    logged = MlflowClient(tracking_uri(tmp_path)).get_run(run_id).data.metrics
+    assert logged["word_rho_embedding.simlex999"] == pytest.approx(got["trained"]["spearman_embedding"])
+    assert logged["word_rho_context.simlex999_untrained"] == pytest.approx(got["untrained"]["spearman_context"])

@@ -161,7 +161,7 @@ def hash_file(path: str | Path, algo: str) -> str:
 # ---------------------------------------------------------------------------- zip
 
 
-def _unsafe_reason(info: zipfile.ZipInfo) -> str | None:
+def unsafe_reason(info: zipfile.ZipInfo) -> str | None:
     name = info.filename.replace("\\", "/")
     if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
         return "an absolute path"
@@ -185,7 +185,7 @@ def safe_extract(zip_path: str | Path, dest: str | Path, origin: str | None = No
         with zipfile.ZipFile(zip_path) as zf:
             infos = zf.infolist()
             for info in infos:
-                if reason := _unsafe_reason(info):
+                if reason := unsafe_reason(info):
                     raise DataError(f"{origin}: member {info.filename!r} is {reason}; refusing the archive, {intact}")
             members = {}
             for want in (split_file("", split).name for split in SPLITS):

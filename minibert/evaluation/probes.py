@@ -139,4 +139,9 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
                 out[f"probe_{k}.{name}"] = entry[k]
     for key, v in metrics["similarity"].items():
         out[f"probe_similarity.{key.replace('~', '-vs-')}"] = v
+    for name, models in metrics.get("word_similarity", {}).items():  # word_rho_<kind>.<dataset>[_untrained]
+        for which, figures in models.items():
+            for k, v in figures.items():
+                if k.startswith("spearman_"):
+                    out[f"word_rho_{k.removeprefix('spearman_')}.{name}" + ("" if which == "trained" else f"_{which}")] = v
     return {"".join(c if c.isalnum() or c in "_-. /:" else "_" for c in k): v for k, v in out.items()}

@@ -1,0 +1,1 @@
+"""Downstream use of the pretrained encoder: task data, fine-tuning and its controls."""

@@ -1,35 +1,18 @@
 """bench.time_to_quality --smoke: the whole method on synthetic pairs, checked against plain fit + evaluate."""
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 pytest.importorskip("transformers")
 
+from tiny_project import plain_heldout  # noqa: E402
+
 from bench import hf_bert  # noqa: E402
 from bench import time_to_quality as ttq
-from minibert.data.batches import to_tensors  # noqa: E402
-from minibert.evaluation.heldout import evaluate  # noqa: E402
-from minibert.model.bert import build_model  # noqa: E402
-from minibert.training import distributed  # noqa: E402
-from minibert.training.loop import fit, make_optimizer  # noqa: E402
-
-
-def retrain(name: str, seed: int, steps: int) -> float:
-    """The held-out MLM loss of `name` trained for `steps` (its schedule fitted to them), the plain way."""
-    raw = yaml.safe_load((ttq.ROOT / "params.yaml").read_text())
-    cfg = ttq.recipe_config(name, raw, smoke=True)
-    train, valid, V = ttq.smoke_data()
-    tcfg = dataclasses.replace(cfg.train, seed=seed, max_steps=steps)
-    model = build_model(cfg.model, V, seed=seed)
-    fit(model, make_optimizer(model.parameters(), tcfg), tcfg, to_tensors(train, torch.device("cpu")),
-        torch.device("cpu"), distributed.Dist(), vocab_size=V)
-    return evaluate(model, valid, cfg.eval.batch_size, "cpu", progress=False)["mlm_loss"]
 
 
 def test_smoke_run_interleaves_fits_schedules_to_budgets_and_reports(tmp_path):
@@ -48,7 +31,7 @@ def test_smoke_run_interleaves_fits_schedules_to_budgets_and_reports(tmp_path):
     # recipe's own T run (a schedule fitted to T's steps, not cut short from 3T's)
     for name in ("book", "budget"):
         r = ends[(1, name, 1)]
-        assert r["mlm_loss"] == pytest.approx(retrain(name, 1, r["step"]), abs=1e-6), name
+        assert r["mlm_loss"] == pytest.approx(plain_heldout(name, 1, r["step"]), abs=1e-6), name
     assert all(r["train_s"] > 0 and 0 <= r["mlm_accuracy"] <= 1 for r in rows)
     table = (out / "table.md").read_text()
     assert table.count(" ± ") == 3 * 6 and "| budget | 3T = " in table and "threads" in table

@@ -163,3 +163,26 @@ def ddp_rank(rank: int, world: int, port: int, train: dict, out: Path) -> None:
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     tiny_fit(train, out)
+
+
+def plain_heldout(recipe: str, seed: int, steps: int) -> float:
+    """The held-out MLM loss of a bench recipe (smoke sizes) trained for `steps` the plain way, `fit` then
+    `evaluate` on bench.time_to_quality's synthetic pairs: the benches' reference."""
+    import dataclasses
+
+    import torch
+
+    from bench import time_to_quality as ttq
+    from minibert.data.batches import to_tensors
+    from minibert.evaluation.heldout import evaluate
+    from minibert.model.bert import build_model
+    from minibert.training import distributed
+    from minibert.training.loop import fit, make_optimizer
+
+    cfg = ttq.recipe_config(recipe, yaml.safe_load((ROOT / "params.yaml").read_text()), smoke=True)
+    train, valid, V = ttq.smoke_data()
+    tcfg = dataclasses.replace(cfg.train, seed=seed, max_steps=steps)
+    model = build_model(cfg.model, V, seed=seed)
+    fit(model, make_optimizer(model.parameters(), tcfg), tcfg, to_tensors(train, torch.device("cpu")),
+        torch.device("cpu"), distributed.Dist(), vocab_size=V)
+    return evaluate(model, valid, cfg.eval.batch_size, "cpu", progress=False)["mlm_loss"]

@@ -41,6 +41,7 @@ STAGES = {
     "pretrain": "Stage 4: pretrain the BERT (models/, metrics/train.json, an MLflow run).",
     "evaluate": "Stage 5: held-out MLM/NSP loss and accuracy (metrics/eval.json).",
     "probe": "Stage 6: encode the probe sentences of params.yaml (probes/, metrics/probe.json).",
+    "finetune": "Stage 7: fine-tune on a labelled task beside its controls (metrics/finetune.json, plots/).",
 }
 RUN_COLUMNS = {  # list_runs column -> short header of `minibert runs`
     "params.model.num_layers": "layers", "params.model.hidden": "hidden", "params.train.lr": "lr",

@@ -170,12 +170,15 @@ def test_full_pipeline_mlflow_run(full_run):
 
 def test_dvc_exp_run_shows_metrics_and_run_id(full_run):
     root, _ = full_run
-    sh(root, "dvc", "exp", "run", "-S", "train.max_steps=20", "-n", "short")
+    # one short fine-tuning: the finetune stage reruns after pretrain, and its default (3 seeds) costs ~90 s
+    sh(root, "dvc", "exp", "run", "-S", "train.max_steps=20", "-S", "finetune.epochs=1", "-S", "finetune.seeds=[0]",
+       "-n", "short")
     shown = json.loads(sh(root, "dvc", "exp", "show", "--json").stdout)
     text = json.dumps(shown)
     assert "short" in text and "mlflow_run_id" in text
     train = json.loads((root / "metrics/train.json").read_text())
     assert train["steps"] == 20
+    assert json.loads((root / "metrics/finetune.json").read_text())["systems"]["pretrained"]["seeds"] == 1
     import mlflow
     run = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_run(train["mlflow_run_id"])
     assert run.data.tags.get("dvc_exp_name") == "short"
@@ -185,7 +188,8 @@ def test_dvc_exp_run_temp_lands_in_the_repository_mlflow_db(full_run):
     """`dvc exp run --temp` runs in .dvc/tmp/exps/...; its MLflow run must land in the repo's mlflow.db."""
     import mlflow
     root, _ = full_run
-    sh(root, "dvc", "exp", "run", "--temp", "-S", "train.max_steps=3", "-n", "in-temp")
+    sh(root, "dvc", "exp", "run", "--temp", "-S", "train.max_steps=3", "-S", "finetune.epochs=1",
+       "-S", "finetune.seeds=[0]", "-n", "in-temp")
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("minibert").experiment_id],
                               filter_string="tags.dvc_exp_name = 'in-temp'")

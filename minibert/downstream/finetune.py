@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from minibert.config import FinetuneConfig
+from minibert.config import ConfigError, FinetuneConfig
 from minibert.data.vocab import Vocab
 from minibert.downstream import labelled
 from minibert.downstream.classify import Classifier, encode_table, predict, scores, train
@@ -68,7 +68,6 @@ def run(cfg: FinetuneConfig, pretrained: Callable[[], BERT], vocab: Vocab, train
     classes, y_train, y_test = labelled.label_ids(train_df, test_df, origin)
     first = pretrained()
     if cfg.max_len > first.cfg.max_len:
-        from minibert.config import ConfigError
         raise ConfigError(f"finetune.max_len = {cfg.max_len} exceeds the pretrained model.max_len "
                           f"{first.cfg.max_len}; lower finetune.max_len")
     device = next(first.parameters()).device
@@ -86,7 +85,7 @@ def run(cfg: FinetuneConfig, pretrained: Callable[[], BERT], vocab: Vocab, train
                     else build_model(first.cfg, len(vocab), seed).to(device)
                 with torch.random.fork_rng(devices=[]):  # the new output layer's init follows the seed
                     torch.manual_seed(seed)
-                    model = Classifier(bert, C, freeze=cfg.freeze and system != "bag_of_words").to(device)
+                    model = Classifier(bert, C, freeze=cfg.freeze).to(device)
 
             def on_epoch(epoch: int, loss: float, system=system, model=model, seed=seed) -> None:
                 acc = scores(y_test, predict(model, data_test), C)["accuracy"]

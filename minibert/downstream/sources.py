@@ -8,12 +8,12 @@ extracted onto disk.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from minibert.artifacts import sha256_file
 from minibert.errors import DataError
 
 ENV = "MINIBERT_TASK_DATA"
@@ -55,17 +55,9 @@ SOURCES: dict[str, tuple[Source, ...]] = {
 }
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify(path: Path, source: Source, origin: str) -> Path:
     """`path` if its bytes are the pinned ones, else one DataError line naming both digests."""
-    got = sha256_of(path)
+    got = sha256_file(path)
     if got != source.sha256:
         raise DataError(f"{origin}: sha256 {got[:16]}… is not the pinned {source.sha256[:16]}… of {source.name} "
                         f"({source.record}); replace it with an intact copy")

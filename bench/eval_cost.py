@@ -26,7 +26,7 @@ from minibert.evaluation.heldout import heldout_batch_size, heldout_hook, heldou
 from minibert.model.bert import build_model
 from minibert.training import distributed
 from minibert.training.heap import tune_cpu_malloc
-from minibert.training.loop import fit, make_optimizer, resolve_micro_batches, resolve_precision
+from minibert.training.loop import fit, make_optimizer, resolve_precision
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
     cfg = TrainConfig(max_steps=a.steps, eval_every=a.eval_every, precision=a.precision, checkpoint_every=0)
     model = build_model(ModelConfig(), vocab_size, seed=cfg.seed).to(DEVICE)
     opt = make_optimizer(model.parameters(), cfg)
-    batch = heldout_batch_size(a.batch_size, cfg.batch_size, resolve_micro_batches(cfg.micro_batches, DEVICE))  # as minibert.training.pretrain does
+    batch = heldout_batch_size(a.batch_size, cfg.batch_size)  # as minibert.training.pretrain does
     score = heldout_hook(model, heldout_subset(splits["valid"], a.subset), batch, DEVICE)
     eval_s: list[float] = []
 

@@ -211,10 +211,10 @@ def test_stage_one_line_errors(tmp_path, model, pairs):
     assert not (root / "metrics/eval.json").exists()
 
 
-def test_heldout_batch_size_is_at_most_one_training_micro_batch():
+def test_heldout_batch_size_is_capped_by_the_rank_share_and_128_pairs():
     from minibert.evaluation.heldout import heldout_batch_size
 
-    assert heldout_batch_size(1024, 512, 4) == 128       # the defaults: 512 pairs in 4 passes
-    assert heldout_batch_size(1024, 512, 4, world=2) == 64  # each rank's pass is half as big
-    assert heldout_batch_size(37, 512, 1) == 37           # eval.batch_size is the cap
-    assert heldout_batch_size(1024, 3, 4) == 1            # never zero
+    assert heldout_batch_size(1024, 512) == 128            # the defaults: 128 pairs a pass, whatever micro_batches is
+    assert heldout_batch_size(1024, 100, world=2) == 50     # a rank's share of a small batch
+    assert heldout_batch_size(37, 512) == 37                # eval.batch_size is the cap
+    assert heldout_batch_size(1024, 1, world=2) == 1        # never zero

@@ -222,9 +222,12 @@ def test_sync_counter_sees_the_kernel_paths_syncs(pairs):
 # ---------------------------------------------------------------------------- micro-batches
 
 
-def test_micro_batches_auto_is_4_on_cpu_and_1_on_gpus():
-    assert resolve_micro_batches("auto", CPU) == 4 and resolve_micro_batches("auto", torch.device("cuda:1")) == 1
-    assert resolve_micro_batches(3, torch.device("cuda:0")) == 3
+def test_micro_batches_auto_is_4_for_fp32_on_cpu_and_1_otherwise():
+    assert resolve_micro_batches("auto", CPU, None) == 4
+    assert resolve_micro_batches("auto", CPU, torch.bfloat16) == 1  # the bf16 CPUs: one pass is faster and smaller
+    assert resolve_micro_batches("auto", torch.device("cuda:1"), None) == 1
+    assert resolve_micro_batches(3, torch.device("cuda:0"), torch.bfloat16) == 3
+    assert resolve_micro_batches(2, CPU, torch.bfloat16) == 2  # a number is taken as given
 
 
 def test_host_cut_is_split_batchs_cut(pairs):

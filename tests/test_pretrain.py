@@ -1,4 +1,5 @@
 """run_pretrain's MLflow run ends FINISHED only on success, FAILED on any error, KILLED on a signal (real sqlite)."""
+import json
 import os
 import signal
 import time
@@ -33,6 +34,15 @@ def test_success_is_finished(tmp_path, monkeypatch):
     root = make_workspace(tmp_path, train={"max_steps": 3}, tracking=True)
     run_in_process(root, monkeypatch)
     assert statuses(root) == ["FINISHED"]
+
+
+@pytest.mark.parametrize("precision, passes", [("fp32", 4), ("bf16", 1)])
+def test_train_json_says_how_many_passes_auto_made(tmp_path, monkeypatch, precision, passes):
+    """micro_batches: auto is 4 passes in fp32 on CPU, 1 in bf16 (memory vs speed, loop.resolve_micro_batches)."""
+    root = make_workspace(tmp_path, train={"max_steps": 2, "precision": precision})
+    run_in_process(root, monkeypatch)
+    m = json.loads((root / "metrics/train.json").read_text())
+    assert (m["micro_batches"], m["precision"]) == (passes, {"fp32": "fp32", "bf16": "bfloat16"}[precision])
 
 
 def test_non_finite_loss_is_failed(tmp_path, monkeypatch):

@@ -47,13 +47,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty(hp.shape, dtype=dtype, device=h.device) if need_grad else None
         grad_w = None
         grad_b = torch.zeros(b.shape, dtype=torch.float32, device=h.device) if need_grad else None
+        # One logits buffer for every chunk: a fresh (512, V) output per chunk made the bf16 decoder GEMM
+        # 2.6x slower inside a step on an AMX Xeon (6.3 against 2.4 ms; oneDNN writing into new memory).
+        logits = torch.empty((min(CHUNK, hp.shape[0]), w.shape[0]), dtype=dtype, device=h.device)  # (c, V)
         for s in range(0, M, CHUNK):
             hc, lab, n = hp[s:s + CHUNK], labels[s:s + CHUNK], min(CHUNK, M - s)
             # One in-place pass (minibert/model/kernels/softmax_xent.py): the bias-less logits get the bias
             # and become the gradient of the summed loss, softmax - onehot, in the matmul dtype (padding
             # rows zeroed), its column sums are added into dL/db, and log p[label] comes from an fp32
             # logsumexp, so a label whose probability underflows keeps a finite loss.
-            g = hc @ w.t()  # (c, V), in dtype
+            g = torch.mm(hc, w.t(), out=logits[:hc.shape[0]])  # (c, V), in dtype
             loss -= softmax_xent_(g, lab, n, b, grad_b).sum()
             if need_grad:
                 torch.mm(g, w, out=grad_h[s:s + CHUNK])  # (c, H)

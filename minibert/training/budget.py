@@ -25,7 +25,7 @@ from minibert.errors import MinibertError
 from minibert.evaluation.heldout import heldout_batch_size, heldout_hook, heldout_subset
 from minibert.model.bert import build_model
 from minibert.training import distributed
-from minibert.training.loop import fit, make_optimizer, resolve_micro_batches, resolve_precision
+from minibert.training.loop import fit, make_optimizer, resolve_precision
 
 
 @dataclass(frozen=True)
@@ -69,8 +69,7 @@ def measure(cfg: Config, train: dict[str, np.ndarray], valid: dict[str, np.ndarr
         model, step_s = _time_steps(cfg, train, vocab_size, device, warmup, timed)
     eval_s = 0.0
     if cfg.train.eval_every and valid is not None:
-        batch = heldout_batch_size(cfg.eval.batch_size, cfg.train.batch_size,
-                                   resolve_micro_batches(cfg.train.micro_batches, device))
+        batch = heldout_batch_size(cfg.eval.batch_size, cfg.train.batch_size)
         score = heldout_hook(model, heldout_subset(valid, cfg.eval.subset_pairs), batch, device)
         score(0)  # warm-up: the eval shapes' kernels
         t0 = time.perf_counter()

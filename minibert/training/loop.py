@@ -133,13 +133,18 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-CPU_MICRO_BATCHES = 4  # what `micro_batches: auto` means on CPU (config.TrainConfig.micro_batches)
+CPU_MICRO_BATCHES = 4  # what `micro_batches: auto` means for fp32 on CPU (config.TrainConfig.micro_batches)
 
 
-def resolve_micro_batches(micro_batches: int | str, device: torch.device) -> int:
-    """`auto`: 4 passes on CPU (memory), 1 elsewhere; a number is taken as given."""
+def resolve_micro_batches(micro_batches: int | str, device: torch.device, amp_dtype: torch.dtype | None) -> int:
+    """`auto`: 4 passes for fp32 on CPU, 1 otherwise (bf16 on CPU, any GPU); a number is taken as given.
+
+    On the bf16 CPUs one pass is 20-45 % faster a step *and* peaks lower: each of the 4 passes' widths
+    is a new GEMM shape for oneDNN, which keeps a primitive and its buffers per bf16 shape (+420 MB
+    resident over 20 steps on an AMX Xeon, 13 widths), and the per-pass fixed costs count more the faster
+    the GEMMs are. fp32 one pass peaks ~450 MB higher (activations of 512 pairs) for ~2 %."""
     if micro_batches == "auto":
-        return CPU_MICRO_BATCHES if device.type == "cpu" else 1
+        return CPU_MICRO_BATCHES if device.type == "cpu" and amp_dtype is None else 1
     return int(micro_batches)
 
 
@@ -242,7 +247,7 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, da
     if scaler is not None and scaler_state:  # the loss scale it had learnt, not the initial 2**16
         scaler.load_state_dict(scaler_state)
     n = len(data["nsp_labels"])
-    micro = resolve_micro_batches(cfg.micro_batches, device)
+    micro = resolve_micro_batches(cfg.micro_batches, device, amp_dtype)
     weights_all, lens_all = data["mlm_weights"].sum(1).cpu().numpy(), data["valid_lens"].cpu().numpy()
     host = None
     if cfg.masking == "dynamic":

@@ -211,8 +211,7 @@ def train(run: Run, cfg: TrainConfig, eval_cfg: EvalConfig):
     if ranks.is_main:
         print(f"pretrain: training steps {start + 1}..{cfg.max_steps} on {run.device} x{ranks.world}", flush=True)
     # the bare model, not `net`: only rank 0 evaluates, and DDP's forward could wait for the others.
-    batch = heldout_batch_size(eval_cfg.batch_size, cfg.batch_size,
-                               resolve_micro_batches(cfg.micro_batches, run.device), ranks.world)
+    batch = heldout_batch_size(eval_cfg.batch_size, cfg.batch_size, ranks.world)
     on_eval = heldout_hook(run.model, run.heldout, batch, run.device) if run.heldout else None
     result = fit(run.net, run.opt, cfg, to_tensors(run.pairs, run.device), run.device, ranks,
                  start_step=start, history=run.resumed.get("history"),
@@ -273,6 +272,7 @@ def final_metrics(result, cfg: TrainConfig, run: Run, t_start: float) -> dict[st
         "tokens_per_sec": result.tokens / result.train_s if result.train_s else 0.0,
         "wall_s": time.perf_counter() - t_start, "steps": len(hist), "device": str(run.device),
         "precision": str(amp).replace("torch.", "") if amp else "fp32", "world_size": run.ranks.world,
+        "micro_batches": resolve_micro_batches(cfg.micro_batches, run.device, amp),  # what `auto` came to
         "mlflow_run_id": run.tracker.run_id or "",
     }
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}

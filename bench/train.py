@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from bench import gemms
 from bench.common import DEFAULT_DATA, DEVICE, load_splits
 from bench.data import SHARED, data_dir
 from minibert import layout
@@ -53,10 +54,10 @@ from minibert.data.batches import gather_batch, to_tensors
 from minibert.model.bert import build_model
 from minibert.training.heap import tune_cpu_malloc
 from minibert.training.loop import (
-    CPU_MICRO_BATCHES,
     batch_indices,
     cpu_has_fast_bf16,
     make_optimizer,
+    resolve_micro_batches,
     resolve_precision,
     split_batch,
     step_seed,
@@ -147,11 +148,15 @@ def resident_mb() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+RSS_FROM = 20  # resident memory is compared from this step (warm-up included) to the last
+
+
 def run_precision(precision: str, pairs_file: Path, vocab_size: int, steps: int, warmup: int,
-                  micro_batches: int, peak_gflops: float | None = None) -> dict:
+                  micro_batches: int | str, peak_gflops: float | None = None) -> dict:
     tuned = tune_cpu_malloc()  # first, before any big allocation (as the pretrain stage does)
-    model_cfg, cfg = ModelConfig(), TrainConfig(precision=precision, micro_batches=micro_batches)
     amp_dtype = resolve_precision(precision, DEVICE)
+    micro_batches = resolve_micro_batches(micro_batches, DEVICE, amp_dtype)  # "auto": what fit would use
+    model_cfg, cfg = ModelConfig(), TrainConfig(precision=precision, micro_batches=micro_batches)
     # One peak per precision for the whole bench run (measured by the parent): every row's MFU divides
     # by the same figure. A child run on its own measures it here.
     peak = 1e9 * (peak_gflops or matmul_peak(amp_dtype or torch.float32)["gflops"])
@@ -159,18 +164,24 @@ def run_precision(precision: str, pairs_file: Path, vocab_size: int, steps: int,
     n = len(data["nsp_labels"])
     model = build_model(model_cfg, vocab_size, seed=cfg.seed).to(DEVICE).train()
     opt = make_optimizer(model.parameters(), cfg)
-    rows, widths = [], set()
+    rows, widths, rss = [], set(), {}
+
+    def one_step(step: int, batch: dict):
+        torch.manual_seed(step_seed(cfg.seed, 0, step))
+        return train_step(model, opt, None, batch, 1.0, 1.0, amp_dtype, DEVICE, cfg.micro_batches)
+
     with phase_marks(opt) as marks:
         for step in range(warmup + steps):
             if step == warmup:
                 rss_warm = resident_mb()
             t0 = time.perf_counter()
             batch = gather_batch(data, batch_indices(step, n, cfg.batch_size, cfg.seed))
-            torch.manual_seed(step_seed(cfg.seed, 0, step))
             marks.clear()
             t1 = time.perf_counter()
-            mlm, nsp = train_step(model, opt, None, batch, 1.0, 1.0, amp_dtype, DEVICE, cfg.micro_batches)
+            mlm, nsp = one_step(step, batch)
             t2 = time.perf_counter()
+            if step + 1 in (RSS_FROM, warmup + steps):
+                rss[step + 1] = resident_mb()
             if step >= warmup:
                 widths.update(p["token_ids"].shape[1] for p in split_batch(batch, cfg.micro_batches))
             if set(marks) != {"bwd", "opt"}:
@@ -181,6 +192,11 @@ def run_precision(precision: str, pairs_file: Path, vocab_size: int, steps: int,
                          "flops": 3 * forward_flops(batch, model_cfg, vocab_size),  # fwd + bwd (2x fwd)
                          "mlm": float(mlm.detach()), "nsp": float(nsp.detach())})
     timed = rows[warmup:]
+    # one more step, not timed: its GEMMs captured and replayed alone (bench/gemms.py)
+    step = warmup + steps
+    extra = gather_batch(data, batch_indices(step, n, cfg.batch_size, cfg.seed))
+    floor = gemms.replay(gemms.capture(lambda: one_step(step, extra)))
+    extra_flops = 3 * forward_flops(extra, model_cfg, vocab_size)  # that step's analytic count
     total_s = sum(r["data"] + r["forward"] + r["backward"] + r["optimizer"] for r in timed)
     phases = ("data", "forward", "backward", "optimizer")
     ms = {f"ms_{k}": round(1e3 * sum(r[k] for r in timed) / steps, 1) for k in phases}  # mean per step
@@ -193,10 +209,16 @@ def run_precision(precision: str, pairs_file: Path, vocab_size: int, steps: int,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             # Memory still growing over the timed steps: oneDNN (the bf16 GEMMs) caches a primitive per
             # matmul shape, and the micro-batches' widths (the attention's T) vary from step to step.
-            "rss_growth_mb": round(resident_mb() - rss_warm, 1), "distinct_widths": len(widths),
+            "rss_growth_mb": round(rss[warmup + steps] - rss_warm, 1), "distinct_widths": len(widths),
+            # the issue's flatness figure: resident memory from step RSS_FROM to the last (None: too few steps)
+            "rss_drift_mb": round(rss[warmup + steps] - rss[RSS_FROM], 1) if warmup + steps > RSS_FROM else None,
             "gflop_per_step": round(sum(r["flops"] for r in timed) / steps / 1e9, 2),
             "achieved_gflops": round(achieved / 1e9, 2), "matmul_peak_gflops": round(peak / 1e9, 1),
             "mfu": round(achieved / peak, 4),
+            # the step's GEMMs alone, each at its own shape: the MFU if nothing but them took time
+            "gemm_ms": floor["gemm_ms"], "gemm_gflop": floor["gemm_gflop"], "gemm_step_gflop": round(extra_flops / 1e9, 2),
+            "gemm_bound_mfu": round(extra_flops / (floor["gemm_ms"] / 1e3) / peak, 4),
+            "gemm_shapes": floor["by_shape"],
             # the most this row could reach: every FLOP at the measured matmul peak, nothing else
             "ceiling_pairs_per_s": round(sum(r["pairs"] for r in timed) / (sum(r["flops"] for r in timed) / peak), 1),
             "mlm_loss_last": round(timed[-1]["mlm"], 4),
@@ -296,10 +318,15 @@ def table(rows: list[dict]) -> str:
             ("ms_forward", "fwd ms", "{:.1f}"),
             ("ms_backward", "bwd ms", "{:.1f}"), ("ms_optimizer", "opt ms", "{:.1f}"), ("ms_step", "step ms", "{:.1f}"),
             ("peak_rss_mb", "RSS MB", "{:.0f}"), ("rss_growth_mb", "RSS +MB", "{:.0f}"),
-            ("achieved_gflops", "GFLOP/s", "{:.1f}"), ("mfu", "MFU", "{:.1%}"),
+            ("rss_drift_mb", f"RSS {RSS_FROM}→end", "{:+.0f}"),
+            ("achieved_gflops", "GFLOP/s", "{:.1f}"), ("mfu", "MFU", "{:.1%}"), ("gemm_ms", "GEMM ms", "{:.1f}"),
+            ("gemm_bound_mfu", "GEMM-bound MFU", "{:.1%}"),
             ("vs_d2l", "x d2l", "{:.2f}"), ("ceiling_pairs_per_s", "ceiling", "{:.0f}"),
             ("ceiling_vs_d2l", "ceil x d2l", "{:.2f}")]
-    cells = [[h for _, h, _ in cols]] + [[f.format(r[k]) if k in r else "-" for k, _, f in cols] for r in rows]
+    cells = [[h for _, h, _ in cols]] + [[f.format(r[k]) if r.get(k) is not None else "-" for k, _, f in cols]
+                                         for r in rows]
+    for r, row in zip(rows, cells[1:]):
+        row[2] += "*" if r.get("default") else ""
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
     return "\n".join("  ".join(c.rjust(w) if i > 2 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
                      for row in cells)
@@ -310,8 +337,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed steps per precision (after --warmup)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16")
-    ap.add_argument("--micro-batches", default=str(CPU_MICRO_BATCHES),  # train.micro_batches: auto on CPU
-                    help="comma-separated train.micro_batches values to run (default: the config's)")
+    ap.add_argument("--micro-batches", default="auto",
+                    help="comma-separated train.micro_batches values to run: integers or auto (the default: "
+                         "what train.micro_batches: auto picks for each precision, the default row)")
     ap.add_argument("--reference", action="store_true", help="also run d2l 1.0.3's code for --steps steps")
     ap.add_argument("--data", default=DEFAULT_DATA, help="WikiText-2 folder or zip (pairs built in-process)")
     ap.add_argument("--pairs", type=Path, default=layout.PAIRS, help="pipeline pairs folder, used if present")
@@ -322,15 +350,12 @@ def main() -> None:
     a = ap.parse_args()
     if a.steps < 1 or a.warmup < 0:
         raise SystemExit("bench.train: --steps must be >= 1 and --warmup >= 0")
-    try:
-        micro = [int(k) for k in a.micro_batches.split(",")]
-    except ValueError:
-        micro = [0]
-    if min(micro) < 1:
-        raise SystemExit(f"bench.train: --micro-batches {a.micro_batches!r}: use integers >= 1, e.g. 4 or 4,1")
+    micro = a.micro_batches.split(",")
+    if not all(k == "auto" or (k.isdigit() and int(k) >= 1) for k in micro):
+        raise SystemExit(f"bench.train: --micro-batches {a.micro_batches!r}: use integers >= 1 or auto, e.g. auto,4,1")
     if a.child:
-        print(json.dumps(run_precision(a.child, a.pairs_file, a.vocab_size, a.steps, a.warmup, micro[0],
-                                            a.peak_gflops)))
+        k = micro[0] if micro[0] == "auto" else int(micro[0])
+        print(json.dumps(run_precision(a.child, a.pairs_file, a.vocab_size, a.steps, a.warmup, k, a.peak_gflops)))
         return
     precisions = a.precision.split(",")
     if bad := [p for p in precisions if p not in ("fp32", "bf16")]:
@@ -361,12 +386,16 @@ def main() -> None:
               f"steps; {machine['cpu']}, {machine['cpu_kind']}, {machine['cores']} cores, torch {machine['torch']}", file=sys.stderr)
         rows = []
         for p in precisions:
-            for k in micro:
+            # "auto" and the number it resolves to are one setting: run it once, marked as the default row
+            auto = resolve_micro_batches("auto", DEVICE, resolve_precision(p, DEVICE))
+            runs = list(dict.fromkeys(auto if k == "auto" else int(k) for k in micro))
+            for k in runs:
                 out, _ = run_child([sys.executable, "-m", "bench.train", "--child", p, "--pairs-file", str(pairs_file),
                                     "--vocab-size", str(vocab_size), "--steps", str(a.steps), "--warmup",
                                     str(a.warmup), "--micro-batches", str(k),
                                     "--peak-gflops", str(peaks[p]["gflops"])])
-                rows.append({**json.loads(out.strip().splitlines()[-1]), "train_pairs": n_pairs, "vocab": vocab_size})
+                rows.append({**json.loads(out.strip().splitlines()[-1]), "train_pairs": n_pairs, "vocab": vocab_size,
+                             "default": k == auto})
     if a.reference:
         ref = reference(data_dir(a.data), a.steps)
         for r in rows:
@@ -374,6 +403,9 @@ def main() -> None:
             r["ceiling_vs_d2l"] = round(r["ceiling_pairs_per_s"] / ref["pairs_per_s"], 2)
         rows.append(ref)
     print(table(rows))
+    print("*: the default (train.micro_batches: auto for that precision). GEMM-bound MFU: the step's FLOPs over "
+          "its GEMMs' time alone, each replayed at its own shape (bench/gemms.py), over the peak: the most "
+          "MFU these shapes allow with this oneDNN", file=sys.stderr)
     print("ceiling: pairs/s if every FLOP of the step ran at the matmul peak above and nothing else took "
           "time (achieved pairs/s / MFU); 'ceil x d2l' is the most any implementation of these FLOPs "
           "could beat d2l by on this CPU", file=sys.stderr)

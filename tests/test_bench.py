@@ -149,7 +149,7 @@ def test_cpu_kind_says_when_a_hypervisor_hides_the_chips_avx512(family, model, f
 
 def test_train_bench_reports_every_figure_per_precision():
     rows = run_bench("bench.train", "--steps", "1", "--warmup", "1", "--precision", "fp32,bf16",
-                     "--micro-batches", "2,1")
+                     "--micro-batches", "2,auto,1")
     assert rows[0]["machine"]["cores"] >= 1 and rows[0]["machine"]["torch"] == torch.__version__
     assert "family" in rows[0]["machine"]["cpu_kind"]
     cpuinfo = Path("/proc/cpuinfo").read_text().split()
@@ -157,8 +157,10 @@ def test_train_bench_reports_every_figure_per_precision():
     peaks = {r["precision"]: r["gflops"] for r in rows if r.get("bench") == "matmul_peak"}
     runs = [r for r in rows if r.get("impl") == "minibert"]
     native_bf16 = bool({"avx512_bf16", "amx_bf16"} & set(cpuinfo))  # else bf16 is emulated: skipped, said why
-    want_runs = [("fp32", 2), ("fp32", 1)] + ([("bf16", 2), ("bf16", 1)] if native_bf16 else [])
-    assert [(r["precision"], r["micro_batches"]) for r in runs] == want_runs
+    # auto is 4 for fp32 and 1 for bf16 (loop.resolve_micro_batches): bf16's auto and 1 are one run, the default
+    want_runs = [("fp32", 2, False), ("fp32", 4, True), ("fp32", 1, False)] + (
+        [("bf16", 2, False), ("bf16", 1, True)] if native_bf16 else [])
+    assert [(r["precision"], r["micro_batches"], r["default"]) for r in runs] == want_runs
     assert [r["precision"] for r in rows if r.get("bench") == "skipped"] == ([] if native_bf16 else ["bf16"])
     assert all(r["matmul_peak_gflops"] == peaks[r["precision"]] for r in runs)  # one peak per run and precision
     for r in runs:
@@ -168,6 +170,11 @@ def test_train_bench_reports_every_figure_per_precision():
         # resident now (statm) minus resident after warm-up: both at most the kernel's own peak (ru_maxrss)
         assert -r["peak_rss_mb"] < r["rss_growth_mb"] < r["peak_rss_mb"]
         assert 1 <= r["distinct_widths"] <= r["micro_batches"] * r["steps"]
+        assert r["rss_drift_mb"] is None  # 2 steps: step 20 never came
+        # the GEMMs captured from a real step do at least the analytic FLOPs (real tokens and slots only) and
+        # not much more (filler rows to 1024-row and 128-slot grains): two independent counts of one step
+        assert r["gemm_step_gflop"] <= r["gemm_gflop"] <= 1.25 * r["gemm_step_gflop"]
+        assert r["gemm_ms"] > 0 and r["gemm_bound_mfu"] > 0 and r["gemm_shapes"]
         assert r["ms_step"] >= r["ms_forward"] + r["ms_backward"] + r["ms_optimizer"] - 0.2  # rounding
         # the ceiling is the same FLOPs at the peak: above the achieved rate, and exactly pairs/s at MFU 1
         batch_gflop_per_pair = r["gflop_per_step"] / r["batch_size"]
@@ -177,12 +184,16 @@ def test_train_bench_reports_every_figure_per_precision():
 
 @pytest.mark.slow
 def test_quality_bench_evaluates_each_step_count_on_one_run():
-    rows = run_bench("bench.quality", "--steps", "2,1", "--seeds", "3", "--precision", "fp32")
+    rows = run_bench("bench.quality", "--steps", "2,1", "--seeds", "3", "--precision", "fp32",
+                     "--micro-batches", "auto,1")
     evals = [r for r in rows if r["bench"] == "quality"]
-    assert [(r["seed"], r["steps"]) for r in evals] == [(3, 1), (3, 2)]
+    # fp32's auto is 4 passes (loop.resolve_micro_batches), then the 1-pass run
+    assert [(r["seed"], r["micro_batches"], r["steps"]) for r in evals] == [(3, 4, 1), (3, 4, 2), (3, 1, 1), (3, 1, 2)]
     assert evals[0]["mlm_loss"] != evals[1]["mlm_loss"]  # the model moved between the two evaluations
+    assert evals[1]["mlm_loss"] != evals[3]["mlm_loss"]  # passes draw their own dropout: two runs, not one
     cells = [r for r in rows if r["bench"] == "quality_summary"]
-    assert [(c["precision"], c["steps"]) for c in cells] == [("fp32", 1), ("fp32", 2)]
+    assert [(c["precision"], c["micro_batches"], c["steps"]) for c in cells] == [("fp32", 1, 1), ("fp32", 4, 1),
+                                                                                  ("fp32", 1, 2), ("fp32", 4, 2)]
     for c in cells:
         assert_positive(c, ("mlm_loss_mean", "nsp_accuracy_mean"))
         assert 0.0 <= c["mlm_accuracy_mean"] <= 1.0  # may well be 0 after one step
@@ -290,3 +301,32 @@ def test_outage_bench_runs_the_stage_against_a_real_server_killed_mid_run():
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert [r["mode"] for r in rows[:-1]] == ["normal", "outage"]
     assert rows[-1]["bench"] == "outage" and rows[-1]["normal_pairs_per_s"] > 0 and rows[-1]["outage_pairs_per_s"] > 0
+
+
+def test_gemms_capture_every_matmul_of_forward_and_backward_with_its_layout():
+    """A Linear(13 -> 7) on 99 rows trained one step, a bmm and an mm(out=): the calls and FLOPs worked by hand."""
+    from bench import gemms
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(13, 7)
+    x = torch.randn(99, 13, generator=g, requires_grad=True)
+    a, b = torch.randn(37, 5, 3, generator=g), torch.randn(37, 3, 11, generator=g)
+    out = torch.empty(5, 11)
+
+    def step():
+        (lin(x).sum() + torch.bmm(a, b).sum()).backward()
+        torch.mm(a[0], b[0], out=out)
+
+    calls = gemms.capture(step)
+    got = sorted((f.__name__.split(".")[0],) + gemms._mats(f, specs) for f, specs in calls)
+    assert got == sorted([("addmm", (99, 13), (13, 7)),    # forward: bias + x @ W.T
+                          ("mm", (99, 7), (7, 13)),        # dL/dx = dy @ W
+                          ("mm", (7, 99), (99, 13)),       # dL/dW = dy.T @ x
+                          ("bmm", (37, 5, 3), (37, 3, 11)),
+                          ("mm", (5, 3), (3, 11))])        # the out= form, replayed as mm
+    forward = next(specs for f, specs in calls if f.__name__.startswith("addmm"))
+    assert forward[2][1] == (1, 13)  # W.T is a transposed view of (7, 13) W, and is captured as one
+    res = gemms.replay(calls, repeats=1)
+    want = 2 * (3 * 99 * 13 * 7 + 37 * 5 * 3 * 11 + 5 * 3 * 11)
+    assert res["calls"] == 5 and res["gemm_gflop"] == round(want / 1e9, 2) and res["gemm_ms"] > 0
+    assert sum(gemms.flops(f, s) for f, s in calls) == want

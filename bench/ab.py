@@ -1,6 +1,6 @@
 """Whole training steps of two (or more) checkouts, interleaved: is one code version faster than another?
 
-    python -m bench.ab --code OTHER_CHECKOUT . [--rounds 8] [--steps 10] [--micro-batches 4] [--precision auto] [--data PATH]
+    python -m bench.ab --code OTHER_CHECKOUT . [--rounds 8] [--steps 10] [--micro-batches auto] [--precision auto] [--data PATH]
 
 On the shared 2-core machines a step's time swings by +-10 % from minute to minute, so one run of each
 version compares the machine's moods, not the code. Here each round runs every checkout once, in turn,
@@ -30,7 +30,7 @@ import torch
 from bench.common import DEFAULT_DATA, load_splits
 from minibert import layout
 from minibert.artifacts import save_arrays
-from minibert.training.loop import resolve_precision
+from minibert.training.loop import resolve_micro_batches, resolve_precision
 
 CHILD = """
 import json, sys, time
@@ -78,7 +78,9 @@ def main() -> None:
     ap.add_argument("--code", nargs="+", type=Path, default=[Path(".")], help="checkouts to compare; first = base")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per checkout per round (after 2 warm-up)")
-    ap.add_argument("--micro-batches", type=int, default=4)
+    ap.add_argument("--micro-batches", default="auto",
+                    help="train.micro_batches of every checkout: an integer, or auto (this checkout's rule for "
+                         "the precision: 1 in bf16, 4 in fp32 on CPU)")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                     help="train.precision of every checkout (auto: bf16 where the CPU has bf16 instructions)")
     ap.add_argument("--data", default=DEFAULT_DATA, help="WikiText-2 folder or zip (pairs built in-process)")
@@ -88,8 +90,14 @@ def main() -> None:
     if bad := [str(c) for c in codes if not (c / "minibert" / "training" / "loop.py").is_file()]:
         raise SystemExit(f"bench.ab: {', '.join(bad)}: not a minibert checkout (no minibert/training/loop.py); "
                          "make one with `git worktree add DIR REV`")
-    if a.rounds < 1 or a.steps < 1 or a.micro_batches < 1:
-        raise SystemExit("bench.ab: --rounds, --steps and --micro-batches must be >= 1")
+    if not (a.micro_batches == "auto" or (a.micro_batches.isdigit() and int(a.micro_batches) >= 1)):
+        raise SystemExit(f"bench.ab: --micro-batches {a.micro_batches!r}: use an integer >= 1 or auto")
+    cpu = torch.device("cpu")
+    # resolved here, once, so every checkout (an older one too) runs the same number of passes
+    a.micro_batches = resolve_micro_batches(a.micro_batches if a.micro_batches == "auto" else int(a.micro_batches),
+                                            cpu, resolve_precision(a.precision, cpu))
+    if a.rounds < 1 or a.steps < 1:
+        raise SystemExit("bench.ab: --rounds and --steps must be >= 1")
     splits, vocab, source = load_splits(("train",), a.data, a.pairs)
     medians: list[list[float]] = [[] for _ in codes]  # by position: the same checkout may be given twice
     best = [float("inf")] * len(codes)

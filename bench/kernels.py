@@ -46,7 +46,7 @@ from minibert.model.kernels.dropout import dropout
 from minibert.model.kernels.softmax_xent import softmax_xent_
 from minibert.model.loss import linear_cross_entropy
 from minibert.training.heap import tune_cpu_malloc
-from minibert.training.loop import CPU_MICRO_BATCHES
+from minibert.training.loop import resolve_micro_batches
 
 P, H, V, CHUNK = 0.2, 128, 20256, 512
 CUT = round(P * 65536) - 32768  # the old bit-mask: int16 bits >= CUT keep (drop probability round(p 2^16)/2^16)
@@ -149,7 +149,8 @@ def families(k: int) -> dict[str, tuple[int, callable, callable]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=30, help="alternate new/before this often; keep each one's min")
-    ap.add_argument("--micro-batches", type=int, default=CPU_MICRO_BATCHES)  # train.micro_batches: auto on CPU
+    ap.add_argument("--micro-batches", type=int,  # train.micro_batches: auto for bf16 on CPU (1)
+                    default=resolve_micro_batches("auto", torch.device("cpu"), torch.bfloat16))
     a = ap.parse_args()
     if not build.load():
         raise SystemExit("bench.kernels: the C++ kernels are not built (make install; needs g++)")

@@ -1,6 +1,6 @@
 """Training throughput on the real WikiText-2 train pairs at the book's config, per precision.
 
-    python -m bench.train [--steps 20] [--precision fp32,bf16] [--micro-batches 4,1] [--reference] [--data PATH] [--pairs DIR]
+    python -m bench.train [--steps 20] [--precision fp32,bf16] [--micro-batches auto,4,1] [--reference] [--data PATH] [--pairs DIR]
 
 The book's config: ModelConfig() defaults, batch 512, Adam 1e-3. Each precision runs in its own
 subprocess (so `ru_maxrss`, which is process-wide, is that precision's peak): tune_cpu_malloc(), a

@@ -5,11 +5,12 @@ The MFU of bench.train divides by a peak measured on large square GEMMs (1024^3 
 step's GEMMs are not square: the book's model has hidden 128, so most of them have one dimension of 128
 (K = 128 in the decoder's forward, N = 128 in W_o, FFN-out and the embedding gradients), and the
 attention's are 1024 batched 64 x 64 x 64 products. oneDNN runs those far below the square peak (on an AMX
-Xeon a (24576, 128) x (128, 384) GEMM at ~40 % of it, the attention's batched ones at ~17 %), so that peak
-cannot be reached by removing what is not a GEMM.
+Xeon, 2026-12-06: W_qkv's weight gradient (384, 24576) x (24576, 128) at ~38 % of it, the attention's batched
+products at ~17 %), so that peak cannot be reached by removing what is not a GEMM.
 
-`capture(fn)` records every aten mm / addmm / bmm / baddbmm call `fn` makes (`out=` and in-place forms too) (forward and backward: the
-CPU autograd engine runs on the calling thread, under the same dispatch mode) with its operands' shapes,
+`capture(fn)` records every aten mm / addmm / bmm / baddbmm call `fn` makes, `out=` and in-place forms
+too, forward and backward (the CPU autograd engine runs on the calling thread, under the same dispatch
+mode), with its operands' shapes,
 strides and dtypes; `replay(calls)` runs each again on fresh operands of exactly that layout (transposed
 views stay transposed) and keeps its best of `repeats` runs. The sum is the step's GEMM-only time: its
 FLOPs over that time, over the matmul peak, is the highest MFU these shapes allow with this torch and

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import DEFAULT_DATA, load_splits
+from bench.common import DEFAULT_DATA, load_splits, micro_batch_settings
 from minibert import layout
 from minibert.artifacts import save_arrays
 from minibert.training.loop import resolve_micro_batches, resolve_precision
@@ -90,12 +90,12 @@ def main() -> None:
     if bad := [str(c) for c in codes if not (c / "minibert" / "training" / "loop.py").is_file()]:
         raise SystemExit(f"bench.ab: {', '.join(bad)}: not a minibert checkout (no minibert/training/loop.py); "
                          "make one with `git worktree add DIR REV`")
-    if not (a.micro_batches == "auto" or (a.micro_batches.isdigit() and int(a.micro_batches) >= 1)):
-        raise SystemExit(f"bench.ab: --micro-batches {a.micro_batches!r}: use an integer >= 1 or auto")
+    setting = micro_batch_settings(a.micro_batches, "bench.ab")
+    if len(setting) != 1:
+        raise SystemExit(f"bench.ab: --micro-batches {a.micro_batches!r}: one setting, an integer >= 1 or auto")
     cpu = torch.device("cpu")
     # resolved here, once, so every checkout (an older one too) runs the same number of passes
-    a.micro_batches = resolve_micro_batches(a.micro_batches if a.micro_batches == "auto" else int(a.micro_batches),
-                                            cpu, resolve_precision(a.precision, cpu))
+    a.micro_batches = resolve_micro_batches(setting[0], cpu, resolve_precision(a.precision, cpu))
     if a.rounds < 1 or a.steps < 1:
         raise SystemExit("bench.ab: --rounds and --steps must be >= 1")
     splits, vocab, source = load_splits(("train",), a.data, a.pairs)

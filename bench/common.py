@@ -35,3 +35,12 @@ def load_splits(splits: tuple[str, ...], data: str, pairs_dir: Path) -> tuple[di
         pairs_splits(Path(tmp) / "tokens", Path(tmp) / "pairs", PairsConfig(), workers(0), SPLITS)
         out = {s: load_arrays(Path(tmp) / "pairs" / f"{s}.safetensors") for s in splits}
     return out, len(vocab), f"made in-process by the tokenize and pairs stages' functions from {raw}"
+
+
+def micro_batch_settings(text: str, prog: str) -> list[int | str]:
+    """`--micro-batches` as the bench scripts take it: comma-separated integers >= 1 or `auto`
+    (train.micro_batches' own values), e.g. "auto,4,1"; anything else is one SystemExit line."""
+    items = text.split(",")
+    if not all(k == "auto" or (k.isdigit() and int(k) >= 1) for k in items):
+        raise SystemExit(f"{prog}: --micro-batches {text!r}: use integers >= 1 or auto, e.g. auto,4,1")
+    return [k if k == "auto" else int(k) for k in items]

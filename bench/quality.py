@@ -7,9 +7,9 @@ For each seed x precision x micro-batch setting (`auto`: what train.micro_batche
 the book's model (ModelConfig() defaults, batch 512, Adam 1e-3) from scratch with train.seed = seed on
 the fixed train pairs with `fit` itself, and evaluates on all the valid pairs through fit's evaluation
 hook (minibert.evaluation.heldout.heldout_hook: `evaluate`, fp32, no dropout) at every requested step
-count on the way to the largest, so one run per seed x precision serves all step counts; `train_s` leaves
-the evaluations out. Prints one
-JSON line per evaluation, then a mean ± std table per (precision, steps) and one JSON line per cell.
+count on the way to the largest, so one run per seed x precision x setting serves all step counts;
+`train_s` leaves the evaluations out. Prints one JSON line per evaluation, then a mean ± std table per
+(precision, micro-batches, steps) and one JSON line per cell.
 Expensive: each step takes seconds on 2 cores (the defaults are 6 runs of 500 steps).
 Data as in bench.train: `--pairs DIR` (the pipeline's data/pairs) when present, else built from `--data`.
 """
@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import DEFAULT_DATA, DEVICE, load_splits
+from bench.common import DEFAULT_DATA, DEVICE, load_splits, micro_batch_settings
 from minibert import layout
 from minibert.config import EvalConfig, ModelConfig, TrainConfig
 from minibert.data.batches import to_tensors
@@ -123,9 +123,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=Path, default=layout.PAIRS, help="pipeline pairs folder, used if present")
     a = ap.parse_args()
     steps, seeds, precisions = int_list(a.steps, "--steps"), int_list(a.seeds, "--seeds"), a.precision.split(",")
-    micro = [k if k == "auto" else int(k) for k in a.micro_batches.split(",") if k == "auto" or k.isdigit()]
-    if len(micro) != len(a.micro_batches.split(",")) or 0 in micro:
-        raise SystemExit(f"bench.quality: --micro-batches {a.micro_batches!r}: use integers >= 1 or auto")
+    micro = micro_batch_settings(a.micro_batches, "bench.quality")
     if bad := [p for p in precisions if p not in ("fp32", "bf16")]:
         raise SystemExit(f"bench.quality: --precision {','.join(bad)} unknown; use fp32, bf16 or fp32,bf16")
     tune_cpu_malloc()

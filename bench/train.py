@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from bench import gemms
-from bench.common import DEFAULT_DATA, DEVICE, load_splits
+from bench.common import DEFAULT_DATA, DEVICE, load_splits, micro_batch_settings
 from bench.data import SHARED, data_dir
 from minibert import layout
 from minibert.artifacts import load_arrays, save_arrays
@@ -350,12 +350,10 @@ def main() -> None:
     a = ap.parse_args()
     if a.steps < 1 or a.warmup < 0:
         raise SystemExit("bench.train: --steps must be >= 1 and --warmup >= 0")
-    micro = a.micro_batches.split(",")
-    if not all(k == "auto" or (k.isdigit() and int(k) >= 1) for k in micro):
-        raise SystemExit(f"bench.train: --micro-batches {a.micro_batches!r}: use integers >= 1 or auto, e.g. auto,4,1")
+    micro = micro_batch_settings(a.micro_batches, "bench.train")
     if a.child:
-        k = micro[0] if micro[0] == "auto" else int(micro[0])
-        print(json.dumps(run_precision(a.child, a.pairs_file, a.vocab_size, a.steps, a.warmup, k, a.peak_gflops)))
+        print(json.dumps(run_precision(a.child, a.pairs_file, a.vocab_size, a.steps, a.warmup, micro[0],
+                                       a.peak_gflops)))
         return
     precisions = a.precision.split(",")
     if bad := [p for p in precisions if p not in ("fp32", "bf16")]:
@@ -388,7 +386,7 @@ def main() -> None:
         for p in precisions:
             # "auto" and the number it resolves to are one setting: run it once, marked as the default row
             auto = resolve_micro_batches("auto", DEVICE, resolve_precision(p, DEVICE))
-            runs = list(dict.fromkeys(auto if k == "auto" else int(k) for k in micro))
+            runs = list(dict.fromkeys(auto if k == "auto" else k for k in micro))
             for k in runs:
                 out, _ = run_child([sys.executable, "-m", "bench.train", "--child", p, "--pairs-file", str(pairs_file),
                                     "--vocab-size", str(vocab_size), "--steps", str(a.steps), "--warmup",

@@ -308,10 +308,10 @@ def budget(
         cost = measure(cfg, load_pairs(layout.TRAIN_PAIRS)[0], valid, len(Vocab.load(layout.VOCAB)), timed=timed,
                        min_seconds=min_seconds)
         steps = steps_for(minutes, cost)
-    evals = (f", {cost.eval_s:.2f} s per held-out evaluation every {cost.eval_every} steps"
+    evals = (f", {cost.eval_s:.3f} s per held-out evaluation every {cost.eval_every} steps"
              if cost.eval_every else "")
     print(f"budget: preset {name} on {cost.device} ({cost.precision}, {cost.threads} threads): "
-          f"{cost.step_s:.3f} s a step (mean of {cost.timed_steps}){evals}")
+          f"{cost.step_s:.4f} s a step (mean of {cost.timed_steps}){evals}")
     print(f"{minutes:g} minutes buy {steps} steps (start-up and the final evaluation not counted):")
     print(f"  {flags(name, steps, minutes)}")
 

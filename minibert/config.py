@@ -327,7 +327,7 @@ class FinetuneConfig:
     task: Literal["bbc", "polarity", "snli", "file"] = "bbc"
     """`bbc` (BBC News, 5 topics), `polarity` (Pang & Lee sentences), `snli` (the book's next chapter:
     sentence pairs, 3 classes), or `file` (your own `train_file`). Data: `MINIBERT_TASK_DATA` or the
-    pinned public source (minibert/downstream/sources.py)."""
+    pinned public source (minibert/data/pinned.py)."""
     train_file: str = ""
     """task `file`: a .tsv/.csv (header) or .jsonl with text, label and optionally text_b."""
     test_file: str = ""

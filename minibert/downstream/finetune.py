@@ -14,11 +14,11 @@ import pandas as pd
 import torch
 
 from minibert.config import ConfigError, FinetuneConfig
+from minibert.data.pinned import locate
 from minibert.data.vocab import Vocab
 from minibert.downstream import labelled
 from minibert.downstream.classify import Classifier, encode_table, predict, scores, train
 from minibert.downstream.controls import BagOfWords, majority
-from minibert.downstream.sources import locate
 from minibert.model.bert import BERT, build_model
 
 SYSTEMS = ("pretrained", "random_init", "bag_of_words", "majority")

@@ -31,7 +31,7 @@ def read_judgements(path: Path) -> pd.DataFrame:
         except (IndexError, ValueError):
             raise DataError(f"{path}:{i}: expected 'word1<TAB>word2<TAB>score'; got {line[:40]!r}") from None
     if not rows:
-        raise DataError(f"{path}: no word pairs; use the pinned file (minibert/downstream/sources.py)")
+        raise DataError(f"{path}: no word pairs; use the pinned file (minibert/data/pinned.py)")
     return pd.DataFrame(rows, columns=["word1", "word2", "human"])
 
 
@@ -83,8 +83,8 @@ def score(model: torch.nn.Module, vocab: Vocab, pairs: pd.DataFrame) -> dict[str
 
 def word_similarity(model: torch.nn.Module, untrained: torch.nn.Module, vocab: Vocab, names: tuple[str, ...],
                     env: dict[str, str] | None = None) -> dict[str, dict]:
-    """{dataset: {'trained': score, 'untrained': score}} for each of `names` (keys of sources.SOURCES)."""
-    from minibert.downstream.sources import locate
+    """{dataset: {'trained': score, 'untrained': score}} for each of `names` (keys of pinned.SOURCES)."""
+    from minibert.data.pinned import locate
 
     out = {}
     for name in names:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from minibert.downstream import sources
-from minibert.downstream.sources import ENV, Source, locate
+from minibert.data import pinned as pins
+from minibert.data.pinned import ENV, Source, locate
 from minibert.errors import DataError
 
 
@@ -16,7 +16,7 @@ def test_pins_match_the_shared_copies_own_sums(task_data):
     """The pins in the code against ../shared/data/downstream/SHA256SUMS, written by whoever fetched the files."""
     sums = dict(reversed(line.split()) for line in (task_data / "SHA256SUMS").read_text().splitlines() if line.strip())
     checked = 0
-    for entries in sources.SOURCES.values():
+    for entries in pins.SOURCES.values():
         for s in entries:
             if s.name in sums:
                 assert s.sha256 == sums[s.name], s.name
@@ -40,7 +40,7 @@ def test_a_corrupt_local_copy_is_refused(tmp_path):
 def _serve(http_server, monkeypatch, body: bytes, pinned: bytes) -> None:
     (http_server.root / "judgements.txt").write_bytes(body)
     src = Source("judgements.txt", http_server.url("judgements.txt"), hashlib.sha256(pinned).hexdigest(), "a test")
-    monkeypatch.setitem(sources.SOURCES, "simlex999", (src,))
+    monkeypatch.setitem(pins.SOURCES, "simlex999", (src,))
 
 
 def test_download_into_the_cache_once(http_server, monkeypatch, tmp_path):
@@ -64,4 +64,4 @@ def test_a_download_with_other_bytes_leaves_nothing(http_server, monkeypatch, tm
 
 def test_the_cache_follows_xdg(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert sources.cache_dir() == Path(tmp_path) / "minibert" / "downstream"
+    assert pins.cache_dir() == Path(tmp_path) / "minibert" / "downstream"

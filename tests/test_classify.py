@@ -8,9 +8,9 @@ import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
 from minibert.config import ModelConfig
-from minibert.data.vocab import CLS, PAD, SEP, SPECIALS, Vocab
+from minibert.data.vocab import CLS, PAD, SEP, SPECIALS, Vocab, pair_ids
 from minibert.downstream import labelled
-from minibert.downstream.classify import Classifier, encode_table, pair_ids, predict, scores, train
+from minibert.downstream.classify import Classifier, encode_table, predict, scores, train
 from minibert.errors import DataError
 from minibert.model.bert import build_model
 

@@ -70,6 +70,25 @@ class Vocab:
         return cls(tuple(path.read_text(encoding="utf-8").split("\n")[:-1]))
 
 
+def pair_layout(a: list, b: list | None, cls=CLS, sep=SEP) -> tuple[list, list[int]]:
+    """The book's `get_tokens_and_segments`: (`<cls> a <sep>` then `b <sep>` when there is a `b`, segment
+    ids 0 then 1). Of ids by default; of words with `cls="<cls>", sep="<sep>"`."""
+    seq, segments = [cls, *a, sep], [0] * (len(a) + 2)
+    if b is not None:
+        seq += [*b, sep]
+        segments += [1] * (len(b) + 1)
+    return seq, segments
+
+
+def pair_ids(a: list[int], b: list[int] | None, max_len: int) -> tuple[list[int], list[int]]:
+    """(token ids, segment ids) of `<cls> a <sep> [b <sep>]`, at most `max_len` long."""
+    a, b = list(a), (list(b) if b is not None else None)
+    room = max_len - (3 if b is not None else 2)
+    while len(a) + len(b or []) > room:  # trim the longer side, as the book's _truncate_pair_of_tokens
+        (a if b is None or len(a) > len(b) else b).pop()
+    return pair_layout(a, b)
+
+
 def build_vocab(paragraphs: Paragraphs, min_freq: int) -> Vocab:
     """The book's rule: tokens of the train sentences with count >= min_freq, plus the specials."""
     return vocab_from_counts(Counter(t for para in paragraphs for sent in para for t in sent), min_freq)

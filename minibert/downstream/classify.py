@@ -13,22 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from minibert.data.text import normalise
-from minibert.data.vocab import CLS, PAD, SEP, UNK, Vocab
+from minibert.data.vocab import PAD, UNK, Vocab, pair_ids
 from minibert.errors import DataError
 from minibert.model.bert import BERT
-
-
-def pair_ids(a: list[int], b: list[int] | None, max_len: int) -> tuple[list[int], list[int]]:
-    """(token ids, segment ids) of `<cls> a <sep> [b <sep>]`, at most `max_len` long."""
-    a, b = list(a), (list(b) if b is not None else None)
-    room = max_len - (3 if b is not None else 2)
-    while len(a) + len(b or []) > room:  # trim the longer side, as the book's _truncate_pair_of_tokens
-        (a if b is None or len(a) > len(b) else b).pop()
-    ids, segs = [CLS, *a, SEP], [0] * (len(a) + 2)
-    if b is not None:
-        ids += [*b, SEP]
-        segs += [1] * (len(b) + 1)
-    return ids, segs
 
 
 def encode_table(df: pd.DataFrame, vocab: Vocab, max_len: int) -> dict[str, np.ndarray]:

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from minibert.config import ProbeConfig, ProbeSpec
-from minibert.data.vocab import CLS, SEP, Vocab
+from minibert.data.vocab import CLS, SEP, Vocab, pair_layout
 from minibert.errors import DataError, MinibertError
 
 N_VALUES = 4  # leading vector components shown per token in the table (v0..v3)
@@ -26,13 +26,8 @@ class UnknownWordWarning(UserWarning):
 
 def probe_words(spec: ProbeSpec) -> tuple[list[str], list[int]]:
     """Input words with `<cls>`/`<sep>` and their segment ids, the book's `get_tokens_and_segments`."""
-    a = spec.a.lower().split()
-    words, segments = ["<cls>", *a, "<sep>"], [0] * (len(a) + 2)
-    if spec.b:
-        b = spec.b.lower().split()
-        words += [*b, "<sep>"]
-        segments += [1] * (len(b) + 1)
-    return words, segments
+    b = spec.b.lower().split() if spec.b else None
+    return pair_layout(spec.a.lower().split(), b, "<cls>", "<sep>")
 
 
 def encode_probe(model: torch.nn.Module, vocab: Vocab, spec: ProbeSpec,

@@ -343,7 +343,8 @@ def guard(name, f):
 
 from minibert.training import checkpoint, distributed
 from minibert.model import ops
-from minibert.data.batches import resolve_device, gather_batch, to_tensors
+from minibert.data.batches import gather_batch, to_tensors
+from minibert.device import resolve_device
 from minibert.config import ModelConfig, TrainConfig
 from minibert.model.bert import build_model, token_layout
 from minibert.data.pairs import load_pairs

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from minibert.config import TrainConfig
-from minibert.data.batches import resolve_device
+from minibert.device import resolve_device
 from minibert.errors import MinibertError
 from minibert.training import distributed
 

@@ -1,7 +1,7 @@
-"""The pairs on the device and the batches cut from them: what training, evaluation and probing share.
+"""The pairs on the device and the batches cut from them: what training and held-out evaluation share.
 
-Kept apart from the training loop (`train.py`) so the evaluate and probe stages depend on this small
-module only: a change to the loop reruns pretrain, not them.
+Kept apart from the training loop (`minibert.training.loop`) so the evaluate stage depends on this small
+module only: a change to the loop reruns pretrain, not evaluate.
 """
 from __future__ import annotations
 
@@ -9,25 +9,6 @@ import numpy as np
 import torch
 
 from minibert.data.pairs import FIELDS
-from minibert.errors import MinibertError
-
-
-def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") -> torch.device:
-    """`auto`, `cpu`, `cuda` or `cuda:N` (the setting `key`) as a device: with `cuda`, process `local_rank`
-    of a node takes GPU `local_rank`, one GPU per process."""
-    given = name
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MinibertError(f"{key} = {given!r} but no CUDA device is visible; set {key}: cpu or auto")
-    if name == "cuda":
-        name = f"cuda:{local_rank}"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index >= torch.cuda.device_count():
-        raise MinibertError(f"{key} = {given!r}: GPU {device.index} (local rank {local_rank}) but only "
-                            f"{torch.cuda.device_count()} GPU(s) visible; use one process per GPU (train.devices: "
-                            "auto) or a visible cuda:N")
-    return device
 
 
 def to_tensors(pairs: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from minibert.data.batches import resolve_device
+from minibert.device import resolve_device
 from minibert.model.bert import BERT, check_vocab, load_pretrained
 
 

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from minibert.config import Config
-from minibert.data.batches import resolve_device, to_tensors
+from minibert.data.batches import to_tensors
+from minibert.device import resolve_device
 from minibert.errors import MinibertError
 from minibert.evaluation.heldout import heldout_batch_size, heldout_hook, heldout_subset
 from minibert.model.bert import build_model

@@ -21,10 +21,11 @@ import torch
 from minibert import layout, plots
 from minibert.artifacts import all_or_nothing, atomic_path, sha256_file, write_json
 from minibert.config import EvalConfig, ModelConfig, TrackingConfig, TrainConfig
-from minibert.data.batches import resolve_device, to_tensors
+from minibert.data.batches import to_tensors
 from minibert.data.pairs import load_pairs
 from minibert.data.shards import drop_mapped_pages
 from minibert.data.vocab import Vocab
+from minibert.device import resolve_device
 from minibert.errors import Interrupted, WriteError
 from minibert.evaluation.heldout import heldout_batch_size, heldout_hook, heldout_subset
 from minibert.model.bert import Encoder, build_model, check_vocab, save_pretrained

@@ -11,12 +11,11 @@ from pathlib import Path
 import typer
 
 from minibert import layout
-from minibert.artifacts import sha256_file, write_json
+from minibert.artifacts import write_json
 from minibert.config import load_config
 from minibert.errors import stage_errors
 from minibert.evaluation.heldout import baselines, evaluate, load_pairs
 from minibert.evaluation.inference import load_for_inference
-from minibert.tracking.registry import set_champion
 from minibert.tracking.runs import pretrain_run
 
 app = typer.Typer(add_completion=False)
@@ -44,13 +43,11 @@ def main(params: Path = typer.Option(layout.PARAMS, help="params file"),
             tracker.log_metrics({f"valid_{k}": v for k, v in m.items() if k not in base}, step=meta.get("step"))
             tracker.log_metrics({k: m[k] for k in base})
             tracker.log_artifact(out)
-            champion = set_champion(tracker, cfg.tracking.registered_model, sha256_file(pairs), m["mlm_loss"])
         print(f"evaluate: {m['examples']} valid pairs: MLM loss {m['mlm_loss']:.3f} (ppl {m['mlm_perplexity']:.1f}), "
               f"MLM acc {m['mlm_accuracy']:.1%}, NSP loss {m['nsp_loss']:.3f}, NSP acc {m['nsp_accuracy']:.1%} "
               f"(baselines: unigram MLM {m['baseline_unigram_mlm_loss']:.3f} / {m['baseline_unigram_mlm_accuracy']:.1%}, "
               f"majority NSP {m['baseline_majority_nsp_accuracy']:.1%}); "
-              f"MLflow run {tracker.run_id or '-'}"
-              + (f"; {cfg.tracking.registered_model}@champion = version {champion}" if champion else ""))
+              f"MLflow run {tracker.run_id or '-'}")
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ def plain_accuracy(root: Path, valid: dict) -> float:
 
 def test_full_pipeline_outputs(full_run):
     root, out = full_run
-    for stage in ("download", "tokenize", "pairs", "pretrain", "evaluate", "probe", "finetune"):
+    for stage in ("download", "tokenize", "pairs", "pretrain", "evaluate", "publish", "probe", "finetune"):
         assert f"Running stage '{stage}'" in out.stdout
     train = json.loads((root / "metrics/train.json").read_text())
     ev = json.loads((root / "metrics/eval.json").read_text())

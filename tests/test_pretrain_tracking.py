@@ -53,7 +53,8 @@ def test_server_killed_mid_run_training_goes_on(tmp_path):
 
 
 def test_logged_encoder_round_trips_through_mlflow(tmp_path):
-    """mlflow.pytorch.load_model("runs:/<id>/model") is a working encoder, for any batch shape."""
+    """mlflow.pytorch.load_model("runs:/<id>/model") is a working encoder, for any batch shape (pretrain's run,
+    where the publish stage logs it)."""
     import mlflow
     import torch
     from safetensors.numpy import load_file
@@ -62,7 +63,8 @@ def test_logged_encoder_round_trips_through_mlflow(tmp_path):
     from minibert.model.bert import load_pretrained
 
     root = make_workspace(tmp_path, tracking=True)
-    stage(root, "pretrain")
+    for name in ("pretrain", "evaluate", "publish"):
+        stage(root, name)
     run_id = json.loads((root / "metrics/train.json").read_text())["mlflow_run_id"]
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     loaded = mlflow.pytorch.load_model(f"runs:/{run_id}/model")

@@ -85,15 +85,16 @@ def test_champion_compares_losses_as_numbers_across_digit_counts(tmp_path, monke
 
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
-    """A tiny workspace whose pretrain registered version 1 and whose evaluate made it champion."""
+    """A tiny workspace whose publish stage registered pretrain's model as version 1 and made it champion."""
     root = make_workspace(tmp_path_factory.mktemp("ws"), train={"max_steps": 3}, tracking=True)
     stage(root, "pretrain")
-    out = stage(root, "evaluate").stdout
-    assert f"{NAME}@champion = version 1" in out
+    stage(root, "evaluate")
+    out = stage(root, "publish").stdout
+    assert f"{NAME} version 1" in out and f"{NAME}@champion = version 1" in out
     return root
 
 
-def test_pretrain_registers_and_evaluate_tags_the_version(registered):
+def test_publish_registers_and_tags_the_version(registered):
     uri = f"sqlite:///{registered}/mlflow.db"
     client = MlflowClient(uri, registry_uri=uri)
     run_id = json.loads((registered / "metrics/train.json").read_text())["mlflow_run_id"]

@@ -1,8 +1,8 @@
 """The Model Registry: each pretrain's text model as a version, and the `champion` alias.
 
-Policy: the pretrain stage registers its text model (minibert/tracking/serving.py) as a new version of
-`tracking.registered_model`. The evaluate stage tags that version with the sha256 of the held-out
-pairs and its `valid_mlm_loss`, then points the alias `champion` at the version with the lowest
+Policy: the publish stage registers pretrain's text model (minibert/tracking/serving.py) as a new version
+of `tracking.registered_model`, tags that version with the sha256 of the held-out pairs evaluate scored
+and their `valid_mlm_loss`, then points the alias `champion` at the version with the lowest
 `valid_mlm_loss` among the versions evaluated on the same held-out pairs (ties: the older version).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ def register_version(tracker, name: str, model_uri: str | None, tags: dict[str, 
         with fluent_uris(tracker.uri):
             mv = mlflow.register_model(model_uri, name, tags={**tags, "mlflow_run_id": tracker.run_id},
                                        await_registration_for=60)
-        print(f"pretrain: registered {name} version {mv.version} ({model_uri})", flush=True)
+        print(f"publish: registered {name} version {mv.version} ({model_uri})", flush=True)
         return str(mv.version)
     except Exception as e:
         log.warning("MLflow: could not register %s as %r: %s", model_uri, name, one_line(e)[:300])
@@ -75,13 +75,13 @@ def download_model(model_uri: str, dest: str | Path, root: Path) -> Path:
     folder = path / "artifacts" / "model"
     if not (folder / "bert.safetensors").is_file():
         raise MinibertError(f"{model_uri} is not a minibert text model (no artifacts/model/bert.safetensors); "
-                            "pass a version the pretrain stage registered")
+                            "pass a version the publish stage registered")
     return folder
 
 
 def registered_version(model_uri: str, root: Path) -> str:
     """The version `models:/NAME@ALIAS` or `models:/NAME/VERSION` names in the project's store, or one
-    line saying what is missing and how to make it (the pretrain stage registers, evaluate moves the alias)."""
+    line saying what is missing and how to make it (the publish stage registers and moves the alias)."""
     name, _, ref = model_uri.removeprefix("models:/").partition("@")
     version = None
     if not ref:
@@ -99,5 +99,5 @@ def registered_version(model_uri: str, root: Path) -> str:
         mv = client.get_model_version_by_alias(name, ref) if ref else client.get_model_version(name, version)
     except Exception as e:
         raise MinibertError(f"MLflow at {uri}: no {model_uri} ({one_line(e)[:160]}); run the pipeline "
-                            "(dvc repro) so pretrain registers a version and evaluate sets the champion") from None
+                            "(dvc repro) so publish registers a version and sets the champion") from None
     return str(mv.version)

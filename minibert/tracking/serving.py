@@ -85,13 +85,11 @@ def encode_rows(model, vocab, rows, mode: str, top_k: int) -> list[dict]:
     """One padded forward for all rows: per row tokens + segments + encoding (T, H), or masks' top-k."""
     import torch
 
-    from minibert.config import ProbeSpec
-    from minibert.data.vocab import MASK
-    from minibert.evaluation.probes import probe_words
+    from minibert.data.vocab import MASK, pair_layout
 
     ids, segs = [], []
     for i, (a, b) in enumerate(rows):
-        words, segments = probe_words(ProbeSpec("row", a, b))
+        words, segments = pair_layout(a.lower().split(), b.lower().split() if b else None, "<cls>", "<sep>")
         if len(words) > model.cfg.max_len:
             raise _bad(f"row {i}: {len(words)} tokens (with <cls>/<sep>) exceed max_len {model.cfg.max_len}; "
                        "shorten the text")

@@ -1,7 +1,9 @@
 """One pretraining run end to end: data in, model + metrics + MLflow run out, resumable.
 
 `run_pretrain` reads as the run goes: `start_process` (device, threads, process group), `set_up` (data,
-model, optimizer, checkpoint, MLflow run), `train` (the loop), `publish` (files, MLflow, registry).
+model, optimizer, checkpoint, MLflow run), `train` (the loop), `finish` (files, the run's own metrics and
+artifacts). Publishing the model (the logged encoder, the served text model, the registry) is the
+publish stage's (`minibert.tracking.publish`): nothing here imports it, so editing it never retrains.
 
 Called by `stages/pretrain.py` on every process (one, or each rank under torch.distributed.run);
 only rank 0 writes files and talks to MLflow.
@@ -28,13 +30,11 @@ from minibert.data.vocab import Vocab
 from minibert.device import resolve_device
 from minibert.errors import Interrupted, WriteError
 from minibert.evaluation.heldout import heldout_batch_size, heldout_hook, heldout_subset
-from minibert.model.bert import Encoder, build_model, check_vocab, save_pretrained
+from minibert.model.bert import build_model, check_vocab, save_pretrained
 from minibert.progress import Progress
 from minibert.tracking.lineage import DataInput, log_data_inputs
-from minibert.tracking.registry import register_version
 from minibert.tracking.runinfo import DIFF_TAG, NOTE_TAG, describe_run
 from minibert.tracking.runs import start_run
-from minibert.tracking.serving import log_text_model
 from minibert.tracking.system_metrics import SystemSampler
 from minibert.tracking.tracker import NullTracker, Tracker
 from minibert.training import checkpoint, distributed
@@ -80,7 +80,7 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
     try:
         set_up(run, model_cfg, cfg, tracking_cfg, eval_cfg, params, paths)
         result = train(run, cfg, eval_cfg)
-        metrics = publish(run, result, model_cfg, cfg, tracking_cfg, params, paths, run_name, t_start)
+        metrics = finish(run, result, model_cfg, cfg, params, paths, run_name, t_start)
         clean = True
         return metrics
     except BaseException as e:  # anything at all: never leave the MLflow run RUNNING
@@ -97,7 +97,7 @@ def run_pretrain(model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: Trackin
 @dataclass
 class Run:
     """One process's share of a pretraining run: made by `start_process` and `set_up`, used by `train`
-    and `publish`."""
+    and `finish`."""
     device: torch.device
     threads: ThreadShare
     ranks: distributed.Dist
@@ -218,16 +218,16 @@ def train(run: Run, cfg: TrainConfig, eval_cfg: EvalConfig):
                  start_step=start, history=run.resumed.get("history"),
                  on_log=on_log, on_checkpoint=on_checkpoint, scaler_state=run.resumed.get("scaler"),
                  on_eval=on_eval, vocab_size=len(run.vocab))
-    # Every rank leaves the group here, so rank 0's output work in `publish` (files, MLflow: minutes on a
+    # Every rank leaves the group here, so rank 0's output work in `finish` (files, MLflow: minutes on a
     # slow server) runs under no collective's timeout while the others wait for it (NCCL's is 10 minutes).
     distributed.shutdown()
     return result
 
 
-def publish(run: Run, result, model_cfg: ModelConfig, cfg: TrainConfig, tracking_cfg: TrackingConfig,
-            params: dict[str, Any], paths: Paths, run_name: str | None, t_start: float) -> dict[str, Any]:
-    """Rank 0: the model, metrics and plots on disk, the same into MLflow with the encoder and the text
-    model (registered as a new version), then the run closed and its checkpoints removed. {} elsewhere."""
+def finish(run: Run, result, model_cfg: ModelConfig, cfg: TrainConfig, params: dict[str, Any], paths: Paths,
+           run_name: str | None, t_start: float) -> dict[str, Any]:
+    """Rank 0: the model, metrics and plots on disk, the same into the run's MLflow artifacts, then the
+    run closed and its checkpoints removed. {} elsewhere."""
     if not run.ranks.is_main:
         return {}
     run.opt.zero_grad(set_to_none=True)  # training's gradients and heap pages are not needed any more
@@ -247,11 +247,6 @@ def publish(run: Run, result, model_cfg: ModelConfig, cfg: TrainConfig, tracking
         tracker.set_tags(wall_tags(params, paths, metrics["wall_s"], result.train_s))
     for f in (paths.models / "bert.safetensors", paths.models / "bert.json", paths.vocab):
         tracker.log_artifact(f, "weights")  # enough to rebuild the encoder: `minibert encode --run ID`
-    tracker.log_model(Encoder(run.model).cpu(), example=encoder_example(run.pairs),
-                      pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"])
-    # Text in, vectors out (mlflow models serve), registered as a new version of tracking.registered_model.
-    register_version(tracker, tracking_cfg.registered_model, log_text_model(tracker, paths.models, paths.vocab),
-                     {"train_pairs_sha256": run.data_sha, "vocab_sha256": run.vocab.sha256})
     for f in (paths.curve_csv, paths.curve_png, paths.valid_curve, paths.metrics, paths.params_file):
         if f is not None and f.is_file():
             tracker.log_artifact(f)
@@ -306,13 +301,6 @@ def data_inputs(paths: Paths, data_sha: str, vocab_sha: str, heldout: bool) -> l
     if heldout:
         out.append(DataInput("valid_pairs", rel(paths.valid_pairs), sha256_file(paths.valid_pairs), "validation"))
     return out
-
-
-def encoder_example(pairs: dict) -> dict:
-    """Two real train pairs, trimmed to their longest: the input example of the logged encoder."""
-    t = int(pairs["valid_lens"][:2].max())
-    return {"tokens": pairs["token_ids"][:2, :t].astype("int64"), "segments": pairs["segments"][:2, :t].astype("int64"),
-            "valid_lens": pairs["valid_lens"][:2].astype("int64")}
 
 
 def write_outputs(model, history, metrics, vocab: Vocab, data_sha: str, paths: Paths,

@@ -40,8 +40,9 @@ STAGES = {
     "pairs": "Stage 3: NSP sentence pairs with MLM masks (data/pairs/).",
     "pretrain": "Stage 4: pretrain the BERT (models/, metrics/train.json, an MLflow run).",
     "evaluate": "Stage 5: held-out MLM/NSP loss and accuracy (metrics/eval.json).",
-    "probe": "Stage 6: encode the probe sentences of params.yaml (probes/, metrics/probe.json).",
-    "finetune": "Stage 7: fine-tune on a labelled task beside its controls (metrics/finetune.json, plots/).",
+    "publish": "Stage 6: the model into MLflow: encoder, text model, registry version, champion alias.",
+    "probe": "Stage 7: encode the probe sentences of params.yaml (probes/, metrics/probe.json).",
+    "finetune": "Stage 8: fine-tune on a labelled task beside its controls (metrics/finetune.json, plots/).",
 }
 RUN_COLUMNS = {  # list_runs column -> short header of `minibert runs`
     "params.model.num_layers": "layers", "params.model.hidden": "hidden", "params.train.lr": "lr",

@@ -279,3 +279,63 @@ def test_serve_without_a_champion_is_one_line(tmp_path):
     assert r.stderr.startswith("error: serve: ") and f"models:/{NAME}@champion" in r.stderr and "dvc repro" in r.stderr
     bad = cli(tmp_path, "serve", "--model", "runs:/abc/model")
     assert bad.returncode == 1 and "models:/NAME@ALIAS" in bad.stderr and len(bad.stderr.splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------- serve's failures, one line each
+
+
+def one_error_line(r) -> str:
+    assert r.returncode != 0, (r.stdout, r.stderr)
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: serve: "), r.stderr
+    return lines[0]
+
+
+def test_serve_on_a_taken_port_is_one_line_naming_the_port_and_its_owner(tmp_path):
+    """A real socket listens on 127.0.0.1:P; `minibert serve --port P` says so in one line (and which
+    process holds it: this one) before MLflow starts, instead of uvicorn's bind error in a traceback."""
+    import socket
+
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = cli(tmp_path, "serve", "--port", str(port))
+        line = one_error_line(r)
+        assert f"port {port} on 127.0.0.1 is in use" in line and "--port" in line, line
+        assert f"pid {os.getpid()}?" in line, line
+        assert r.stdout == ""  # nothing was started
+        # another host of this machine is another address: the same port there is free, so the host is checked
+        other = cli(tmp_path, "serve", "--port", str(port), "--host", "192.0.2.1")  # TEST-NET-1: not ours
+        line = one_error_line(other)
+        assert "192.0.2.1 is not an address of this machine" in line and "--host 127.0.0.1" in line, line
+    bad = cli(tmp_path, "serve", "--port", "70000")
+    assert "port 70000 is not a TCP port" in one_error_line(bad)
+
+
+def test_serve_store_that_cannot_be_opened_is_one_line(tmp_path):
+    """An mlflow.db that is not an SQLite file: one line naming the store, not SQLAlchemy's traceback."""
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    (tmp_path / "mlflow.db").write_bytes(b"not a database\n" * 400)
+    line = one_error_line(cli(tmp_path, "serve", "--port", str(free_port())))
+    assert f"MLflow store sqlite:///{tmp_path}/mlflow.db could not be opened" in line, line
+    assert "file is not a database" in line and "[SQL:" not in line, line
+
+
+def test_serve_failure_of_the_server_process_is_one_line(tmp_path):
+    """The champion resolves in the registry but its files are gone: the real `mlflow models serve` fails
+    on its own; minibert says in one line that it exited, why (its last error) and where its output is."""
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri, registry_uri=uri)
+    client.create_registered_model(NAME)
+    v = client.create_model_version(NAME, f"file://{tmp_path}/gone/model")
+    client.set_registered_model_alias(NAME, "champion", v.version)
+    r = cli(tmp_path, "serve", "--port", str(free_port()))
+    line = one_error_line(r)
+    assert f"the MLflow server for models:/{NAME}@champion exited with code 1" in line, line
+    assert "No such artifact: 'MLmodel'" in line, line
+    log = Path(line.rsplit("whole output in ", 1)[1])
+    assert "Traceback" in log.read_text()  # the whole story is kept, just not on the terminal
+    log.unlink()

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from minibert.errors import MinibertError
 from minibert.tracking.store import mlflow_module, one_line
 
 log = logging.getLogger(__name__)
@@ -174,24 +175,179 @@ def log_text_model(tracker, model_dir: Path, vocab_path: Path) -> str | None:
         return None
 
 
+def _listener_pid(port: int) -> int | None:
+    """The pid of a process listening on TCP `port` (Linux /proc, this user's processes), or None."""
+    import os
+
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f"socket:[{f[9]}]")
+    if not inodes:
+        return None
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                    return int(pid)
+            except OSError:
+                continue
+    return None
+
+
+def port_in_use(host: str, port: int) -> str:
+    pid = _listener_pid(port)
+    owner = f" (pid {pid}?)" if pid else ""
+    return f"port {port} on {host} is in use{owner}; pick another with --port"
+
+
+def check_address(host: str, port: int) -> None:
+    """Bind `host`:`port` for a moment, as the server will (SO_REUSEADDR, like uvicorn): one line saying
+    why it cannot listen there (port taken, host not this machine's, privileged port), or nothing."""
+    import errno
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise MinibertError(f"port {port} is not a TCP port; pick one in 1..65535 with --port")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise MinibertError(f"host {host!r} does not resolve ({e.strerror}); use --host 127.0.0.1 (this "
+                            "machine only) or --host 0.0.0.0 (every interface)") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise MinibertError(port_in_use(host, port)) from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise MinibertError(f"host {host} is not an address of this machine; use --host 127.0.0.1 "
+                                    "(this machine only) or --host 0.0.0.0 (every interface)") from None
+            if e.errno == errno.EACCES:
+                raise MinibertError(f"port {port} on {host} needs privileges this user lacks; pick one "
+                                    "above 1023 with --port") from None
+            raise MinibertError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --host "
+                                "or --port") from None
+
+
+def _reason(log_text: str) -> str:
+    """The line of a failed server's output that says why: its last ERROR line, else the exception's."""
+    lines = [ln.strip() for ln in log_text.replace("\r", "\n").splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if ln.startswith("ERROR:"):
+            return " ".join(ln.removeprefix("ERROR:").split())
+    for ln in reversed(lines):
+        head = ln.split(":", 1)[0]
+        if ": " in ln and not ln.startswith("File ") and (head.endswith(("Error", "Exception")) or "." in head
+                                                          and head.split(".")[-1][:1].isupper()):
+            return " ".join(ln.split())
+    return " ".join(lines[-1].split()) if lines else "no output"
+
+
+def _up(host: str, port: int) -> bool:
+    import urllib.error
+    import urllib.request
+
+    where = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else host
+    try:
+        with urllib.request.urlopen(f"http://{where}:{port}/ping", timeout=1):
+            return True
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except (OSError, ValueError):
+        return False
+
+
 def serve(model_uri: str, host: str, port: int, workers: int, root: Path) -> int:
     """`mlflow models serve` for a registered text model, in this environment; its exit code.
 
-    MLflow starts the server with `uvicorn` looked up on PATH, so a virtual environment that is not
-    activated fails with "returned non zero return code 127": the interpreter's own bin folder goes
-    first on PATH, and the tracking store is the project's (not whatever cwd MLflow would pick)."""
+    The address is checked (a bind test) and the model's version looked up before MLflow starts, so a
+    taken port, a foreign host or a missing model is one line. MLflow starts the server with `uvicorn`
+    looked up on PATH, so a virtual environment that is not activated fails with "returned non zero
+    return code 127": the interpreter's own bin folder goes first on PATH, and the tracking store is the
+    project's (not whatever cwd MLflow would pick). The server's output goes to a log file, and to the
+    terminal once it answers (its request log); a server that exits with an error is one line (what it
+    said, where the whole log is), not MLflow's traceback."""
     import os
+    import signal
     import subprocess
     import sys
+    import threading
+    import time
 
     from minibert.tracking.registry import registered_version
     from minibert.tracking.store import tracking_uri
 
-    version = registered_version(model_uri, root)
+    check_address(host, port)
+    try:
+        version = registered_version(model_uri, root)
+    except MinibertError:
+        raise
+    except Exception as e:  # e.g. sqlite "file is not a database": MLflow's traceback, as one line
+        raise MinibertError(f"MLflow store {tracking_uri(root)} could not be opened ({one_line(e).split(' [SQL:')[0][:200]}); "
+                            "point MLFLOW_TRACKING_URI at a working store, or move this file away and rerun "
+                            "the pipeline (dvc repro)") from None
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(root),
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
            "-h", host, "-p", str(port), "-w", str(workers)]
+    fd, log_name = tempfile.mkstemp(prefix=f"minibert-serve-{port}-", suffix=".log")
     print(f"minibert serve: {model_uri} (version {version}) at http://{host}:{port}/invocations "
-          f"(POST JSON, e.g. {{\"inputs\": {{\"text\": [\"a crane is flying\"]}}}}); Ctrl-C stops", flush=True)
-    return subprocess.run(cmd, env=env, check=False).returncode
+          f"(POST JSON, e.g. {{\"inputs\": {{\"text\": [\"a crane is flying\"]}}}}); Ctrl-C stops "
+          f"(log: {log_name})", flush=True)
+    up, echo = threading.Event(), [True]
+
+    def pump(stream, log):
+        for raw in iter(stream.readline, b""):
+            log.write(raw)
+            log.flush()
+            if raw.startswith(b"Traceback"):
+                echo[0] = False  # a failure: summed up in one line below, whole in the log
+            if up.is_set() and echo[0]:
+                sys.stderr.write(raw.decode(errors="replace"))
+                sys.stderr.flush()
+
+    with os.fdopen(fd, "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        reader = threading.Thread(target=pump, args=(proc.stdout, log), daemon=True)
+        reader.start()
+        def stop(signum, frame):
+            raise KeyboardInterrupt  # SIGTERM (a service manager, `timeout`): stop the server with us
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, stop)
+        try:
+            while proc.poll() is None:
+                if not up.is_set() and _up(host, port):
+                    up.set()
+                    print(f"minibert serve: up at http://{host}:{port}", flush=True)
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            reader.join(timeout=5)
+            return 130
+        reader.join(timeout=5)
+    code = proc.returncode
+    if code in (0, -2, -15):  # stopped (SIGINT/SIGTERM): not a failure
+        return 0 if code == 0 else 128 - code
+    said = Path(log_name).read_text(errors="replace")
+    if "address already in use" in said:
+        raise MinibertError(port_in_use(host, port))
+    raise MinibertError(f"the MLflow server for {model_uri} exited with code {code}: {_reason(said)[:300]}; "
+                        f"whole output in {log_name}")

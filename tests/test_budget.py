@@ -72,3 +72,17 @@ def test_budget_command_errors_are_one_line(tmp_path):
     (root / "data/pairs/train.safetensors").unlink()
     proc = cli(root, "--minutes", "1")
     assert proc.returncode == 1 and "run `dvc repro pairs` first" in proc.stderr
+
+
+def test_one_timed_step_is_the_time_of_that_step(tmp_path):
+    """Hand-worked window: warm-up 1, timed 1 runs two steps with cumulative clock [t1, t2]; the timed
+    step's time is t2 - t1 > 0 (a window starting one step late, t2 - t2, reads 0 s a step: a budget
+    would buy unboundedly many steps; with more timed steps it silently loses one step's time)."""
+    from minibert.config import load_config
+    from minibert.data.pairs import load_pairs
+    from minibert.training.budget import measure
+
+    root = make_workspace(tmp_path)
+    cfg, train = load_config(root / "params.yaml"), load_pairs(root / "data/pairs/train.safetensors")[0]
+    one = measure(cfg, train, None, 99, warmup=1, timed=1, min_seconds=0)
+    assert one.timed_steps == 1 and one.step_s > 0

@@ -101,3 +101,24 @@ def test_a_reader_during_training_never_sees_a_torn_row(tmp_path, monkeypatch):
         t.join()
     assert reads[0] > 50 and bad == [], (reads, bad[:3])
     assert path.stat().st_size > 4096  # the run crossed pages: both kinds of append happened
+
+
+def test_a_failed_run_puts_back_exactly_what_it_found(tmp_path):
+    """A run that fails after some rows: a CSV that was not there before is gone again (no partial file
+    left to read as an output), and one that was there holds its old bytes again."""
+    rows = [{"step": s, "mlm_loss": 5.0 - s, "nsp_loss": 0.7, "pairs_per_sec": 10.0 * s} for s in range(1, 4)]
+    rows[1].update({"valid_mlm_loss": 6.5, "valid_mlm_accuracy": 0.1, "valid_nsp_loss": 0.69, "valid_nsp_accuracy": 0.5})
+    old_valid = b"step,valid_mlm_loss\n7,6.25\n"  # the previous run's held-out curve, any bytes
+    (tmp_path / "v.csv").write_bytes(old_valid)
+    curves = LiveCurves(tmp_path / "t.csv", tmp_path / "v.csv")
+    curves.start([])
+    curves.append(rows)
+    assert (tmp_path / "t.csv").is_file() and (tmp_path / "v.csv").read_bytes() != old_valid  # rows were written
+    curves.restore()  # the run failed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.csv"]
+    assert (tmp_path / "v.csv").read_bytes() == old_valid
+    lone = LiveCurve(tmp_path / "only.csv", TRAIN_COLUMNS)  # the single-file form too
+    lone.start(rows[:1])
+    lone.append(rows[1:])
+    lone.restore()
+    assert not (tmp_path / "only.csv").exists()

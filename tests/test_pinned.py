@@ -65,3 +65,19 @@ def test_a_download_with_other_bytes_leaves_nothing(http_server, monkeypatch, tm
 def test_the_cache_follows_xdg(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert pins.cache_dir() == Path(tmp_path) / "minibert" / "downstream"
+
+
+def test_a_corrupt_cached_copy_is_never_used(http_server, monkeypatch, tmp_path):
+    """A copy in the download cache whose bytes are not the pinned ones (a truncated download of an older
+    version, a tampered file): locate refuses it, or fetches the pinned bytes again; it never hands it on."""
+    body = b"old\tnew\t1.58\nsmart\tintelligent\t9.2\n"
+    _serve(http_server, monkeypatch, body, body)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "judgements.txt").write_bytes(b"old\tnew\t9.99\n")  # same name, other bytes
+    try:
+        path = locate("simlex999", {}, cache)
+    except DataError as e:
+        assert "is not the pinned" in str(e) and "judgements.txt" in str(e)
+    else:
+        assert path.read_bytes() == body

@@ -10,7 +10,7 @@ from scipy.stats import spearmanr
 from minibert.config import ModelConfig
 from minibert.data.vocab import SPECIALS, Vocab
 from minibert.errors import DataError
-from minibert.evaluation.similarity import read_judgements, score, spearman, word_similarity
+from minibert.evaluation.similarity import read_judgements, score, spearman, word_similarity, word_vectors
 from minibert.model.bert import build_model
 
 
@@ -65,3 +65,23 @@ def test_real_judgement_files(task_data):
     out = word_similarity(model, model, vocab, ("simlex999", "wordsim353"), env={"MINIBERT_TASK_DATA": str(task_data)})
     assert out["simlex999"]["trained"]["total"] == 999 and out["wordsim353"]["trained"]["total"] == 353
     assert out["simlex999"]["trained"] == out["simlex999"]["untrained"]  # the same model scores the same
+
+
+def test_context_vectors_are_the_words_own_position():
+    """Reference by hand: each word alone as `<cls> w <sep>` (one sequence, segment 0, no padding) through
+    `bert.encode` in eval mode; its context vector is row 1 (the word), not row 0 (`<cls>`) or 2 (`<sep>`)."""
+    from minibert.data.vocab import CLS, SEP
+
+    words = ["w3", "w0", "w5", "w1"]
+    vocab = Vocab(SPECIALS + tuple(f"w{i}" for i in range(6)))
+    model = build_model(ModelConfig(num_layers=2, hidden=12, heads=3, ffn_hidden=37, max_len=13), len(vocab), seed=3)
+    got = word_vectors(model, vocab, words)
+    assert model.training  # handed back in the mode it came in
+    model.eval()
+    with torch.no_grad():
+        for i, w in enumerate(words):
+            tokens = torch.tensor([[CLS, vocab.id(w), SEP]])
+            rows = model.encode(tokens, torch.zeros_like(tokens), torch.tensor([3]))[0].double().numpy()  # (3, H)
+            np.testing.assert_allclose(got["context"][i], rows[1], rtol=1e-4, atol=1e-5)
+            assert np.abs(rows[0] - rows[1]).max() > 1e-3  # <cls>'s row is another vector: the check can tell
+            np.testing.assert_array_equal(got["embedding"][i], model.token_embedding.weight[vocab.id(w)].double().numpy())

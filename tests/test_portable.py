@@ -247,3 +247,11 @@ def test_host_cut_is_split_batchs_cut(pairs):
 def test_auto_micro_batches_on_cpu_are_the_books_4(pairs):
     np.testing.assert_array_equal(train(pairs, "fp32", on=False, steps=2, micro_batches="auto"),
                                   train(pairs, "fp32", on=False, steps=2, micro_batches=4))
+
+
+def test_portable_0_reads_as_off(monkeypatch):
+    """`MINIBERT_PORTABLE=0` (as a CI matrix writes "off") keeps CPU tensors on the kernels; 1 turns them off."""
+    x = torch.ones(3)
+    for value, on in (("0", False), ("", False), ("1", True)):
+        monkeypatch.setenv("MINIBERT_PORTABLE", value)
+        assert portable() is on and uses_kernels(x) is not on, value

@@ -66,3 +66,14 @@ def test_workflow_posts_the_report_on_pull_requests_and_says_when_it_cannot():
     step = next(s for s in job["steps"] if "gh pr comment" in s.get("run", ""))
     assert "pull_request" in step["if"] and "always()" in step["if"]
     assert '--body-file "$CI_REPORT"' in step["run"] and "Not posted" in step["run"] and "GITHUB_STEP_SUMMARY" in step["run"]
+
+
+def test_curves_sampled_at_other_steps_are_compared_where_both_have_points():
+    """Head evaluated more often (steps 5, 7, 10, 13, 15) than base (4, 5, 10, 13): the chart compares
+    the steps both have, 5, 10 and 13, by hand, and keeps both lines (base is not dropped for lacking 7)."""
+    base = HEADER + "4,6.75,0,0.7,0.5\n5,6.5,0,0.7,0.5\n10,6.25,0,0.69,0.5\n13,6.0,0,0.68,0.5\n"
+    head = HEADER + "5,6.4,0,0.7,0.5\n7,6.3,0,0.7,0.5\n10,6.0,0,0.66,0.5\n13,5.5,0,0.61,0.5\n15,5.25,0,0.6,0.5\n"
+    lines = chart(read_curve(base), read_curve(head), "valid_mlm_loss", "held-out MLM loss")
+    assert '    x-axis "step" [5, 10, 13]' in lines
+    assert [x for x in lines if x.startswith("    line")] == ["    line [6.5, 6.25, 6]", "    line [6.4, 6, 5.5]"]
+    assert 'title "held-out MLM loss: base vs head"' in lines[3]

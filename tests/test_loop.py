@@ -551,3 +551,33 @@ def test_budget_run_logs_heldout_curve_against_seconds_and_names_its_wall_time(t
     assert re.search(r" \[book: 12 steps, 0.5 min budget, \d+ s\]$", run.info.run_name), run.info.run_name
     assert re.search(r"; trained in \d+ s wall \(\d+ s in steps\)$", run.data.tags["mlflow.note.content"])
     assert run.data.metrics["final_wall_s"] > 0
+
+
+def test_dynamic_masks_are_drawn_at_train_mask_rate(tmp_path):
+    """What the model sees: a forward pre-hook counts the masked slots (mlm_weights > 0) and the real
+    tokens of every batch `fit` feeds it. Masks redrawn at 0.37 (an odd rate, so neither the book's 0.15
+    nor the budget preset's 0.2) cover 0.37 of the tokens, within the per-pair rounding of
+    max(1, round(0.37 * len)) (<= 0.5 / len, len ~10-29 here: under 0.03 on average)."""
+    from minibert.artifacts import load_arrays
+    from minibert.data.batches import to_tensors
+    from minibert.training import distributed
+    from minibert.training.loop import fit, make_optimizer
+
+    root = make_workspace(tmp_path)
+    data = to_tensors(load_arrays(root / "data/pairs/train.safetensors"), torch.device("cpu"))
+    for rate in (0.37, 0.2):
+        cfg = TrainConfig(batch_size=13, max_steps=4, device="cpu", precision="fp32", checkpoint_every=0,
+                          eval_every=0, threads=1, masking="dynamic", mask_rate=rate)
+        model = build_model(ModelConfig(**TINY_MODEL), 99, seed=0)
+        seen = []  # (masked slots, real tokens) per forward
+
+        def count(module, args, seen=seen):
+            valid, positions, weights = args[2], args[3], args[4]
+            assert bool((positions[weights > 0] < valid[:, None].expand_as(positions)[weights > 0]).all())
+            seen.append((int((weights > 0).sum()), int(valid.sum())))
+
+        model.register_forward_pre_hook(count)
+        fit(model, make_optimizer(model.parameters(), cfg), cfg, data, torch.device("cpu"), distributed.Dist(),
+            vocab_size=99)
+        share = sum(m for m, _ in seen) / sum(n for _, n in seen)
+        assert sum(n for _, n in seen) > 150 and abs(share - rate) < 0.03, (rate, share)

@@ -342,14 +342,37 @@ class FinetuneConfig:
     """At most this many test examples (0 = all)."""
     max_len: int = 64
     """Tokens per input including <cls>/<sep>; at most the pretrained model.max_len."""
-    epochs: int = 5
+    dev_share: float = 0.1
+    """Share of each class of the training split held out as the dev split that early stopping reads
+    (the test split is scored once, after training)."""
+    epochs: int = 20
+    """At most this many epochs; the rate decays linearly to 0 at the end of the last."""
+    patience: int = 3
+    """Stop after this many epochs without a better dev accuracy; the best epoch's weights are restored."""
+    warmup_share: float = 0.1
+    """Share of all steps of `epochs` spent warming the rate up linearly from 0."""
+    min_epoch_examples: int = 320
+    """A training set smaller than this is cycled (reshuffled each pass) to fill one epoch."""
     lr: float = 3e-4
-    """Adam's constant rate for the BERT classifiers (pretrained and random-init alike)."""
+    """Adam's peak rate for the BERT classifiers (pretrained and random-init alike)."""
     bow_lr: float = 0.05
-    """Adam's rate for the bag-of-words control (a convex problem that takes a larger step)."""
+    """Adam's peak rate for the bag-of-words control (a convex problem that takes a larger step)."""
     batch_size: int = 32
+    pooling: Literal["cls", "mean", "both"] = "cls"
+    """What the classifier reads: `cls` (the book: the <cls> vector through the NSP hidden layer), `mean`
+    (the mean over real tokens through it) or `both` side by side."""
+    clitics: bool = True
+    """Split clitics off as WikiText does ("don't" → "do n't", "john's" → "john 's")."""
+    label_counts: tuple[int, ...] = (0,)
+    """Labelled examples per class for the label-efficiency curve: seeded class-stratified subsets of the
+    training split (0 = all of it)."""
+    adapt_steps: int = 0
+    """Task-adaptive MLM steps on the training split's texts before fine-tuning the pretrained column
+    (0 = off)."""
+    adapt_lr: float = 1e-3
+    """Peak rate of that adaptive MLM (linear warmup and decay over `adapt_steps`)."""
     seeds: tuple[int, ...] = (0, 1, 2)
-    """One fine-tuning per seed and system: the figures are mean ± std over them."""
+    """One fine-tuning per seed, system and label count: the figures are mean ± std over them."""
     freeze: bool = False
     """True: the encoder stays as pretrained; only the <cls> hidden and output layers learn."""
     device: str = "cpu"
@@ -362,14 +385,35 @@ class FinetuneConfig:
         for key in ("max_train", "max_test"):
             _require(getattr(self, key) >= 0, key, getattr(self, key), "an integer >= 0 (0 = all)")
         _require(self.max_len >= 3, "max_len", self.max_len, "an integer >= 3 (<cls>, a word, <sep>)")
-        for key in ("epochs", "batch_size"):
+        for key in ("epochs", "batch_size", "patience"):
             _require(getattr(self, key) >= 1, key, getattr(self, key), "an integer >= 1")
-        for key in ("lr", "bow_lr"):
+        _require(0 < self.dev_share < 1, "dev_share", self.dev_share, "a number between 0 and 1")
+        _require(0 <= self.warmup_share < 1, "warmup_share", self.warmup_share, "a number in [0, 1)")
+        for key in ("min_epoch_examples", "adapt_steps"):
+            _require(getattr(self, key) >= 0, key, getattr(self, key), "an integer >= 0")
+        _require(len(self.label_counts) >= 1 and all(n >= 0 for n in self.label_counts)
+                 and len(set(self.label_counts)) == len(self.label_counts), "label_counts", self.label_counts,
+                 "a list of distinct integers >= 0 (labelled examples per class; 0 = all)")
+        for key in ("lr", "bow_lr", "adapt_lr"):
             _require(getattr(self, key) > 0, key, getattr(self, key), "a number > 0")
         _require(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "seeds", self.seeds,
                  "a list of distinct integers")
         _require(self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device) is not None,
                  "device", self.device, "auto, cpu, cuda or cuda:N")
+
+
+@dataclass(frozen=True)
+class BlimpConfig:
+    enabled: bool = True
+    """Score BLiMP's minimal pairs zero-shot by pseudo-log-likelihood (false: the stage writes no scores)."""
+    max_pairs: int = 0
+    """At most this many pairs of each of the 67 paradigms, in file order (0 = all 1,000)."""
+    batch_size: int = 512
+    """Masked copies of sentences per forward pass."""
+
+    def __post_init__(self):
+        _require(self.max_pairs >= 0, "max_pairs", self.max_pairs, "an integer >= 0 (0 = all)")
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
 
 
 @dataclass(frozen=True)
@@ -406,6 +450,7 @@ class Config:
         ProbeSpec("crane_flying", "a crane is flying", word="crane"),
         ProbeSpec("crane_driver", "a crane driver came", "he just left", word="crane"))))
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    blimp: BlimpConfig = field(default_factory=BlimpConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     preset: str = "book"
     """Recipe applied on top of the sections: `book` (none) or a name under `presets:`."""

@@ -1,10 +1,11 @@
 """finetune: does pretraining transfer? Fine-tune the pretrained encoder on a labelled task.
 
-Beside it, on the same held-out split and with the same budget: the same architecture from random
-initialisation, a bag-of-words linear classifier and the majority class; every seed of
-`finetune.seeds`. Writes metrics/finetune.json (mean ± std per system), the per-seed table, the
-per-epoch curves and the pretrained model's confusion matrix; all of it also goes into the pretrain
-stage's MLflow run, so the compare view shows downstream accuracy beside `valid_mlm_loss`.
+Beside it, on the same test split and with the same recipe (dev-based early stopping): the same
+architecture from random initialisation, a bag-of-words linear classifier and the majority class; every
+seed of `finetune.seeds` and every labels-per-class count of `finetune.label_counts`. Writes
+metrics/finetune.json (mean ± std per system), the per-seed table, the per-epoch dev curves, the
+label-efficiency table and the pretrained model's confusion matrix; all of it also goes into the
+pretrain stage's MLflow run, so the compare view shows downstream accuracy beside `valid_mlm_loss`.
 """
 from pathlib import Path
 
@@ -29,7 +30,8 @@ def main(params: Path = typer.Option(layout.PARAMS, help="params file"),
          vocab: Path = typer.Option(layout.VOCAB, help="vocabulary"),
          train_metrics: Path = typer.Option(layout.TRAIN_METRICS, help="pretrain metrics (MLflow run id)"),
          per_seed: Path = typer.Option(layout.FINETUNE_SEEDS, help="per-seed, per-system scores (CSV)"),
-         curves: Path = typer.Option(layout.FINETUNE_CURVES, help="per-epoch curves (CSV)"),
+         curves: Path = typer.Option(layout.FINETUNE_CURVES, help="per-epoch dev curves (CSV)"),
+         labels: Path = typer.Option(layout.FINETUNE_LABELS, help="accuracy against labels per class (CSV)"),
          confusion: Path = typer.Option(layout.FINETUNE_CONFUSION, help="confusion matrix (PNG)"),
          out: Path = typer.Option(layout.FINETUNE_METRICS, help="output metrics file")) -> None:
     with stage_errors("finetune"):
@@ -39,7 +41,7 @@ def main(params: Path = typer.Option(layout.PARAMS, help="params file"),
         fresh = lambda: load_for_inference(models, {vocab: voc.sha256}, cfg.finetune.device, "finetune.device")[0]  # noqa: E731
         result = run(cfg.finetune, fresh, voc, train_df, test_df, origin)
         m = metrics(result, cfg.finetune, origin)
-        for path, df in ((per_seed, result.per_seed), (curves, result.curves)):
+        for path, df in ((per_seed, result.per_seed), (curves, result.curves), (labels, result.label_curve())):
             with atomic_path(path) as tmp:
                 df.to_csv(tmp, index=False, float_format="%.6g")
         confusion_matrix(result.confusion, result.classes, confusion,
@@ -47,12 +49,13 @@ def main(params: Path = typer.Option(layout.PARAMS, help="params file"),
         write_json(out, m)
         with pretrain_run(cfg.tracking, train_metrics) as tracker:
             tracker.log_metrics(flat_metrics(m))
-            for f in (out, per_seed, curves, confusion):
+            for f in (out, per_seed, curves, labels, confusion):
                 tracker.log_artifact(f, "finetune")
-        s = m["systems"]
-        print(f"finetune: {cfg.finetune.task} ({origin}), {m['train_examples']} train / {m['test_examples']} test: "
-              + "; ".join(f"{k} {v['accuracy']:.3f} ± {v['accuracy_std']:.3f}" for k, v in s.items())
-              + f" (accuracy over {len(cfg.finetune.seeds)} seeds); MLflow run {tracker.run_id or '-'}")
+        rows = [("all", m["systems"])] if m["systems"] else []
+        print(f"finetune: {cfg.finetune.task} ({origin}), {m['train_examples']} train / {m['dev_examples']} dev / "
+              f"{m['test_examples']} test, accuracy over {len(cfg.finetune.seeds)} seeds: " + " | ".join(
+                  f"{n} labels: " + "; ".join(f"{k} {v['accuracy']:.3f} ± {v['accuracy_std']:.3f}" for k, v in s.items())
+                  for n, s in rows + list(m["labels_per_class"].items())) + f"; MLflow run {tracker.run_id or '-'}")
 
 
 if __name__ == "__main__":

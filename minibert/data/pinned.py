@@ -50,6 +50,12 @@ SOURCES: dict[str, tuple[Source, ...]] = {
                         "662c1b7c3bd0612eaaaf3f0c694cbd3897e30c0d87d2940b46c9fd0d15ed70c1", "gensim 4.4.0 test data"),),
     "simlex999": (Source("simlex999.txt", GENSIM + "simlex999.txt",
                          "d5e0501971478a511430ee880bd0121e94ac701ba86d90544d83e6d2ba3db05d", "gensim 4.4.0 test data"),),
+    # BLiMP's 67 paradigms of 1,000 minimal pairs (Warstadt et al. 2020), the archive as the authors' repository
+    # holds it at a pinned commit; checksum: ../shared/data/downstream/SHA256SUMS of that file.
+    "blimp": (Source("blimp.zip", "https://raw.githubusercontent.com/alexwarstadt/blimp/"
+                     "3e56b06fcabca9b30822fc66435fca6b1aa40bb1/BLiMP.zip",
+                     "172a1a714d72e72a89e8384dd531483f3d0f8a9aee3d33dccaf7992d8cecbb73",
+                     "shared/data/downstream/SHA256SUMS (GitHub alexwarstadt/blimp @ 3e56b06)"),),
     "wordsim353": (Source("wordsim353.tsv", GENSIM + "wordsim353.tsv",
                           "f92a022fc2537793a15bc3a8c162ebcd74990e033a228bb6388cb71e4c0b1e1d", "gensim 4.4.0 test data"),),
 }

@@ -45,6 +45,20 @@ def normalise(line: str) -> str:
     return " ".join(TOKEN.findall(line.lower()))
 
 
+# WikiText's tokenizer writes clitics as words of their own ("do n't", "john 's", "they 're"): text read
+# for the pretrained vocabulary must split them the same way, or each one is an <unk>.
+CLITIC = re.compile(r"^(.+?)(n't|'s|'re|'ve|'ll|'d|'m)$")
+
+
+def wikitext_words(line: str) -> list[str]:
+    """`normalise`, then clitics split off as WikiText writes them: "Don't" → ["do", "n't"]."""
+    out = []
+    for word in normalise(line.replace("\u2019", "'")).split():
+        m = CLITIC.match(word) if "'" in word else None
+        out += [m.group(1), m.group(2)] if m else [word]
+    return out
+
+
 def heldout_split(k: int) -> str:
     return {HELDOUT_EVERY // 2: "valid", HELDOUT_EVERY - 1: "test"}.get(k % HELDOUT_EVERY, "train")
 

@@ -25,7 +25,12 @@ VIEW_CREATED_MS = 1_764_028_800_000  # fixed, so re-writing the tag is a no-op w
 
 # each held-out figure with its trivial baseline beside it (minibert.evaluation.heldout.baselines)
 METRICS = ("valid_mlm_loss", "baseline_unigram_mlm_loss", "valid_mlm_accuracy", "baseline_unigram_mlm_accuracy",
-           "valid_nsp_accuracy", "baseline_majority_nsp_accuracy", "mlm_loss", "nsp_loss", "pairs_per_sec")
+           "valid_nsp_accuracy", "baseline_majority_nsp_accuracy",
+           # what pretraining is for: downstream accuracy beside its controls, and BLiMP zero-shot beside its own
+           "finetune_accuracy.pretrained", "finetune_accuracy.random_init", "finetune_accuracy.bag_of_words",
+           "finetune_accuracy_10.pretrained", "finetune_accuracy_10.random_init",
+           "blimp_accuracy.pretrained", "blimp_accuracy.untrained", "blimp_accuracy.unigram",
+           "mlm_loss", "nsp_loss", "pairs_per_sec")
 PARAMS = ("preset", "train.lr", "train.max_steps", "train.batch_size", "train.schedule", "model.num_layers",
           "model.hidden", "model.heads", "model.norm", "model.dropout")
 TAGS = ("params_diff",)

@@ -355,6 +355,9 @@ class FinetuneConfig:
     """A training set smaller than this is cycled (reshuffled each pass) to fill one epoch."""
     lr: float = 3e-4
     """Adam's peak rate for the BERT classifiers (pretrained and random-init alike)."""
+    embedding_lr_scale: float = 1.0
+    """The BERT classifiers' token, position and segment embeddings learn at `lr` × this: they start at
+    N(0, 1) where the matrices are ~0.1, and Adam moves every weight by about the rate a step."""
     bow_lr: float = 0.05
     """Adam's peak rate for the bag-of-words control (a convex problem that takes a larger step)."""
     batch_size: int = 32
@@ -394,7 +397,7 @@ class FinetuneConfig:
         _require(len(self.label_counts) >= 1 and all(n >= 0 for n in self.label_counts)
                  and len(set(self.label_counts)) == len(self.label_counts), "label_counts", self.label_counts,
                  "a list of distinct integers >= 0 (labelled examples per class; 0 = all)")
-        for key in ("lr", "bow_lr", "adapt_lr"):
+        for key in ("lr", "bow_lr", "adapt_lr", "embedding_lr_scale"):
             _require(getattr(self, key) > 0, key, getattr(self, key), "a number > 0")
         _require(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "seeds", self.seeds,
                  "a list of distinct integers")

@@ -22,7 +22,9 @@ pytestmark = pytest.mark.slow
 TINY = {"model": {"num_layers": 1, "hidden": 12, "heads": 3, "ffn_hidden": 37, "dropout": 0.1},
         "train": {"batch_size": 13, "micro_batches": 1, "max_steps": 3, "threads": 1, "checkpoint_every": 3,
                   "log_every": 1, "device": "cpu", "precision": "fp32"},
-        "finetune": {"epochs": 1, "seeds": [0], "max_train": 99, "max_test": 37, "max_len": 29, "batch_size": 13},
+        "finetune": {"epochs": 1, "seeds": [0], "max_train": 99, "max_test": 37, "max_len": 29, "batch_size": 13,
+                     "label_counts": [0]},
+        "blimp": {"max_pairs": 3},
         "tracking": {"enabled": False}}
 
 

@@ -111,7 +111,7 @@ def plain_accuracy(root: Path, valid: dict) -> float:
 
 def test_full_pipeline_outputs(full_run):
     root, out = full_run
-    for stage in ("download", "tokenize", "pairs", "pretrain", "evaluate", "publish", "probe", "finetune"):
+    for stage in ("download", "tokenize", "pairs", "pretrain", "evaluate", "publish", "probe", "finetune", "blimp"):
         assert f"Running stage '{stage}'" in out.stdout
     train = json.loads((root / "metrics/train.json").read_text())
     ev = json.loads((root / "metrics/eval.json").read_text())
@@ -135,14 +135,21 @@ def test_full_pipeline_outputs(full_run):
     assert 0.05 < ev["baseline_unigram_mlm_accuracy"] < 0.1 and 0.45 < ev["baseline_majority_nsp_accuracy"] < 0.55
     # the default finetune task: BBC News (2,225 articles, 5 topics; the largest is 511 = 23 %) with a 20 % test split
     ft = json.loads((root / "metrics/finetune.json").read_text())
-    assert ft["task"] == "bbc" and ft["train_examples"] + ft["test_examples"] == 2225 and ft["test_examples"] == 445
+    assert ft["task"] == "bbc" and ft["train_examples"] + ft["dev_examples"] + ft["test_examples"] == 2225
+    assert ft["test_examples"] == 445 and 150 < ft["dev_examples"] < 200  # 10 % of each class of the 1,780
     assert set(ft["systems"]) == {"pretrained", "random_init", "bag_of_words", "majority"}
     assert 0.15 < ft["systems"]["majority"]["accuracy"] < 0.3 and ft["systems"]["bag_of_words"]["accuracy"] > 0.8
     assert all(ft["systems"][s]["seeds"] == 3 for s in ("pretrained", "random_init", "bag_of_words"))
     assert {n: w["trained"]["total"] for n, w in probe["word_similarity"].items()} == {"simlex999": 999, "wordsim353": 353}
+    # BLiMP: 67 paradigms x 1,000 pairs, those in WikiText-2's vocabulary scored; the unigram control cannot
+    # tell reordered words apart, so it stays well below 1; every system is a share of the scored pairs
+    bl = json.loads((root / "metrics/blimp.json").read_text())
+    assert bl["total_pairs"] == 67000 and 1000 < bl["pairs"] < 67000
+    assert all(0.3 < bl[s]["accuracy"] < 0.9 for s in ("pretrained", "untrained", "unigram"))
     for f in ("models/bert.safetensors", "models/bert.json", "plots/train_loss.csv", "plots/train_loss.png",
               "plots/valid_curve.csv", "finetune/per_seed.csv", "plots/finetune_curves.csv", "plots/finetune_confusion.png",
-              "probes/probe_table.parquet", "probes/probe_table.csv", "plots/probe_similarity.png"):
+              "probes/probe_table.parquet", "probes/probe_table.csv", "plots/probe_similarity.png",
+              "plots/finetune_labels.csv", "blimp/paradigms.csv", "metrics/blimp.json"):
         assert (root / f).is_file(), f
     assert "up to date" in sh(root, "dvc", "status").stdout
     second = sh(root, "dvc", "repro")
@@ -172,7 +179,7 @@ def test_dvc_exp_run_shows_metrics_and_run_id(full_run):
     root, _ = full_run
     # one short fine-tuning: the finetune stage reruns after pretrain, and its default (3 seeds) costs ~90 s
     sh(root, "dvc", "exp", "run", "-S", "train.max_steps=20", "-S", "finetune.epochs=1", "-S", "finetune.seeds=[0]",
-       "-n", "short")
+       "-S", "finetune.label_counts=[0]", "-S", "blimp.max_pairs=3", "-n", "short")
     shown = json.loads(sh(root, "dvc", "exp", "show", "--json").stdout)
     text = json.dumps(shown)
     assert "short" in text and "mlflow_run_id" in text
@@ -189,7 +196,7 @@ def test_dvc_exp_run_temp_lands_in_the_repository_mlflow_db(full_run):
     import mlflow
     root, _ = full_run
     sh(root, "dvc", "exp", "run", "--temp", "-S", "train.max_steps=3", "-S", "finetune.epochs=1",
-       "-S", "finetune.seeds=[0]", "-n", "in-temp")
+       "-S", "finetune.seeds=[0]", "-S", "finetune.label_counts=[0]", "-S", "blimp.max_pairs=3", "-n", "in-temp")
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("minibert").experiment_id],
                               filter_string="tags.dvc_exp_name = 'in-temp'")

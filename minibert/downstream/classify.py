@@ -117,6 +117,21 @@ class Recipe:
     warmup_share: float     # share of all steps of `epochs` spent rising linearly to `lr`
     batch_size: int
     min_epoch_examples: int = 0  # a smaller training set is cycled (reshuffled) to fill an epoch
+    embedding_lr_scale: float = 1.0  # the embeddings' rate = lr x this
+
+
+def param_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
+    """Adam's groups: the embeddings (token, position, segment) at `lr × embedding_lr_scale`, the rest at
+    `lr`. Why: Adam moves every weight by about the rate a step, and these embeddings start at N(0, 1)
+    (torch's default, the book's) where the matrices are ~0.1, so one rate that suits the matrices leaves
+    the word vectors where pretraining (or the random init) put them."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    emb = [p for n, p in named if "embedding" in n.split(".")[-2 if n.endswith(".weight") else -1]]
+    rest = [p for n, p in named if all(p is not q for q in emb)]
+    groups = [{"params": rest, "lr": recipe.lr, "scale": 1.0}]
+    if emb:
+        groups.append({"params": emb, "lr": recipe.lr * recipe.embedding_lr_scale, "scale": recipe.embedding_lr_scale})
+    return groups
 
 
 def epoch_batches(n: int, recipe: Recipe, rng: np.random.Generator) -> list[np.ndarray]:
@@ -136,8 +151,7 @@ def fit(model: nn.Module, data: dict[str, np.ndarray], labels: np.ndarray, dev: 
     epochs_run, best_dev_accuracy}."""
     device = next(model.parameters()).device
     rng = np.random.default_rng(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=recipe.lr)
+    opt = torch.optim.Adam(param_groups(model, recipe), lr=recipe.lr)
     y, y_dev = torch.tensor(labels), torch.tensor(dev_labels)  # copies: ids may come from read-only buffers
     per_epoch = -(-len(labels) * max(1, -(-recipe.min_epoch_examples // len(labels))) // recipe.batch_size)
     total, warmup = recipe.epochs * per_epoch, round(recipe.warmup_share * recipe.epochs * per_epoch)
@@ -150,7 +164,7 @@ def fit(model: nn.Module, data: dict[str, np.ndarray], labels: np.ndarray, dev: 
             seen = 0
             for idx in epoch_batches(len(labels), recipe, rng):
                 for group in opt.param_groups:
-                    group["lr"] = recipe.lr * lr_factor(step, total, warmup)
+                    group["lr"] = recipe.lr * group["scale"] * lr_factor(step, total, warmup)
                 loss = nn.functional.cross_entropy(model(*_inputs(data, idx, device)).float(), y[idx].to(device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -77,7 +77,8 @@ class Result:
 
 def recipes(cfg: FinetuneConfig) -> dict[str, Recipe]:
     """The one recipe of both BERT columns, and the bag-of-words control's (its own rate, same stopping)."""
-    bert = Recipe(cfg.lr, cfg.epochs, cfg.patience, cfg.warmup_share, cfg.batch_size, cfg.min_epoch_examples)
+    bert = Recipe(cfg.lr, cfg.epochs, cfg.patience, cfg.warmup_share, cfg.batch_size, cfg.min_epoch_examples,
+                  cfg.embedding_lr_scale)
     return {"bert": bert, "bag_of_words": Recipe(cfg.bow_lr, cfg.epochs, cfg.patience, cfg.warmup_share,
                                                  cfg.batch_size, cfg.min_epoch_examples)}
 

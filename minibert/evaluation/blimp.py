@@ -75,6 +75,7 @@ def pseudo_log_likelihood(model: torch.nn.Module, sentences: list[list[int]], ba
     that word masked), the model reading `<cls> w1 … wn <sep>` in segment 0."""
     device = next(model.parameters()).device
     rows = [(s, i) for s, ids in enumerate(sentences) for i in range(len(ids))]  # one masked copy per word
+    rows.sort(key=lambda r: len(sentences[r[0]]))  # batches of like lengths: little padding
     out = np.zeros(len(sentences), np.float64)
     was = model.training
     model.eval()

@@ -2,7 +2,7 @@
 
     python -m bench.split [--batches 6] [--rounds 8] [--micro-batches 4] [--precision auto] [--data PATH]
 
-`minibert.training.loop.split_batch` sorts a batch by valid length and cuts it into runs, each trimmed to its
+`minibert.training.plan.split_batch` sorts a batch by valid length and cuts it into runs, each trimmed to its
 longest pair; before, micro-batch j held rows j, j + K, ... and every one was as long as the batch's
 longest pair (~64). The lever saves a few per cent of a step, less than the shared machine's swings
 between processes (bench.ab's per-round ratios spread 0.73-1.14 on 2026-12-03), so here both splits
@@ -29,6 +29,7 @@ from minibert.config import ModelConfig, TrainConfig
 from minibert.data.batches import gather_batch, to_tensors
 from minibert.model.bert import build_model
 from minibert.training.heap import tune_cpu_malloc
+from minibert.training.plan import batch_indices, split_batch
 
 
 def interleaved_split(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
@@ -54,17 +55,17 @@ def main() -> None:
     splits, vocab, source = load_splits(("train",), a.data, a.pairs)
     data = to_tensors(splits["train"], cpu)
     n = len(splits["train"]["nsp_labels"])
-    batches = [gather_batch(data, mt.batch_indices(s, n, 512, 0)) for s in range(a.batches)]
+    batches = [gather_batch(data, batch_indices(s, n, 512, 0)) for s in range(a.batches)]
     model = build_model(ModelConfig(), vocab, 0).train()
     opt = mt.make_optimizer(model.parameters(), TrainConfig())
-    variants = {"interleaved": interleaved_split, "sorted": mt.split_batch}
+    variants = {"interleaved": interleaved_split, "sorted": split_batch}
     best = {k: [float("inf")] * a.batches for k in variants}
     print(f"{n} train pairs ({source}); {a.batches} batches x {a.rounds} rounds, {dtype or 'fp32'}, "
           f"{a.micro_batches} micro-batches", file=sys.stderr)
     try:
         for _ in range(a.rounds):
             for name, split in variants.items():
-                mt.split_batch = split  # train_step looks the split up at call time
+                mt.split_batch = split  # train_step looks the split up in its module (loop) at call time
                 for i, b in enumerate(batches):
                     torch.manual_seed(i)
                     t0 = time.perf_counter()

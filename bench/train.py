@@ -54,15 +54,14 @@ from minibert.data.batches import gather_batch, to_tensors
 from minibert.model.bert import build_model
 from minibert.training.heap import tune_cpu_malloc
 from minibert.training.loop import (
-    batch_indices,
     cpu_has_fast_bf16,
     make_optimizer,
     resolve_micro_batches,
     resolve_precision,
-    split_batch,
     step_seed,
     train_step,
 )
+from minibert.training.plan import batch_indices, split_batch
 
 # ---------------------------------------------------------------------------- FLOPs and peak
 

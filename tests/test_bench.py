@@ -21,7 +21,8 @@ from minibert.data.batches import gather_batch, to_tensors
 from minibert.data.pairs import make_pairs
 from minibert.data.vocab import build_vocab, encode_paragraphs
 from minibert.model.bert import build_model
-from minibert.training.loop import batch_indices, make_optimizer, train_step
+from minibert.training.loop import make_optimizer, train_step
+from minibert.training.plan import batch_indices
 from tests.test_loop import cpu_flags
 
 ROOT = Path(__file__).resolve().parents[1]

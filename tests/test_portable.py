@@ -25,7 +25,8 @@ from minibert.model.kernels.dropout import reference_dropout
 from minibert.model.kernels.softmax_xent import reference_softmax_xent_
 from minibert.model.portable import portable, portable_path, use_portable, uses_kernels
 from minibert.training import distributed
-from minibert.training.loop import fit, micro_batch_rows, resolve_micro_batches, split_batch
+from minibert.training.loop import fit, resolve_micro_batches
+from minibert.training.plan import micro_batch_rows, split_batch
 
 CPU = torch.device("cpu")
 # The book's architecture at tiny odd sizes (post-LN, 2 layers); dropout 0 so both paths compute the same math.

@@ -18,10 +18,9 @@ import numpy as np
 import torch
 
 from minibert.config import TrainConfig
-from minibert.data.batches import gather_batch
-from minibert.data.masking import redraw, step_rng
 from minibert.errors import Interrupted, MinibertError
 from minibert.training import distributed
+from minibert.training.plan import BatchPlan, split_batch
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:
@@ -36,15 +35,6 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / warmup
     span = max(1, cfg.max_steps - warmup)
     return cfg.lr * max(0.0, 1.0 - (step - warmup) / span)
-
-
-def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
-    """Global batch of `step`: epoch e is a fresh permutation from (seed, e); the last batch of an
-    epoch may be short, as with the book's DataLoader(shuffle=True)."""
-    per_epoch = math.ceil(n / batch_size)
-    epoch, i = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    return order[i * batch_size:(i + 1) * batch_size]
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -148,29 +138,6 @@ def resolve_micro_batches(micro_batches: int | str, device: torch.device, amp_dt
     return int(micro_batches)
 
 
-def micro_batch_rows(idx: np.ndarray, lens: np.ndarray, parts: int) -> list[np.ndarray]:
-    """`split_batch`'s cut computed on the host from the pairs' lengths `lens` (all pairs): the rows of
-    each micro-batch, so cutting a batch on a GPU waits for nothing (the device tensors are not read)."""
-    if parts <= 1 or len(idx) <= 1:
-        return [idx]
-    order = np.argsort(lens[idx], kind="stable")
-    return [idx[o] for o in np.array_split(order, min(parts, len(idx)))]
-
-
-def split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
-    """Up to `parts` micro-batches of pairs of similar length, each trimmed to its longest pair.
-
-    The batch is sorted by valid length (stable: ties keep batch order) and cut into contiguous runs.
-    Interleaved rows (j, j + parts, ...) left every micro-batch as long as the batch's longest pair
-    (~64 at WikiText-2's lengths); sorted runs are ~40, 48, 56 and 64 long, so the attention's padded
-    (T, T) work drops to ~2/3. The gradient is the same: train_step weights each pass by its share."""
-    n = len(batch["nsp_labels"])
-    if parts <= 1 or n <= 1:
-        return [batch]
-    order = np.argsort(batch["valid_lens"].cpu().numpy(), kind="stable")
-    return [gather_batch(batch, idx) for idx in np.array_split(order, min(parts, n))]
-
-
 def train_step(model, opt, scaler, batch: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]],
                scale_mlm: float, scale_nsp: float, amp_dtype: torch.dtype | None, device: torch.device,
                micro_batches: int = 1, grad_clip: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,7 +147,7 @@ def train_step(model, opt, scaler, batch: dict[str, torch.Tensor] | list[dict[st
     averaging over ranks yields exactly the single-process gradient. With `micro_batches` > 1 the
     batch runs as that many forward/backward passes; each pass's mean is weighted by its share of the
     batch's MLM slots and pairs, so the summed gradient is the one-pass gradient (DDP syncs only on the
-    last pass). `batch` may come already cut (a list of micro-batches, `micro_batch_rows`): then
+    last pass). `batch` may come already cut (a list of micro-batches, `plan.micro_batch_rows`): then
     `micro_batches` is not used. `grad_clip` > 0 scales the summed (under DDP: averaged) gradient to at
     most that global L2 norm before the update."""
     opt.zero_grad(set_to_none=True)
@@ -240,20 +207,13 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, da
     last, after the step's update: the dict it returns (held-out figures; None for nothing) joins that
     step's history row. All run on every rank; the callee decides what rank 0 alone does. Evaluation
     runs outside the timed interval (it does not lower pairs_per_sec) and cannot move the training
-    numbers: dropout is reseeded before every step. `train.masking: dynamic` redraws each step's masks
-    (minibert/masking.py) and needs `vocab_size` for its random words."""
+    numbers: dropout is reseeded before every step. Each step's batch comes from the batch plan
+    (`minibert.training.plan`); `train.masking: dynamic` redraws its masks and needs `vocab_size`."""
     amp_dtype = resolve_precision(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     if scaler is not None and scaler_state:  # the loss scale it had learnt, not the initial 2**16
         scaler.load_state_dict(scaler_state)
-    n = len(data["nsp_labels"])
-    micro = resolve_micro_batches(cfg.micro_batches, device, amp_dtype)
-    weights_all, lens_all = data["mlm_weights"].sum(1).cpu().numpy(), data["valid_lens"].cpu().numpy()
-    host = None
-    if cfg.masking == "dynamic":
-        if vocab_size < 1:
-            raise MinibertError("fit: train.masking = 'dynamic' needs the vocabulary size (vocab_size=...)")
-        host = {k: v.cpu().numpy() for k, v in data.items()}  # on CPU: views of `data`, no copy
+    plan = BatchPlan(data, cfg, device, d, resolve_micro_batches(cfg.micro_batches, device, amp_dtype), vocab_size)
     history = list(history or [])
     # training seconds before this call (a resumed run continues its clock): the held-out curve's x in time
     clock = float(history[-1].get("train_s", 0.0)) if history else 0.0
@@ -264,32 +224,13 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, da
         for step in range(start_step, cfg.max_steps):
             for group in opt.param_groups:
                 group["lr"] = get_lr(step, cfg)
-            global_idx = batch_indices(step, n, cfg.batch_size, cfg.seed)
-            idx = global_idx[d.rank::d.world]  # this rank's disjoint shard of the one global order
-            if len(idx) == 0:
-                raise MinibertError(f"train.batch_size = {cfg.batch_size} leaves rank {d.rank} of {d.world} "
-                                    "without pairs; use a batch of at least one pair per process")
-            if host is None:
-                slots_total, slots = float(weights_all[global_idx].sum()), float(weights_all[idx].sum())
-                # cut on the host (lengths known here): no device read before the step's kernels are queued
-                parts = [gather_batch(data, rows, width=int(lens_all[rows].max()))
-                         for rows in micro_batch_rows(idx, lens_all, micro)]
-            else:  # the whole global batch re-masked, then cut: the masks do not depend on the world size
-                fresh = redraw({k: v[global_idx] for k, v in host.items()}, cfg.mask_rate, vocab_size,
-                               step_rng(cfg.seed, step))
-                mine = np.arange(len(global_idx))[d.rank::d.world]
-                w = fresh["mlm_weights"].sum(1)
-                slots_total, slots = float(w.sum()), float(w[mine].sum())
-                fresh_on_device = {k: torch.from_numpy(v).to(device) for k, v in fresh.items()}
-                parts = [gather_batch(fresh_on_device, rows, width=int(fresh["valid_lens"][rows].max()))
-                         for rows in micro_batch_rows(mine, fresh["valid_lens"], micro)]
+            b = plan.step(step)
             torch.manual_seed(step_seed(cfg.seed, d.rank, step))
-            mlm, nsp = train_step(model, opt, scaler, parts, slots / slots_total * d.world,
-                                  len(idx) / len(global_idx) * d.world, amp_dtype, device,
-                                  grad_clip=cfg.grad_clip)
-            interval.add(step, mlm, nsp, (slots, float(len(idx))), (slots_total, float(len(global_idx))))
-            pairs += len(global_idx)
-            tokens += int(lens_all[global_idx].sum())
+            mlm, nsp = train_step(model, opt, scaler, b.parts, b.slots / b.slots_total * d.world,
+                                  b.pairs / b.pairs_total * d.world, amp_dtype, device, grad_clip=cfg.grad_clip)
+            interval.add(step, mlm, nsp, (b.slots, float(b.pairs)), (b.slots_total, float(b.pairs_total)))
+            pairs += b.pairs_total
+            tokens += b.tokens_total
             last = step + 1 == cfg.max_steps
             ckpt_due = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
             # from the config alone, not from whether a rank was given a hook: every rank syncs at the same steps

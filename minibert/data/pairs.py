@@ -84,7 +84,7 @@ def mask_tokens(tokens, valid_lens, candidates, mask_rate: float, max_preds: int
     observed token too; 10 % become a random token so it cannot trust any input word blindly.
     Random tokens are drawn from the ordinary words only: a stray `<cls>`/`<sep>`/`<pad>` in the
     input would corrupt the sentence structure rather than a word. The training loop's dynamic masks
-    (minibert/masking.py) are drawn here too."""
+    (minibert/data/masking.py) are drawn here too."""
     n, t = tokens.shape
     p = max_preds
     num_preds = np.maximum(1, np.rint(valid_lens * mask_rate)).astype(np.int64)  # (N,), round-half-even like Python

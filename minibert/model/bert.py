@@ -20,7 +20,7 @@ What differs is only how the work is laid out, because every FLOP counts on a 2-
 - embedding lookups backpropagate with one index_add_ (minibert/model/ops.py); segment and position
   embeddings are summed into one (2T, H) table first.
 - the MLM loss averages over real slots only (d2l issue #2582: the book averages the padded ones in too).
-Every other device (and CPU tensors with the portable switch, minibert/portable.py) runs plain torch ops
+Every other device (and CPU tensors with the portable switch, minibert/model/portable.py) runs plain torch ops
 instead of the kernels, and trains on a fixed-size layout (`BERT.fixed_losses`) that never waits on the host.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 CPU tensors take the kernels (minibert/model/kernels/, fastest on a CPU); CUDA and any other device take plain
 torch ops: F.dropout, F.scaled_dot_product_attention, torch's LayerNorm and cross-entropy, and a
-fixed-size training layout with no host syncs (minibert/model.py). The switch below sends CPU tensors
+fixed-size training layout with no host syncs (minibert/model/bert.py). The switch below sends CPU tensors
 down that portable path too, so every CPU test run exercises the code a GPU run takes:
 
     MINIBERT_PORTABLE=1 python -m pytest ...     # the whole process

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from minibert.data.vocab import CLS, PAD, SEP, SPECIALS
-from minibert.downstream.classify import train
+from minibert.downstream.classify import Recipe, fit
 from minibert.downstream.controls import BagOfWords, majority
 
 
@@ -41,6 +41,9 @@ def test_bag_of_words_learns_disjoint_vocabularies():
         tokens[i, :n + 2] = [CLS, *(S + 10 * c + rng.integers(0, 10, n)), SEP]
     data = {"tokens": tokens, "segments": np.zeros_like(tokens), "valid_lens": (tokens != PAD).sum(1)}
     model = BagOfWords(S + 30, 3)
-    losses = train(model, data, y.astype(np.int64), epochs=20, lr=0.05, batch_size=13, seed=0)
+    rows = []
+    fit(model, data, y.astype(np.int64), data, y.astype(np.int64),
+        Recipe(lr=0.05, epochs=20, patience=20, warmup_share=0.0, batch_size=13), seed=0, on_epoch=rows.append)
+    losses = [r["train_loss"] for r in rows]
     pred = model(*(torch.from_numpy(data[k]) for k in ("tokens", "segments", "valid_lens"))).argmax(-1).numpy()
     assert losses[-1] < losses[0] / 4 and (pred == y).all()

@@ -44,7 +44,7 @@ def project(tmp_path, monkeypatch):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({
         "pairs": {"max_len": 13}, "model": {"max_len": 13},
         "finetune": {"task": "file", "train_file": "mine.tsv", "test_file": "held.tsv", "max_len": 13, "epochs": 2,
-                     "batch_size": 13, "seeds": [0, 1], "lr": 0.003},
+                     "batch_size": 13, "seeds": [0, 1], "lr": 0.003, "min_epoch_examples": 0},
         "tracking": {"enabled": True, "experiment": "ft-13"}}))
     return tmp_path
 
@@ -55,7 +55,8 @@ def test_stage_outputs_controls_and_mlflow(project):
     run_id = pretrain_run(project, "ft-13")
     stage(project, "finetune", timeout=600)  # fails the test with the stage's output on a non-zero exit
     m = json.loads((project / "metrics/finetune.json").read_text())
-    assert m["classes"] == ["a", "b", "c"] and m["train_examples"] == 61 and m["test_examples"] == 13
+    # the dev split: max(1, round(0.1 * n)) of each class's 31, 19, 11 training rows = 3 + 2 + 1, out of training
+    assert m["classes"] == ["a", "b", "c"] and (m["train_examples"], m["dev_examples"], m["test_examples"]) == (55, 6, 13)
     # the majority class of the training file is `a`: it is right on the test file's `a` rows only
     major = m["systems"]["majority"]
     assert major["accuracy"] == pytest.approx(TEST_COUNTS["a"] / 13)
@@ -72,12 +73,16 @@ def test_stage_outputs_controls_and_mlflow(project):
     pre, rnd = (curves[curves.system == s].train_loss.to_numpy() for s in ("pretrained", "random_init"))
     assert not np.allclose(pre, rnd)  # the pretrained weights, not a fresh initialisation, were fine-tuned
     assert (project / "plots/finetune_confusion.png").read_bytes()[:4] == b"\x89PNG"
+    label_curve = pd.read_csv(project / "plots/finetune_labels.csv")
+    assert sorted(label_curve.system) == sorted(["pretrained", "random_init", "bag_of_words", "majority"])
+    assert (label_curve["labels"] == 0).all() and (label_curve.train_examples == 55).all()
     client = MlflowClient(tracking_uri(project))
     logged = client.get_run(run_id).data.metrics
     for system, row in m["systems"].items():
         assert logged[f"finetune_accuracy.{system}"] == pytest.approx(row["accuracy"])
     names = {a.path.split("/")[-1] for a in client.list_artifacts(run_id, "finetune")}
-    assert names == {"finetune.json", "per_seed.csv", "finetune_curves.csv", "finetune_confusion.png"}
+    assert names == {"finetune.json", "per_seed.csv", "finetune_curves.csv", "finetune_labels.csv",
+                     "finetune_confusion.png"}
     # same params, same bytes: a second run repeats every seed's figures
     first = (project / "finetune/per_seed.csv").read_bytes()
     assert stage(project, "finetune", timeout=600).returncode == 0

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from minibert.data.corpus import read_paragraphs, split_file
-from minibert.data.text import fetch_text, normalise
+from minibert.data.text import fetch_text, normalise, wikitext_words
 from minibert.errors import DataError
 
 
@@ -16,6 +16,15 @@ def test_normalise_hand_cases():
     assert normalise("Hello, World! Don't stop.\n") == "hello , world ! don't stop ."
     assert normalise("  Café (1999): 3.5 e.g. x_y  ") == "café ( 1999 ) : 3 . 5 e . g . x _ y"
     assert normalise("") == ""
+
+
+def test_wikitext_words_split_clitics_as_wikitext_writes_them():
+    assert wikitext_words("Don't") == ["do", "n't"]
+    assert wikitext_words("John's dog can't") == ["john", "'s", "dog", "ca", "n't"]
+    assert wikitext_words("John\u2019s") == ["john", "'s"]  # the curly apostrophe reads as the straight one
+    assert wikitext_words("They're sure we'll go, I'm told; she'd I've.") == [
+        "they", "'re", "sure", "we", "'ll", "go", ",", "i", "'m", "told", ";", "she", "'d", "i", "'ve", "."]
+    assert wikitext_words("Plain words, no clitics.") == normalise("Plain words, no clitics.").split()
 
 
 def paragraphs(n: int, start: int = 0) -> list[str]:

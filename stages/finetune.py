@@ -41,7 +41,8 @@ def main(params: Path = typer.Option(layout.PARAMS, help="params file"),
         fresh = lambda: load_for_inference(models, {vocab: voc.sha256}, cfg.finetune.device, "finetune.device")[0]  # noqa: E731
         result = run(cfg.finetune, fresh, voc, train_df, test_df, origin)
         m = metrics(result, cfg.finetune, origin)
-        for path, df in ((per_seed, result.per_seed), (curves, result.curves), (labels, result.label_curve())):
+        seconds_free = result.per_seed.drop(columns="train_s")  # same params, same bytes: no wall times here
+        for path, df in ((per_seed, seconds_free), (curves, result.curves), (labels, result.label_curve())):
             with atomic_path(path) as tmp:
                 df.to_csv(tmp, index=False, float_format="%.6g")
         confusion_matrix(result.confusion, result.classes, confusion,

@@ -41,7 +41,7 @@ def test_majority_is_the_training_majority_not_the_tests():
     accuracy 2/13 and macro-F1 (2*2 / (13 + 2)) / 3 (F1 of a = 2TP / (predicted + true); b, c: 0).
     Fitted on the test labels it would answer `b`: 9/13."""
     train_df, test_df = table({"a": 19, "b": 7, "c": 5}, 1), table({"a": 2, "b": 9, "c": 2}, 2)
-    cfg = FinetuneConfig(task="file", max_len=13, epochs=1, patience=1, batch_size=13, seeds=(0,),
+    cfg = FinetuneConfig(task="file", train_file="in-memory.tsv", max_len=13, epochs=1, patience=1, batch_size=13, seeds=(0,),
                          min_epoch_examples=0)
     _, _, fresh = pretrained_factory()
     res = run(cfg, fresh, VOCAB, train_df, test_df, "mine", log=lambda _: None)
@@ -56,7 +56,7 @@ def test_each_system_trains_at_its_own_rate():
     accuracy 1) while the pretrained BERT that `run` fine-tuned stays at its initial weights. With the two
     rates swapped, bag-of-words would stay at its all-zero start (one class for every row) and BERT move."""
     train_df, test_df = table({"a": 13, "b": 13, "c": 11}, 3), table({"a": 5, "b": 4, "c": 4}, 4)
-    cfg = FinetuneConfig(task="file", max_len=13, epochs=3, patience=3, batch_size=7, seeds=(0,), lr=1e-12,
+    cfg = FinetuneConfig(task="file", train_file="in-memory.tsv", max_len=13, epochs=3, patience=3, batch_size=7, seeds=(0,), lr=1e-12,
                          bow_lr=0.5, min_epoch_examples=0)
     base, handed, fresh = pretrained_factory()
     res = run(cfg, fresh, VOCAB, train_df, test_df, "mine", log=lambda _: None)
@@ -73,7 +73,7 @@ def test_label_counts_give_stratified_runs_and_a_curve():
     """label_counts (2, 0): 2 labels per class = 6 training examples (dev: 1 per class), then all of the
     training split; every system and the majority get a row per count, and the curve's rows say so."""
     train_df, test_df = table({"a": 13, "b": 11, "c": 7}, 5), table({"a": 3, "b": 3, "c": 3}, 6)
-    cfg = FinetuneConfig(task="file", max_len=13, epochs=1, patience=1, batch_size=7, seeds=(0, 1),
+    cfg = FinetuneConfig(task="file", train_file="in-memory.tsv", max_len=13, epochs=1, patience=1, batch_size=7, seeds=(0, 1),
                          label_counts=(2, 0), min_epoch_examples=0)
     _, _, fresh = pretrained_factory()
     res = run(cfg, fresh, VOCAB, train_df, test_df, "mine", log=lambda _: None)

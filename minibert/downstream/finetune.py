@@ -51,7 +51,8 @@ def load_task(cfg: FinetuneConfig, env: dict[str, str] | None = None) -> tuple[p
 @dataclass
 class Result:
     classes: list[str]
-    per_seed: pd.DataFrame  # system, seed, labels, train_examples, accuracy, macro_f1, best_epoch, epochs_run, train_s
+    per_seed: pd.DataFrame  # system, seed, labels, train_examples, accuracy, macro_f1, best_epoch, epochs_run,
+    # train_s (wall seconds: the stage leaves them out of its per-seed file, which must repeat byte for byte)
     curves: pd.DataFrame  # system, seed, labels, epoch, train_loss, dev_loss, dev_accuracy, lr
     confusion: np.ndarray  # (C, C) of the pretrained model on all labels, summed over seeds
     sizes: dict[str, int]

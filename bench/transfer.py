@@ -56,6 +56,7 @@ from minibert.training.heap import tune_cpu_malloc
 from minibert.training.train import train_model
 
 WORD_SETS = ("simlex999", "wordsim353")
+STORE = Path.home() / ".cache/minibert/bench-models"
 CONTROLS = ("random_init", "bag_of_words")
 
 
@@ -166,7 +167,8 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--params", type=Path, default=ROOT / layout.PARAMS)
     ap.add_argument("--data", default=DEFAULT_DATA)
     ap.add_argument("--pairs", type=Path, default=ROOT / layout.PAIRS)
-    ap.add_argument("--models", type=Path, default=Path.home() / ".cache/minibert/bench-models")
+    ap.add_argument("--models", type=Path, default=None,
+                    help="where pretrained models are kept (default ~/.cache/minibert/bench-models; --smoke: none)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--smoke", action="store_true", help="synthetic pairs, a tiny model, a generated task")
     a = ap.parse_args(argv)
@@ -202,7 +204,7 @@ def main(argv: list[str] | None = None) -> Path:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     for label, cfg in configs.items():
         steps = int(label.rsplit(":", 1)[1])
-        model, figures = pretrained(cfg, train, valid, V, a.pretrain_seed, steps, None if a.smoke else a.models)
+        model, figures = pretrained(cfg, train, valid, V, a.pretrain_seed, steps, a.models or (None if a.smoke else STORE))
         untrained = build_model(cfg.model, V, seed=a.pretrain_seed).to(DEVICE)
         arch = json.dumps(dataclasses.asdict(cfg.model), sort_keys=True)
         p = {**figures, "arch": arch, "words": word_similarity(model, untrained, vocab, words)}

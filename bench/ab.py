@@ -45,7 +45,7 @@ from minibert.config import ModelConfig, TrainConfig
 from minibert.training.heap import tune_cpu_malloc
 from minibert.model.bert import build_model
 from minibert.training.loop import make_optimizer, resolve_precision, train_step
-from minibert.training.plan import batch_indices
+from minibert.data.batches import batch_indices
 tune_cpu_malloc()
 dtype = resolve_precision(precision, torch.device("cpu"))
 arrays = load_file(pairs)

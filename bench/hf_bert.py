@@ -1,7 +1,7 @@
 """What a user would otherwise reach for: HF transformers' BertForPreTraining with `Trainer`'s defaults.
 
 Same size as the recipe it stands beside (layers, hidden, heads, FFN, positions), trained on the same
-pairs, the same batches (`minibert.training.plan.batch_indices`) and the same static masks (HF's labels: the
+pairs, the same batches (`minibert.data.batches.batch_indices`) and the same static masks (HF's labels: the
 original token at each real slot, -100 elsewhere), with what `transformers.Trainer` does when given no
 arguments: AdamW lr 5e-5, betas (0.9, 0.999), no weight decay, linear decay to 0 without warmup,
 gradient norm clipped to 1.0, BertConfig's dropout 0.1; fp32. Scored with the evaluate stage's
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from minibert.config import ModelConfig
-from minibert.training.plan import batch_indices
+from minibert.data.batches import batch_indices
 
 LR, CLIP = 5e-5, 1.0  # transformers.TrainingArguments defaults (learning_rate, max_grad_norm)
 

@@ -2,7 +2,7 @@
 
     python -m bench.split [--batches 6] [--rounds 8] [--micro-batches 4] [--precision auto] [--data PATH]
 
-`minibert.training.plan.split_batch` sorts a batch by valid length and cuts it into runs, each trimmed to its
+`minibert.data.batches.split_batch` sorts a batch by valid length and cuts it into runs, each trimmed to its
 longest pair; before, micro-batch j held rows j, j + K, ... and every one was as long as the batch's
 longest pair (~64). The lever saves a few per cent of a step, less than the shared machine's swings
 between processes (bench.ab's per-round ratios spread 0.73-1.14 on 2026-12-03), so here both splits
@@ -26,10 +26,9 @@ import minibert.training.loop as mt
 from bench.common import DEFAULT_DATA, load_splits
 from minibert import layout
 from minibert.config import ModelConfig, TrainConfig
-from minibert.data.batches import gather_batch, to_tensors
+from minibert.data.batches import batch_indices, gather_batch, split_batch, to_tensors
 from minibert.model.bert import build_model
 from minibert.training.heap import tune_cpu_malloc
-from minibert.training.plan import batch_indices, split_batch
 
 
 def interleaved_split(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:

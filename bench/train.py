@@ -50,7 +50,7 @@ from bench.data import SHARED, data_dir
 from minibert import layout
 from minibert.artifacts import load_arrays, save_arrays
 from minibert.config import ModelConfig, TrainConfig
-from minibert.data.batches import gather_batch, to_tensors
+from minibert.data.batches import batch_indices, gather_batch, split_batch, to_tensors
 from minibert.model.bert import build_model
 from minibert.training.heap import tune_cpu_malloc
 from minibert.training.loop import (
@@ -61,7 +61,6 @@ from minibert.training.loop import (
     step_seed,
     train_step,
 )
-from minibert.training.plan import batch_indices, split_batch
 
 # ---------------------------------------------------------------------------- FLOPs and peak
 

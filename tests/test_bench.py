@@ -17,12 +17,11 @@ from bench.common import load_splits
 from bench.train import cpu_kind, forward_flops, matmul_peak, runnable_precisions
 from minibert.artifacts import save_arrays
 from minibert.config import ModelConfig, PairsConfig, TrainConfig
-from minibert.data.batches import gather_batch, to_tensors
+from minibert.data.batches import batch_indices, gather_batch, to_tensors
 from minibert.data.pairs import make_pairs
 from minibert.data.vocab import build_vocab, encode_paragraphs
 from minibert.model.bert import build_model
 from minibert.training.loop import make_optimizer, train_step
-from minibert.training.plan import batch_indices
 from tests.test_loop import cpu_flags
 
 ROOT = Path(__file__).resolve().parents[1]

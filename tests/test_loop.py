@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from tiny_project import TINY_MODEL, make_workspace, popen_stage, stage
 
 from minibert.config import ModelConfig, TrainConfig
+from minibert.data.batches import batch_indices, split_batch
 from minibert.data.pairs import FIELDS
 from minibert.model.bert import build_model, load_pretrained
 from minibert.training.loop import get_lr, resolve_precision, step_seed, train_step
-from minibert.training.plan import batch_indices, split_batch
 
 
 def test_constant_and_linear_schedules():

@@ -15,7 +15,7 @@ from tiny_project import synthetic_split, tiny_batch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from minibert.config import ModelConfig, PairsConfig, TrainConfig
-from minibert.data.batches import gather_batch, to_tensors
+from minibert.data.batches import gather_batch, micro_batch_rows, split_batch, to_tensors
 from minibert.data.pairs import FIELDS, make_pairs
 from minibert.model.bert import Block, build_model, token_layout
 from minibert.model.kernels import build
@@ -26,7 +26,6 @@ from minibert.model.kernels.softmax_xent import reference_softmax_xent_
 from minibert.model.portable import portable, portable_path, use_portable, uses_kernels
 from minibert.training import distributed
 from minibert.training.loop import fit, resolve_micro_batches
-from minibert.training.plan import micro_batch_rows, split_batch
 
 CPU = torch.device("cpu")
 # The book's architecture at tiny odd sizes (post-LN, 2 layers); dropout 0 so both paths compute the same math.

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from minibert.config import TrainConfig
+from minibert.data.batches import BatchPlan, split_batch
 from minibert.errors import Interrupted, MinibertError
 from minibert.training import distributed
-from minibert.training.plan import BatchPlan, split_batch
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:
@@ -208,7 +208,7 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, da
     step's history row. All run on every rank; the callee decides what rank 0 alone does. Evaluation
     runs outside the timed interval (it does not lower pairs_per_sec) and cannot move the training
     numbers: dropout is reseeded before every step. Each step's batch comes from the batch plan
-    (`minibert.training.plan`); `train.masking: dynamic` redraws its masks and needs `vocab_size`."""
+    (`minibert.data.batches`); `train.masking: dynamic` redraws its masks and needs `vocab_size`."""
     amp_dtype = resolve_precision(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     if scaler is not None and scaler_state:  # the loss scale it had learnt, not the initial 2**16

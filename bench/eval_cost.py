@@ -21,12 +21,10 @@ import torch
 from bench.common import DEFAULT_DATA, DEVICE, load_splits
 from minibert import layout
 from minibert.config import EvalConfig, ModelConfig, TrainConfig
-from minibert.data.batches import to_tensors
 from minibert.evaluation.heldout import heldout_batch_size, heldout_hook, heldout_subset
-from minibert.model.bert import build_model
-from minibert.training import distributed
 from minibert.training.heap import tune_cpu_malloc
-from minibert.training.loop import fit, make_optimizer, resolve_precision
+from minibert.training.loop import resolve_precision
+from minibert.training.train import train_model
 
 
 def main() -> None:
@@ -43,21 +41,22 @@ def main() -> None:
     tune_cpu_malloc()
     splits, vocab_size, source = load_splits(("train", "valid"), a.data, a.pairs)
     cfg = TrainConfig(max_steps=a.steps, eval_every=a.eval_every, precision=a.precision, checkpoint_every=0)
-    model = build_model(ModelConfig(), vocab_size, seed=cfg.seed).to(DEVICE)
-    opt = make_optimizer(model.parameters(), cfg)
     batch = heldout_batch_size(a.batch_size, cfg.batch_size)  # as minibert.training.pretrain does
-    score = heldout_hook(model, heldout_subset(splits["valid"], a.subset), batch, DEVICE)
     eval_s: list[float] = []
 
-    def on_eval(step: int) -> dict:
-        t0 = time.perf_counter()
-        m = score(step)
-        eval_s.append(time.perf_counter() - t0)
-        print(json.dumps({"bench": "eval_cost", "step": step, "eval_s": round(eval_s[-1], 3),
-                          **{k: round(v, 4) for k, v in m.items()}}), flush=True)
-        return m
+    def hooks(model, _opt) -> dict:
+        score = heldout_hook(model, heldout_subset(splits["valid"], a.subset), batch, DEVICE)
 
-    res = fit(model, opt, cfg, to_tensors(splits["train"], DEVICE), DEVICE, distributed.Dist(), on_eval=on_eval)
+        def on_eval(step: int) -> dict:
+            t0 = time.perf_counter()
+            m = score(step)
+            eval_s.append(time.perf_counter() - t0)
+            print(json.dumps({"bench": "eval_cost", "step": step, "eval_s": round(eval_s[-1], 3),
+                              **{k: round(v, 4) for k, v in m.items()}}), flush=True)
+            return m
+        return {"on_eval": on_eval}
+
+    _, res = train_model(ModelConfig(), cfg, splits["train"], vocab_size, device=DEVICE, hooks=hooks)
     amp = resolve_precision(cfg.precision, DEVICE)
     print(json.dumps({"bench": "eval_cost_summary", "steps": a.steps, "eval_every": a.eval_every,
                       "subset_pairs": min(a.subset, len(splits["valid"]["nsp_labels"])), "eval_batch_size": batch,

@@ -23,12 +23,10 @@ import yaml
 from bench.common import DEFAULT_DATA, DEVICE, load_splits
 from minibert import layout
 from minibert.config import config_from_dict
-from minibert.data.batches import to_tensors
 from minibert.evaluation.heldout import heldout_hook
-from minibert.model.bert import build_model
-from minibert.training import distributed
 from minibert.training.heap import tune_cpu_malloc
-from minibert.training.loop import fit, make_optimizer, resolve_precision
+from minibert.training.loop import resolve_precision
+from minibert.training.train import train_model
 
 
 class Reached(Exception):
@@ -43,23 +41,24 @@ def time_to_target(name: str, raw: dict, train: dict, valid: dict, vocab_size: i
     tcfg = dataclasses.replace(cfg.train, eval_every=every, checkpoint_every=0,
                                max_steps=max_steps or cfg.train.max_steps)
     amp = resolve_precision(tcfg.precision, DEVICE)
-    model = build_model(cfg.model, vocab_size, seed=tcfg.seed).to(DEVICE)
-    opt = make_optimizer(model.parameters(), tcfg)
-    score = heldout_hook(model, valid, cfg.eval.batch_size, DEVICE)
     t0, eval_s, train_s, loss, step = time.perf_counter(), 0.0, 0.0, float("inf"), 0
 
-    def on_eval(at: int) -> dict:
-        nonlocal eval_s, loss, step, train_s
-        train_s, t = time.perf_counter() - t0 - eval_s, time.perf_counter()  # training only
-        m = score(at)
-        eval_s += time.perf_counter() - t
-        loss, step = m["valid_mlm_loss"], at
-        if loss <= target:
-            raise Reached
-        return m
+    def hooks(model, _opt) -> dict:
+        score = heldout_hook(model, valid, cfg.eval.batch_size, DEVICE)
+
+        def on_eval(at: int) -> dict:
+            nonlocal eval_s, loss, step, train_s
+            train_s, t = time.perf_counter() - t0 - eval_s, time.perf_counter()  # training only
+            m = score(at)
+            eval_s += time.perf_counter() - t
+            loss, step = m["valid_mlm_loss"], at
+            if loss <= target:
+                raise Reached
+            return m
+        return {"on_eval": on_eval}
 
     try:
-        fit(model, opt, tcfg, to_tensors(train, DEVICE), DEVICE, distributed.Dist(), on_eval=on_eval)
+        train_model(cfg.model, tcfg, train, vocab_size, device=DEVICE, hooks=hooks)
     except Reached:
         pass
     return {"bench": "preset", "preset": name, "target_mlm_loss": target, "reached": loss <= target,

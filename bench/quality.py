@@ -26,12 +26,10 @@ from pathlib import Path
 from bench.common import DEFAULT_DATA, DEVICE, load_splits, micro_batch_settings
 from minibert import layout
 from minibert.config import EvalConfig, ModelConfig, TrainConfig
-from minibert.data.batches import to_tensors
 from minibert.evaluation.heldout import heldout_hook
-from minibert.model.bert import build_model
-from minibert.training import distributed
 from minibert.training.heap import tune_cpu_malloc
-from minibert.training.loop import fit, make_optimizer, resolve_micro_batches, resolve_precision
+from minibert.training.loop import resolve_micro_batches, resolve_precision
+from minibert.training.train import train_model
 
 METRICS = ("mlm_loss", "mlm_accuracy", "nsp_accuracy")
 
@@ -43,19 +41,20 @@ def train_and_evaluate(train: dict, valid: dict, vocab_size: int, seed: int, pre
     cfg = TrainConfig(seed=seed, precision=precision, max_steps=max(eval_at), eval_every=math.gcd(*eval_at),
                       checkpoint_every=0, micro_batches=micro_batches)
     micro = resolve_micro_batches(micro_batches, DEVICE, resolve_precision(precision, DEVICE))
-    model = build_model(ModelConfig(), vocab_size, seed=cfg.seed).to(DEVICE)
-    opt = make_optimizer(model.parameters(), cfg)
-    score = heldout_hook(model, valid, EvalConfig().batch_size, DEVICE)
     out, t0, eval_s = [], time.perf_counter(), 0.0
 
-    def on_eval(step: int) -> dict | None:
-        nonlocal eval_s
-        if step not in eval_at:
-            return None
-        t = time.perf_counter()
-        m = score(step)
-        eval_s += time.perf_counter() - t
-        return m
+    def hooks(model, _opt) -> dict:
+        score = heldout_hook(model, valid, EvalConfig().batch_size, DEVICE)
+
+        def on_eval(step: int) -> dict | None:
+            nonlocal eval_s
+            if step not in eval_at:
+                return None
+            t = time.perf_counter()
+            m = score(step)
+            eval_s += time.perf_counter() - t
+            return m
+        return {"on_eval": on_eval, "on_log": on_log}
 
     def on_log(rows: list[dict]) -> None:
         for r in rows:
@@ -68,7 +67,7 @@ def train_and_evaluate(train: dict, valid: dict, vocab_size: int, seed: int, pre
                 print(json.dumps(row), flush=True)
                 out.append(row)
 
-    fit(model, opt, cfg, to_tensors(train, DEVICE), DEVICE, distributed.Dist(), on_log=on_log, on_eval=on_eval)
+    train_model(ModelConfig(), cfg, train, vocab_size, device=DEVICE, hooks=hooks)
     return out
 
 

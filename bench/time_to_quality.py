@@ -44,13 +44,10 @@ from bench.common import DEFAULT_DATA, DEVICE, load_splits
 from bench.train import cpu_kind
 from minibert import layout
 from minibert.config import Config, ConfigError, config_from_dict
-from minibert.data.batches import to_tensors
 from minibert.evaluation.heldout import evaluate
-from minibert.model.bert import build_model
-from minibert.training import distributed
 from minibert.training.budget import measure
 from minibert.training.heap import tune_cpu_malloc
-from minibert.training.loop import fit, make_optimizer
+from minibert.training.train import train_model
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ("mlm_loss", "mlm_accuracy", "nsp_accuracy")
@@ -109,22 +106,21 @@ def scored_steps(max_steps: int, points: int, extra: list[int]) -> list[int]:
 def run_minibert(cfg: Config, train: dict, valid: dict, vocab_size: int, seed: int, max_steps: int,
                  at: list[int]) -> list[dict]:
     tcfg = dataclasses.replace(cfg.train, seed=seed, max_steps=max_steps, eval_every=1)
-    model = build_model(cfg.model, vocab_size, seed=seed).to(DEVICE)
-    opt = make_optimizer(model.parameters(), tcfg)
     out: list[dict] = []
 
-    def on_eval(step: int) -> dict | None:
-        if step not in at:
-            return None
-        m = evaluate(model, valid, cfg.eval.batch_size, DEVICE, progress=False)
-        return {f"valid_{k}": m[k] for k in FIGURES}
+    def hooks(model, _opt) -> dict:
+        def on_eval(step: int) -> dict | None:
+            if step not in at:
+                return None
+            m = evaluate(model, valid, cfg.eval.batch_size, DEVICE, progress=False)
+            return {f"valid_{k}": m[k] for k in FIGURES}
+        return {"on_eval": on_eval, "on_log": on_log}
 
     def on_log(rows: list[dict]) -> None:
         out.extend({"step": r["step"], "train_s": r["valid_wall_s"], **{k: r[f"valid_{k}"] for k in FIGURES}}
                    for r in rows if "valid_mlm_loss" in r)
 
-    fit(model, opt, tcfg, to_tensors(train, DEVICE), DEVICE, distributed.Dist(), on_log=on_log, on_eval=on_eval,
-        vocab_size=vocab_size)
+    train_model(cfg.model, tcfg, train, vocab_size, device=DEVICE, hooks=hooks)
     return out
 
 

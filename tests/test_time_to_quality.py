@@ -9,10 +9,25 @@ import yaml
 
 pytest.importorskip("transformers")
 
-from tiny_project import plain_heldout  # noqa: E402
+from tiny_project import ROOT  # noqa: E402
 
 from bench import hf_bert  # noqa: E402
 from bench import time_to_quality as ttq
+
+
+def plain_heldout(recipe: str, seed: int, steps: int) -> float:
+    """The held-out MLM loss of a bench recipe (smoke sizes) trained for `steps` the plain way, `train_model`
+    then `evaluate` on bench.time_to_quality's synthetic pairs: the benches' reference."""
+    import dataclasses
+
+    from minibert.evaluation.heldout import evaluate
+    from minibert.training.train import train_model
+
+    cfg = ttq.recipe_config(recipe, yaml.safe_load((ROOT / "params.yaml").read_text()), smoke=True)
+    train, valid, V = ttq.smoke_data()
+    tcfg = dataclasses.replace(cfg.train, seed=seed, max_steps=steps)
+    model, _ = train_model(cfg.model, tcfg, train, V, device="cpu")
+    return evaluate(model, valid, cfg.eval.batch_size, "cpu", progress=False)["mlm_loss"]
 
 
 def test_smoke_run_interleaves_fits_schedules_to_budgets_and_reports(tmp_path):

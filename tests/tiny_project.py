@@ -127,17 +127,15 @@ def tiny_batch(valid_lens: list[int], n_real_slots: list[int], T: int = 13, P: i
 
 
 def tiny_fit(train: dict, out: Path | None = None):
-    """`minibert.training.loop.fit` in this process on tiny synthetic pairs (dropout 0, plain SGD so that float
+    """`minibert.training.train.train_model` in this process on tiny synthetic pairs (dropout 0, plain SGD so that float
     noise is not rescaled the way Adam rescales it); joins the process group when the launcher's
     environment variables are set. Rank 0 saves the weights to `out`; returns (model, history)."""
     import torch
     from safetensors.torch import save_file
 
     from minibert.config import ModelConfig, TrainConfig
-    from minibert.data.batches import to_tensors
-    from minibert.model.bert import build_model
     from minibert.training import distributed
-    from minibert.training.loop import fit
+    from minibert.training.train import train_model
 
     cfg = TrainConfig(**{"device": "cpu", "checkpoint_every": 0, "threads": 1, **train})
     threads = torch.get_num_threads()
@@ -146,10 +144,9 @@ def tiny_fit(train: dict, out: Path | None = None):
                        np.random.default_rng(13))
     d = distributed.init(torch.device("cpu"))
     try:
-        model = build_model(ModelConfig(**{**TINY_MODEL, "dropout": 0.0}), 99, seed=cfg.seed)
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-        net = torch.nn.parallel.DistributedDataParallel(model) if d.enabled else model
-        hist = fit(net, opt, cfg, to_tensors(pairs, torch.device("cpu")), torch.device("cpu"), d).history
+        model, result = train_model(ModelConfig(**{**TINY_MODEL, "dropout": 0.0}), cfg, pairs, 99, device="cpu", dist=d,
+                                    optimizer=lambda params, c: torch.optim.SGD(params, lr=c.lr))
+        hist = result.history
         if out is not None and d.is_main:
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
         return model, hist
@@ -163,26 +160,3 @@ def ddp_rank(rank: int, world: int, port: int, train: dict, out: Path) -> None:
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     tiny_fit(train, out)
-
-
-def plain_heldout(recipe: str, seed: int, steps: int) -> float:
-    """The held-out MLM loss of a bench recipe (smoke sizes) trained for `steps` the plain way, `fit` then
-    `evaluate` on bench.time_to_quality's synthetic pairs: the benches' reference."""
-    import dataclasses
-
-    import torch
-
-    from bench import time_to_quality as ttq
-    from minibert.data.batches import to_tensors
-    from minibert.evaluation.heldout import evaluate
-    from minibert.model.bert import build_model
-    from minibert.training import distributed
-    from minibert.training.loop import fit, make_optimizer
-
-    cfg = ttq.recipe_config(recipe, yaml.safe_load((ROOT / "params.yaml").read_text()), smoke=True)
-    train, valid, V = ttq.smoke_data()
-    tcfg = dataclasses.replace(cfg.train, seed=seed, max_steps=steps)
-    model = build_model(cfg.model, V, seed=seed)
-    fit(model, make_optimizer(model.parameters(), tcfg), tcfg, to_tensors(train, torch.device("cpu")),
-        torch.device("cpu"), distributed.Dist(), vocab_size=V)
-    return evaluate(model, valid, cfg.eval.batch_size, "cpu", progress=False)["mlm_loss"]

@@ -5,7 +5,7 @@ deadline would take another number of steps on every machine and every rerun, so
 not be reproduced; a step count gives the same losses everywhere (bit for bit on CPU), resumes
 exactly, and fixes the schedule's shape (warmup share, linear decay to 0 at the last step). What
 the minutes buy is measured here once, on the real train pairs, with the recipe's own config and
-the training loop itself (`fit`): a few warm-up steps, then timed steps, plus one held-out
+the training loop itself (`train_model`): a few warm-up steps, then timed steps, plus one held-out
 evaluation of `eval.subset_pairs` pairs when `train.eval_every` draws a curve. `minibert budget`
 prints the steps and the `-S` flags; `train.budget_minutes` records the intent in the run's name.
 """
@@ -20,13 +20,11 @@ import numpy as np
 import torch
 
 from minibert.config import Config
-from minibert.data.batches import to_tensors
 from minibert.device import resolve_device
 from minibert.errors import MinibertError
 from minibert.evaluation.heldout import heldout_batch_size, heldout_hook, heldout_subset
-from minibert.model.bert import build_model
-from minibert.training import distributed
-from minibert.training.loop import fit, make_optimizer, resolve_precision
+from minibert.training.loop import resolve_precision
+from minibert.training.train import train_model
 
 
 @dataclass(frozen=True)
@@ -87,9 +85,7 @@ def _time_steps(cfg: Config, train: dict[str, np.ndarray], vocab_size: int, devi
     """(the trained model, mean seconds of the `timed` steps after `warmup`) of a fresh run of the recipe."""
     tcfg = dataclasses.replace(cfg.train, max_steps=warmup + timed, eval_every=0, checkpoint_every=0,
                                log_every=1, budget_minutes=0.0)
-    model = build_model(cfg.model, vocab_size, seed=tcfg.seed).to(device)
-    opt = make_optimizer(model.parameters(), tcfg)
-    result = fit(model, opt, tcfg, to_tensors(train, device), device, distributed.Dist(), vocab_size=vocab_size)
+    model, result = train_model(cfg.model, tcfg, train, vocab_size, device=device)
     clock = [r["train_s"] for r in result.history]  # cumulative seconds after each step (log_every 1)
     return model, (clock[-1] - clock[warmup - 1]) / timed
 

@@ -223,7 +223,9 @@ class TrainConfig:
     each restart resuming from the last checkpoint (`checkpoint_every`)."""
     threads: int | Literal["auto"] = field(default=0, metadata=NOT_NUMERIC)
     """torch intra-op threads: a number, 0 (torch's default: one per core), or `auto` (this process's
-    cores divided by the minibert trainings running on the machine, re-checked while training)."""
+    cores divided by the minibert trainings running on the machine, re-checked while training: set it for
+    `dvc queue start -j N`). Beside other busy processes keep the default: two threads that wait briefly
+    (minibert's `GOMP_SPINCOUNT`) made more progress than one (docs/performance.md, "Sharing the machine")."""
     compile: bool = field(default=False, metadata=NOT_NUMERIC)
     """Wrap the model in torch.compile (pays off on long runs only)."""
     eval_every: int = field(default=10, metadata=NOT_NUMERIC)  # evaluation never moves the training numbers

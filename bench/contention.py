@@ -296,7 +296,9 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--settings", help=f"comma-separated settings (default {DEFAULT_SETTINGS})")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--cpus", help="comma-separated CPU ids to pin everything to (default: this process's)")
-    ap.add_argument("--pairs", type=Path, default=ROOT / "data/pairs")
+    from minibert import layout
+
+    ap.add_argument("--pairs", type=Path, default=ROOT / layout.PAIRS)
     ap.add_argument("--data", default=os.environ.get("MINIBERT_DATA", str(ROOT.parent / "shared/data/wikitext-2")))
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per stage run before it counts as timed out")
     ap.add_argument("--out", type=Path)

@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> Path:
     tmp.cleanup()
     header = (f"Transfer ({datetime.date.today()}): {kind}, {torch.get_num_threads()} threads; pretrain seed "
               f"{a.pretrain_seed}, fine-tuning seeds {list(seeds)}; fine-tuning: "
-              + (", ".join(f"{k}={v}" for k, v in finetune_overrides(a.set).items()) or "params.yaml") + "; "
+              + (", ".join(f"{k}={v}" for k, v in finetune_overrides(a.set).items()) or a.params.name) + "; "
               + ", ".join(f"{t}: {len(d[0])} train / {len(d[1])} test ({d[2]})" for t, d in data.items())
               + ("; smoke: synthetic pairs, tiny model, generated task" if a.smoke else ""))
     with open(out_dir / "rows.jsonl", "w") as f:

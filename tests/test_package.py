@@ -58,6 +58,12 @@ def test_module_level_imports_form_no_circle():
 def test_room_markers_hold_only_a_docstring():
     for init in (ROOT / "minibert").rglob("__init__.py"):
         body = ast.parse(init.read_text()).body
+        if init.parent == ROOT / "minibert":
+            # the package's own marker may also set a process-wide environment default before torch loads
+            # (the OpenMP spin: minibert/__init__.py says why), but re-exports nothing of minibert's
+            assert not any(isinstance(n, ast.ImportFrom) or (isinstance(n, ast.Import) and any(
+                a.name.startswith("minibert") for a in n.names)) for n in body), init
+            continue
         assert all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body), init
 
 

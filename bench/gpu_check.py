@@ -32,7 +32,9 @@ def params(out: str, *sets: str) -> None:
     """params.yaml with each `section.key=value` (value in YAML) set, written to `out`."""
     import yaml
 
-    p = yaml.safe_load(Path("params.yaml").read_text())
+    from minibert import layout
+
+    p = yaml.safe_load(layout.PARAMS.read_text())
     for kv in sets:
         key, value = kv.split("=", 1)
         section, leaf = key.split(".", 1)
@@ -105,8 +107,10 @@ def diag(w: str, dev_name: str, smoke: str) -> None:
     batch = 32 if smoke == "1" else 512  # the dry run: tiny batches
     out = Results(Path(w) / "diag.json")
     dev = resolve_device(dev_name)
-    pairs, _ = load_pairs("data/pairs/train.safetensors")
-    vocab_size = len(Vocab.load("data/tokens/vocab.txt"))
+    from minibert import layout
+
+    pairs, _ = load_pairs(layout.TRAIN_PAIRS)
+    vocab_size = len(Vocab.load(layout.VOCAB))
     data = to_tensors(pairs, dev)
     out.res["data_devices"] = sorted({str(v.device) for v in data.values()})
     amp = resolve_precision("auto", dev)
@@ -225,7 +229,9 @@ def weights(w: str, models: str, dev: str) -> None:
     from minibert.tracking.serving import encode_rows
 
     out = Results(Path(w) / "weights.json")
-    vocab = Vocab.load("data/tokens/vocab.txt")
+    from minibert import layout
+
+    vocab = Vocab.load(layout.VOCAB)
     cpu, _ = load_pretrained(models, "cpu")
     gpu, _ = load_pretrained(models, dev)
     spec = ProbeSpec("p", "a crane is flying", "he just left")

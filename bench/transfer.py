@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--seeds", default="0,1,2", help="fine-tuning seeds")
     ap.add_argument("--pretrain-seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], help="finetune.KEY=VALUE for every system")
+    ap.add_argument("--no-controls", action="store_true", help="the pretrained column only (controls run before)")
     ap.add_argument("--blimp-max-pairs", type=int, default=0, help="per paradigm (0 = all); -1: no BLiMP")
     ap.add_argument("--params", type=Path, default=ROOT / layout.PARAMS)
     ap.add_argument("--data", default=DEFAULT_DATA)
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> Path:
         for task, fcfg in tasks.items():
             train_df, test_df, origin = data[task]
             jobs = [(adapt, ("pretrained",)) for adapt in adapts]
-            if (arch, task) not in archs_done:  # the controls do not depend on the pretraining
+            if (arch, task) not in archs_done and not a.no_controls:  # they do not depend on the pretraining
                 jobs.append((0, CONTROLS))
                 archs_done.add((arch, task))
             for adapt, systems in jobs:

@@ -16,6 +16,7 @@ MODELS = Path("models")                      # pretrain -> evaluate, probe: bert
 METRICS = Path("metrics")                    # every stage's metrics/<stage>.json
 TRAIN_METRICS = METRICS / "train.json"       # also names the pretrain MLflow run later stages log into
 EVAL_METRICS = METRICS / "eval.json"
+PUBLISH_METRICS = METRICS / "publish.json"   # what publish logged (no store-specific numbers)
 PROBE_METRICS = METRICS / "probe.json"
 FINETUNE_METRICS = METRICS / "finetune.json"
 PLOTS = Path("plots")

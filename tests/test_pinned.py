@@ -21,8 +21,8 @@ def test_pins_match_the_shared_copies_own_sums(task_data):
             if s.name in sums:
                 assert s.sha256 == sums[s.name], s.name
                 checked += 1
-    assert checked == 4  # bbc-news.tar.gz, polarity, simlex999, wordsim353
-    for name in ("bbc", "polarity", "simlex999", "wordsim353"):
+    assert checked == 5  # bbc-news.tar.gz, polarity, simlex999, wordsim353, blimp.zip
+    for name in ("bbc", "polarity", "simlex999", "wordsim353", "blimp"):
         assert locate(name, {ENV: str(task_data)}).parent == task_data
 
 

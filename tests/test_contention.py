@@ -42,9 +42,11 @@ def libgomp_settings(code: str, **env: str) -> dict[str, str]:
     return dict(re.findall(r"^\s*(\w+) = '([^']*)'", block.group(1), re.M))
 
 
-@pytest.mark.parametrize("entry", ["stages.pretrain", "stages.finetune", "minibert.cli", "minibert.training.train"])
+@pytest.mark.parametrize("entry", ["stages.pretrain", "stages.finetune", "minibert.cli", "minibert.training.train",
+                                   "bench.train", "bench.step"])
 def test_training_entry_points_load_libgomp_with_a_short_spin(entry):
-    """Every way a training starts imports minibert before torch, so libgomp starts with minibert's spin."""
+    """Every way a training starts imports minibert before torch, so libgomp starts with minibert's spin;
+    the benches too (bench/__init__.py), so their speeds are the ones a stage gets."""
     icv = libgomp_settings(f"import {entry}, torch; torch.ones(4).sum()")
     spin = int(icv["GOMP_SPINCOUNT"])
     assert spin <= SHORT_SPIN, f"{entry}: libgomp spins {spin} times (its own default is 300000)"

@@ -2,7 +2,7 @@
 precision, the GEMM code another CPU kind runs, minibert's C++ kernels off) beside other seeds.
 
     python -m bench.numerics [--recipe budget:2273] [--variants base,threads=1,isa=AVX512_CORE_BF16,...]
-                             [--jobs 1] [--every 50] [--pairs DIR] [--data PATH] [--out DIR] [--smoke]
+                             [--jobs 1] [--points STEPS] [--below 6.0] [--rows FILE] [--pairs DIR] [--out DIR] [--smoke]
 
 Every variant trains `--recipe` (a params.yaml preset and its step count, the schedule fitted to it, as
 bench.transfer does) on the pipeline's pairs with `train_model`, logging the train losses of every step,
@@ -16,14 +16,17 @@ variable set) or `+`-joined changes to it:
   portable     MINIBERT_PORTABLE=1: minibert's C++ kernels off (the plain torch ops a GPU runs)
   seed=S       train.seed = S: the seed spread, to compare the others against
 Each run is a child process (`--child`) so that its variables are set before torch loads; `--jobs N`
-runs N at once (the numbers do not depend on load; wall times then do). Which oneDNN kernel the bf16
-GEMMs took is read from ONEDNN_VERBOSE on one matmul in each child and printed with its row.
+runs N at once (the numbers do not depend on load; wall times then do). The GEMM code each child took
+(oneDNN's implementation of a bf16 Linear, MKL's path for an fp32 one) is read from their verbose output.
 
-For each variant the table gives: the first step whose train MLM loss differs from base's (at 1e-6),
-the mean train MLM loss over the 50 steps ending at a few points, the held-out MLM loss and accuracy, and
-`max rise`: the largest climb of the 50-step mean train loss above its lowest earlier value (a loss spike
-shows there). Results: rows.jsonl (one line per run, the per-step losses included) and table.md in
-`--out` (default bench/results/<date>-numerics-<commit>/). `--smoke`: a tiny model on synthetic pairs.
+For each variant the table gives: the first step whose train MLM loss differs from base's (at 1e-6), the
+mean train MLM loss over the 50 steps ending at a few points, `max rise` (the largest climb of that mean
+above its lowest earlier value: a loss spike shows there), `step < L` (when that mean first fell under
+`--below`; 6.0 marks the budget recipe leaving its plateau near 6.4 nats, where it predicts words by
+their frequency) and the held-out MLM loss and accuracy; under it, the held-out spread over the seeds and
+over the numerics, and its correlation with `step < L`. Results: rows.jsonl (one line per run, every
+step's losses included) and table.md in `--out` (default bench/results/<date>-numerics-<commit>/);
+`--rows FILE` redraws table.md from a rows.jsonl without training. `--smoke`: a tiny model, synthetic pairs.
 """
 from __future__ import annotations
 
@@ -153,16 +156,23 @@ def max_rise(losses: list[float], skip: int) -> float:
     return float(np.max(w - np.minimum.accumulate(w))) if len(w) else 0.0
 
 
-def table(rows: list[dict], points: list[int]) -> str:
+def first_below(losses: list[float], level: float, skip: int) -> int | None:
+    """The first step after `skip` whose windowed loss is under `level` (when a run left a plateau above it)."""
+    below = windowed(losses)[skip:] < level
+    return int(np.argmax(below)) + skip + 1 if below.any() else None
+
+
+def table(rows: list[dict], points: list[int], level: float) -> str:
     base = rows[0]
     head = ["variant", "GEMM code (bf16 oneDNN; fp32 MKL)", "first step ≠ base"] + [f"train MLM @{p}" for p in points] + \
-           ["max rise", "held-out MLM", "MLM acc %", "train s"]
+           ["max rise", f"step < {level}", "held-out MLM", "MLM acc %", "train s"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         w = windowed(r["mlm"])
         first = "—" if r is base else (first_difference(base["mlm"], r["mlm"]) or "never")
         out.append("| " + " | ".join([r["variant"], r["gemm"], str(first)] + [f"{w[p - 1]:.4f}" for p in points] +
-                                     [f"{max_rise(r['mlm'], WINDOW * 4):.3f}", f"{r['heldout_mlm_loss']:.4f}",
+                                     [f"{max_rise(r['mlm'], WINDOW * 4):.3f}",
+                                      str(first_below(r["mlm"], level, WINDOW * 4) or "—"), f"{r['heldout_mlm_loss']:.4f}",
                                       f"{100 * r['heldout_mlm_accuracy']:.2f}", f"{r['train_s']:.0f}"]) + " |")
     held = np.array([r["heldout_mlm_loss"] for r in rows])
     seeds = [r for r in rows if r["variant"] == "base" or r["variant"].startswith("seed=")]
@@ -173,6 +183,12 @@ def table(rows: list[dict], points: list[int]) -> str:
         if len(group) > 1:
             g = np.array([r["heldout_mlm_loss"] for r in group])
             lines.append(f"{label}: {g.mean():.4f} ± {g.std(ddof=1):.4f} over {len(group)} runs")
+    steps_below = [first_below(r["mlm"], level, WINDOW * 4) for r in rows]
+    if len(rows) > 2 and all(steps_below):
+        x = np.array(steps_below, dtype=float)
+        slope = np.polyfit(x, held, 1)[0]
+        lines.append(f"held-out MLM against the step the train loss fell under {level}: Pearson r = "
+                     f"{np.corrcoef(x, held)[0, 1]:.2f}, {100 * slope:+.3f} nats per 100 steps later")
     return "\n".join(out) + "\n\n" + "\n".join(x for x in lines if x) + "\n"
 
 
@@ -186,6 +202,9 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--data", default=os.environ.get("MINIBERT_DATA", str(ROOT.parent / "shared/data/wikitext-2")))
     ap.add_argument("--pairs", type=Path, default=ROOT / "data/pairs")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--below", type=float, default=6.0,
+                    help="the table's `step < L` column: when the 50-step train loss first fell under L")
+    ap.add_argument("--rows", type=Path, default=None, help="redraw the table from a rows.jsonl (no training)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -202,17 +221,21 @@ def main(argv: list[str] | None = None) -> Path:
 
     kind = cpu_kind(Path("/proc/cpuinfo").read_text())
     print(json.dumps({"bench": "numerics", "cpu_kind": kind, "recipe": a.recipe, "commit": commit()}), flush=True)
-    with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
-        rows = list(pool.map(run_one, specs))
+    if a.rows:
+        rows = [json.loads(line) for line in a.rows.read_text().splitlines()]
+    else:
+        with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
+            rows = list(pool.map(run_one, specs))
     steps = len(rows[0]["mlm"])
     points = [int(p) for p in a.points.split(",")] if a.points else \
         sorted({min(steps, s) for s in (WINDOW, steps // 8, steps // 4, steps // 2, steps)})
-    out = a.out or ROOT / "bench/results" / f"{datetime.date.today()}-numerics-{commit()}"
+    out = a.out or (a.rows.parent if a.rows else ROOT / "bench/results" / f"{datetime.date.today()}-numerics-{commit()}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if not a.rows:
+        (out / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = (f"# {a.recipe}: the same recipe under other numerics ({datetime.date.today()})\n\n{kind}, "
             f"{os.cpu_count()} cores, commit {commit()}. `python -m bench.numerics --recipe {a.recipe} "
-            f"--variants {a.variants} --jobs {a.jobs}`\n\n" + table(rows, points))
+            f"--variants {a.variants} --jobs {a.jobs}`\n\n" + table(rows, points, a.below))
     (out / "table.md").write_text(text)
     print(text)
     return out

@@ -72,11 +72,13 @@ class Classifier(nn.Module):
 
     def forward(self, tokens: Tensor, segments: Tensor, valid_lens: Tensor) -> Tensor:
         enc = self.bert.encode(tokens, segments, valid_lens)  # (B, T, H)
-        pooled = {"cls": lambda: enc[:, 0], "mean": lambda: mean_pool(enc, valid_lens),
-                  "both": lambda: None}[self.pooling]()
-        if pooled is None:
-            return self.output(torch.cat([self.hidden(enc[:, 0]), self.hidden(mean_pool(enc, valid_lens))], -1))
-        return self.output(self.hidden(pooled))  # (B, C)
+        if self.pooling == "cls":
+            features = self.hidden(enc[:, 0])  # (B, H)
+        elif self.pooling == "mean":
+            features = self.hidden(mean_pool(enc, valid_lens))  # (B, H)
+        else:  # both: each pooled vector through the same hidden layer, side by side
+            features = torch.cat([self.hidden(enc[:, 0]), self.hidden(mean_pool(enc, valid_lens))], -1)  # (B, 2H)
+        return self.output(features)  # (B, C)
 
 
 def batches(n: int, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:

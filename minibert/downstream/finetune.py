@@ -103,8 +103,7 @@ def run(cfg: FinetuneConfig, pretrained: Callable[[], BERT], vocab: Vocab, train
     data_test = encode_table(test_df, vocab, cfg.max_len, cfg.clitics)
     train_idx, dev_idx = carve_dev(y_all, cfg.dev_share, cfg.split_seed)
     if cfg.adapt_steps and "pretrained" in systems:  # task-adaptive MLM on the training split's texts only: dev and test stay unseen
-        source = pretrained
-        adapted = adapt(source(), train_df["text"].iloc[train_idx], vocab, cfg, log)
+        adapted = adapt(pretrained(), train_df["text"].iloc[train_idx], vocab, cfg, log)
         pretrained = lambda: copy.deepcopy(adapted)  # noqa: E731
     C, plan = len(classes), recipes(cfg)
     rows, curves = [], []

@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from minibert import layout
+
 ROOT = Path(__file__).resolve().parents[1]
 WINDOW = 50  # steps per mean when comparing curves: one step's loss is mostly its batch
 
@@ -96,7 +98,7 @@ def child(spec: dict) -> None:
 
     torch.set_num_threads(spec["threads"])
     name, steps = spec["recipe"].split(":")
-    cfg = recipe_config(name, yaml.safe_load((ROOT / "params.yaml").read_text()), spec["smoke"])
+    cfg = recipe_config(name, yaml.safe_load((ROOT / layout.PARAMS).read_text()), spec["smoke"])
     if spec["smoke"]:
         train, valid, V = smoke_data()
     else:
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--points", default="", help="steps at which the table shows the train loss (default: 5 spread)")
     ap.add_argument("--data", default=os.environ.get("MINIBERT_DATA", str(ROOT.parent / "shared/data/wikitext-2")))
-    ap.add_argument("--pairs", type=Path, default=ROOT / "data/pairs")
+    ap.add_argument("--pairs", type=Path, default=ROOT / layout.PAIRS)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--below", type=float, default=6.0,
                     help="the table's `step < L` column: when the 50-step train loss first fell under L")

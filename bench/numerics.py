@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import DEFAULT_DATA
 from minibert import layout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,12 +170,13 @@ def table(rows: list[dict], points: list[int], level: float) -> str:
     head = ["variant", "GEMM code (bf16 oneDNN; fp32 MKL)", "first step ≠ base"] + [f"train MLM @{p}" for p in points] + \
            ["max rise", f"step < {level}", "held-out MLM", "MLM acc %", "train s"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
+    steps_below = [first_below(r["mlm"], level, WINDOW * 4) for r in rows]
+    for r, below in zip(rows, steps_below):
         w = windowed(r["mlm"])
         first = "—" if r is base else (first_difference(base["mlm"], r["mlm"]) or "never")
         out.append("| " + " | ".join([r["variant"], r["gemm"], str(first)] + [f"{w[p - 1]:.4f}" for p in points] +
                                      [f"{max_rise(r['mlm'], WINDOW * 4):.3f}",
-                                      str(first_below(r["mlm"], level, WINDOW * 4) or "—"), f"{r['heldout_mlm_loss']:.4f}",
+                                      str(below or "—"), f"{r['heldout_mlm_loss']:.4f}",
                                       f"{100 * r['heldout_mlm_accuracy']:.2f}", f"{r['train_s']:.0f}"]) + " |")
     held = np.array([r["heldout_mlm_loss"] for r in rows])
     seeds = [r for r in rows if r["variant"] == "base" or r["variant"].startswith("seed=")]
@@ -185,7 +187,6 @@ def table(rows: list[dict], points: list[int], level: float) -> str:
         if len(group) > 1:
             g = np.array([r["heldout_mlm_loss"] for r in group])
             lines.append(f"{label}: {g.mean():.4f} ± {g.std(ddof=1):.4f} over {len(group)} runs")
-    steps_below = [first_below(r["mlm"], level, WINDOW * 4) for r in rows]
     if len(rows) > 2 and all(steps_below):
         x = np.array(steps_below, dtype=float)
         slope = np.polyfit(x, held, 1)[0]
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> Path:
                                           "seed=1,seed=2")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--points", default="", help="steps at which the table shows the train loss (default: 5 spread)")
-    ap.add_argument("--data", default=os.environ.get("MINIBERT_DATA", str(ROOT.parent / "shared/data/wikitext-2")))
+    ap.add_argument("--data", default=DEFAULT_DATA)
     ap.add_argument("--pairs", type=Path, default=ROOT / layout.PAIRS)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--below", type=float, default=6.0,
